@@ -1,0 +1,59 @@
+# The two commands (README): `make demo` and `make test`, on a fresh Debian 12
+# machine as root. Everything they need is installed here, idempotently.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+VZTT := $(VENV)/bin/vztt
+STAMP := $(VENV)/.deps-stamp
+
+# Debian packages: the tools we drive and the Python libraries we import
+# (from Debian, because dnf's bindings exist only for Debian's python3).
+APT_PACKAGES := \
+	python3 python3-venv python3-pip python3-setuptools \
+	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
+	python3-pytest \
+	apt apt-utils dpkg dpkg-dev gpg gpg-agent gpgv debian-archive-keyring \
+	e2fsprogs util-linux mount tar lz4 xz-utils zstd \
+	mmdebstrap
+
+DEMO ?= debian-12-x86_64-minimal
+
+.PHONY: all setup demo test test-fast bench docs clean-cache
+
+all: setup
+
+# apt-get update first (a fresh machine has stale or no lists); install only what is missing.
+$(STAMP): Makefile pyproject.toml
+	@missing=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(APT_PACKAGES) 2>/dev/null | awk '$$2 != "ii" {print $$1}'; \
+	  for p in $(APT_PACKAGES); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done); \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${missing// /}" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VZTT) build $(DEMO)
+	@echo
+	@$(VZTT) list
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Without the real builds from Debian's mirror.
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not network" tests
+
+bench: setup
+	$(PY) tests/bench.py
+
+docs: setup
+	$(VZTT) settings --markdown > docs/recipes.md
+
+clean-cache:
+	rm -rf cache/*.tar.lz4 cache/*.json cache/locks cache/state cache/logs cache/.work

@@ -1,0 +1,3 @@
+from vztt.cli import main
+
+main()

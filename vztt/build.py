@@ -1,0 +1,187 @@
+"""The pipeline, in the order the data flows:
+recipe -> lock -> packages -> image -> archive -> cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vztt import __version__
+from vztt.archive import pack_tree
+from vztt.cache import TemplateCache
+from vztt.customize import clean_root, run_hooks, write_files
+from vztt.distribution import backend_for, Backend
+from vztt.errors import ResolveError
+from vztt.fetch import Fetcher
+from vztt.image import BuildImage
+from vztt.lock import Lock, LockDiff, diff
+from vztt.mirrors import Mirrors
+from vztt.mounts import enter_private_namespace, require_root
+from vztt.pkgcache import PackageCache
+from vztt.proc import Log
+from vztt.progress import Progress
+from vztt.recipe import Recipe
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class BuildOptions:
+    locked: bool = False            # install the lock as it is; never re-resolve
+    lock_path: Path | None = None   # default: <cache>/locks/<name>.lock.json
+    jobs: int = 8                   # parallel downloads
+
+
+@dataclass
+class ResolveResult:
+    lock: Lock
+    lock_path: Path
+    diff: LockDiff
+    previous: Lock | None
+
+
+@dataclass
+class BuildResult:
+    name: str
+    archive: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    log: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _backend(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, log: Log) -> Backend:
+    return backend_for(recipe, mirrors, cache.state_dir(recipe.name), log)
+
+
+def _log(cache: TemplateCache, name: str, kind: str) -> Log:
+    logs = cache.root / "logs"
+    logs.mkdir(exist_ok=True)
+    path = logs / f"{name}.{kind}.log"
+    path.write_text(f"# vztt {__version__} {kind} {name} {datetime.now(timezone.utc).isoformat()}\n")
+    return Log(path)
+
+
+def resolve(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, lock_path: Path | None = None,
+            progress: Progress | None = None, log: Log | None = None) -> ResolveResult:
+    """Resolve with the distro's solver and write the lock; report what changed."""
+    progress = progress or Progress(quiet=True)
+    lock_path = lock_path or cache.lock_file(recipe.name)
+    own_log = log is None
+    log = log or _log(cache, recipe.name, "resolve")
+    try:
+        with progress.step("resolve") as st:
+            previous = None
+            if lock_path.exists():
+                try:
+                    previous = Lock.read(lock_path)
+                except ResolveError:
+                    previous = None      # unreadable old lock: replaced, reported as all new
+            lock = _backend(recipe, cache, mirrors, log).resolve()
+            lock.write(lock_path)
+            d = diff(previous, lock)
+            st.note(f"{len(lock.packages)} packages, {len(d.added)} added, {len(d.removed)} removed, "
+                    f"{len(d.changed)} changed")
+        return ResolveResult(lock=lock, lock_path=lock_path, diff=d, previous=previous)
+    finally:
+        if own_log:
+            log.close()
+
+
+def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: BuildOptions | None = None,
+          progress: Progress | None = None) -> BuildResult:
+    options = options or BuildOptions()
+    progress = progress or Progress(quiet=True)
+    require_root("vztt build")
+    # Every mount of this build dies with this process, whatever happens to it.
+    enter_private_namespace()
+    cache.clean_stale_work()
+    started = time.monotonic()
+    name = recipe.name
+    with cache.building(name):
+        log = _log(cache, name, "build")
+        work = cache.work_dir(name)
+        temps: list[Path] = []
+        try:
+            backend = _backend(recipe, cache, mirrors, log)
+            lock_path = options.lock_path or cache.lock_file(name)
+            if options.locked:
+                with progress.step("lock") as st:
+                    lock = Lock.read(lock_path)
+                    if lock.recipe_digest != recipe.digest():
+                        raise ResolveError(f"{lock_path}: made from another version of recipe {name} "
+                                           "(the recipe changed since); run `vztt resolve` or build without --locked")
+                    st.note(f"{len(lock.packages)} packages from {lock_path}")
+            else:
+                lock = resolve(recipe, cache, mirrors, lock_path, progress, log).lock
+
+            with progress.step("fetch") as st:
+                fetcher = Fetcher(PackageCache(cache.packages_dir), jobs=options.jobs)
+                files = fetcher.fetch_all(backend.downloads(lock))
+                s = fetcher.stats
+                st.note(f"{len(files)} packages: {s.cached} cached, {s.downloaded} fetched "
+                        f"({s.bytes_downloaded / 1e6:.1f} MB)")
+
+            env = {**recipe.environment, "SOURCE_DATE_EPOCH": str(lock.source_date_epoch)}
+            archive = cache.archive(name)
+            tmp_archive = cache.temp_path(archive)
+            temps.append(tmp_archive)
+            with BuildImage(work, recipe.image_size, log) as image:
+                with progress.step("install") as st:
+                    image.mount_api()
+                    backend.install(lock, files, image.root, env)
+                    st.note(f"{len(lock.packages)} packages")
+                with progress.step("customize") as st:
+                    write_files(image.root, recipe.files)
+                    run_hooks(image.root, recipe.hooks, env, log, name)
+                    st.note(f"{len(recipe.files)} files, {len(recipe.hooks)} hooks")
+                with progress.step("clean"):
+                    image.unmount_api()
+                    backend.finish(image.root)
+                    clean_root(image.root)
+                    installed = backend.installed(image.root)
+                    used = image.used_bytes()
+                with progress.step("pack") as st:
+                    packed = pack_tree(image.root, tmp_archive, lock.source_date_epoch)
+                    st.note(f"{packed.tar_size / 1e6:.0f} MB tar -> {packed.size / 1e6:.0f} MB lz4")
+
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "name": name,
+                "vztt_version": __version__,
+                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+                "distro": recipe.distro, "release": recipe.release, "version": recipe.version, "arch": recipe.arch,
+                "recipe_digest": recipe.digest(),
+                "lock_digest": lock.digest,
+                "source_date_epoch": lock.source_date_epoch,
+                "archive": {"file": archive.name, "format": "plain", "sha256": packed.sha256,
+                            "size": packed.size, "tar_size": packed.tar_size},
+                "image_used_bytes": used,
+                "package_count": len(installed),
+                "packages": [{"name": p.name, "arch": p.arch, "version": p.version} for p in
+                             sorted(installed, key=lambda p: (p.name, p.arch))],
+                "build_seconds": round(time.monotonic() - started, 1),
+                "steps": dict(progress.timings),
+            }
+            manifest_path = cache.manifest(name)
+            tmp_manifest = cache.temp_path(manifest_path)
+            temps.append(tmp_manifest)
+            with progress.step("promote") as st:
+                tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                cache.promote(name, [(tmp_archive, archive), (tmp_manifest, manifest_path)])
+                st.note(str(archive))
+            manifest["steps"] = dict(progress.timings)
+            return BuildResult(name=name, archive=archive, manifest_path=manifest_path, manifest=manifest,
+                               log=log.path or Path(), timings=dict(progress.timings))
+        finally:
+            for t in temps:
+                t.unlink(missing_ok=True)
+            log.close()
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
