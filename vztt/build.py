@@ -4,7 +4,9 @@ recipe -> lock -> packages -> image -> archive -> cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ class BuildResult:
     manifest_path: Path
     manifest: dict[str, Any]
     log: Path
-    timings: dict[str, float] = field(default_factory=dict)
+    fetch: dict[str, int] = field(default_factory=dict)    # this build's downloads: cached/downloaded/bytes
 
 
 def _backend(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, log: Log) -> Backend:
@@ -178,10 +180,9 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 st.note(str(archive))
             manifest["steps"] = dict(progress.timings)
             return BuildResult(name=name, archive=archive, manifest_path=manifest_path, manifest=manifest,
-                               log=log.path or Path(), timings=dict(progress.timings))
+                               log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats))
         finally:
             for t in temps:
                 t.unlink(missing_ok=True)
             log.close()
-            import shutil
             shutil.rmtree(work, ignore_errors=True)

@@ -239,10 +239,11 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
     result = build_mod.build(recipe, obj.cache, mirrors, build_mod.BuildOptions(locked=locked, lock_path=lock_path,
                                                                                  jobs=jobs), progress)
     if as_json:
+        m = result.manifest
         _emit({"name": name, "archive": str(result.archive), "manifest": str(result.manifest_path),
-               "log": str(result.log), **{k: result.manifest[k] for k in
-                                          ("lock_digest", "recipe_digest", "package_count", "archive", "steps",
-                                           "build_seconds")}})
+               "log": str(result.log), "sha256": m["archive"]["sha256"], "size": m["archive"]["size"],
+               "tar_size": m["archive"]["tar_size"], "fetch": result.fetch,
+               **{k: m[k] for k in ("lock_digest", "recipe_digest", "package_count", "steps", "build_seconds")}})
         return
     m = result.manifest
     click.echo(f"{result.archive}")

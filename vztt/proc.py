@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 from pathlib import Path
 from typing import IO, Sequence
@@ -57,6 +58,15 @@ def summarize(output: str, limit: int = 3) -> str:
     return " | ".join(seen[:limit])[:600]
 
 
+def kill_tree(child: subprocess.Popen[str]) -> None:
+    """SIGKILL a child and everything in its session, then reap it."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
 def run(cmd: Sequence[str | os.PathLike[str]], *, log: Log | None = None, what: str,
         error: type[VzttError] = BuildError, env: dict[str, str] | None = None,
         cwd: Path | None = None, input: bytes | None = None, check: bool = True,
@@ -66,13 +76,23 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, log: Log | None = None, what: 
     if log:
         log.write("$ " + shlex.join(argv))
     try:
-        proc = subprocess.run(argv, env=env if env is not None else {**os.environ, **BASE_ENV}, cwd=cwd,
-                              input=input.decode() if input is not None else None, capture_output=True,
-                              text=True, errors="replace", timeout=timeout)
+        # A session of its own, so that on Ctrl-C, SIGTERM or an error we can stop the whole
+        # tree (apt -> dpkg -> maintainer scripts) before unmounting the image under it.
+        child = subprocess.Popen(argv, env=env if env is not None else {**os.environ, **BASE_ENV}, cwd=cwd,
+                                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                 start_new_session=True)
     except FileNotFoundError:
         raise error(f"{what}: {argv[0]} is not installed") from None
+    try:
+        stdout, stderr = child.communicate(input.decode() if input is not None else None, timeout=timeout)
     except subprocess.TimeoutExpired:
+        kill_tree(child)
         raise error(f"{what}: {argv[0]} did not finish within {timeout:.0f} s") from None
+    except BaseException:
+        kill_tree(child)
+        raise
+    proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     output = (proc.stdout or "") + (proc.stderr or "")
     if log and output:
         log.write(output)

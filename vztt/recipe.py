@@ -310,6 +310,10 @@ class RecipeStore:
         merged["name"] = name
         merged["abstract"] = leaf.get("abstract", False)
         merged["extends"] = leaf.get("extends")
+        origins["name"] = path
+        for key in ("abstract", "extends"):
+            if key in leaf:
+                origins[key] = path
         return _finish(name, path, tuple(chain), merged, origins, allow_abstract)
 
 
@@ -363,7 +367,6 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
             keyring=Path(r["keyring"]),
             image_sources=r.get("image_sources", True),
         ))
-    merged["repositories"] = [r for r in merged["repositories"] if r.get("enabled", True)]
 
     files = []
     for f in merged["files"]:
@@ -399,6 +402,12 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
                 raise RecipeError(f"{label}.output: bad regular expression: {e}") from None
         smoke.append(SmokeCheck(name=s["name"], command=command, exit_status=s.get("exit_status", 0), output=output))
 
+    # `vztt show` prints what the build uses: templates rendered, disabled repositories gone.
+    merged["repositories"] = [{**r, "url": x.url, "suite": x.suite}
+                              for r, x in zip([r for r in merged["repositories"] if r.get("enabled", True)], repos)]
+    merged["hooks"] = [{**h, "run": x.script} if "run" in h else h for h, x in zip(merged["hooks"], hooks)]
+    merged["smoke"] = [{**s, "command": x.command, **({"output": x.output} if x.output is not None else {})}
+                       for s, x in zip(merged["smoke"], smoke)]
     try:
         image_size = parse_size(merged["image.size"])
     except ValueError as e:

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -247,8 +248,10 @@ class AptBackend(Backend):
 
         # 1. Unpack the Essential closure so the image has a dpkg and a shell to configure with.
         #    (Not dpkg-deb --extract: it would replace the merged-/usr symlinks with directories.)
+        t0 = time.monotonic()
         for p in essential:
             self._unpack(debs[p.key], root)
+        self.log.write(f"# unpacked {len(essential)} Essential packages in {time.monotonic() - t0:.1f} s")
 
         script_env = {**BASE_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
                       **env}
@@ -256,6 +259,7 @@ class AptBackend(Backend):
         inside = ["/" + str(debs[p.key].relative_to(root)) for p in essential]
         run(["chroot", str(root), "dpkg", "--install", "--force-depends", *inside], log=self.log, env=script_env,
             what=f"{lock.recipe}: dpkg --install of the Essential packages")
+        self.log.write(f"# configured the Essential packages at {time.monotonic() - t0:.1f} s")
 
         # 3. The rest through apt's ordering, dpkg chrooted into the image.
         if rest:
@@ -267,6 +271,7 @@ class AptBackend(Backend):
             run(["apt-get", "install", "-y", "--no-download", "-o", "APT::Get::allow-downgrades=false",
                  *[str(debs[p.key]) for p in rest]],
                 log=self.log, env=self._env(conf, script_env), what=f"{lock.recipe}: apt-get install")
+        self.log.write(f"# installed the rest at {time.monotonic() - t0:.1f} s")
         self._check_installed(lock, root)
         self._write_sources(root)
 

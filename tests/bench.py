@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""`make bench`: our build against mmdebstrap's, in the same run, on this machine.
+
+  cold   vztt build with an empty cache (apt lists and packages downloaded)
+  warm   vztt build again: lists refreshed, every package from the package cache
+  mmdebstrap --variant=minbase --include=<the recipe's extra packages>, to a tarball
+
+Prints the times and the ratios (ours / mmdebstrap: below 1 is faster), and
+writes them as JSON to bench-results.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vztt.recipe import RecipeStore  # noqa: E402
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    took = time.monotonic() - start
+    if proc.returncode != 0:
+        sys.exit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return took
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="debian-12-x86_64-minimal")
+    ap.add_argument("--out", default=str(REPO / "bench-results.json"))
+    args = ap.parse_args()
+    recipe = RecipeStore(REPO / "recipes").load(args.recipe)
+    scratch = Path(tempfile.mkdtemp(prefix="vztt-bench-", dir="/var/tmp"))
+    results: dict[str, float] = {}
+    try:
+        env = {**os.environ, "VZTT_CACHE": str(scratch / "cache"), "VZTT_PACKAGE_CACHE": str(scratch / "packages")}
+        vztt = [sys.executable, "-m", "vztt"]
+        print(f"bench: {args.recipe} ({os.cpu_count()} cores)", flush=True)
+        results["vztt_cold"] = timed(vztt + ["build", args.recipe], env)
+        print(f"  vztt build, cold cache   {results['vztt_cold']:6.1f} s", flush=True)
+        results["vztt_warm"] = timed(vztt + ["build", args.recipe], env)
+        print(f"  vztt build, warm cache   {results['vztt_warm']:6.1f} s", flush=True)
+        # mmdebstrap reads the host's apt sources for its mirror, as our DEBIAN_MIRROR default does.
+        tar = scratch / "mmdebstrap.tar"
+        cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet",
+               f"--include={','.join(recipe.include)}", recipe.release, str(tar)]
+        results["mmdebstrap"] = timed(cmd)
+        print(f"  mmdebstrap minbase+same  {results['mmdebstrap']:6.1f} s", flush=True)
+        results["ratio_cold"] = round(results["vztt_cold"] / results["mmdebstrap"], 2)
+        results["ratio_warm"] = round(results["vztt_warm"] / results["mmdebstrap"], 2)
+        print(f"  ratio cold / mmdebstrap  {results['ratio_cold']:6.2f}   (aim: <= 1.3)")
+        print(f"  ratio warm / mmdebstrap  {results['ratio_warm']:6.2f}   (aim: < 1.0)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    Path(args.out).write_text(json.dumps({k: round(v, 2) for k, v in results.items()}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Shared test fixtures: run the real CLI, and build the real Debian 12
+template once per session (every test that needs a real template reuses it).
+
+The package cache is shared with `make demo` (cache/packages in the checkout,
+or VZTT_TEST_PACKAGE_CACHE), so a developer's second test run downloads
+nothing; CI's fresh machine fills it once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+PACKAGE_CACHE = Path(os.environ.get("VZTT_TEST_PACKAGE_CACHE") or REPO / "cache" / "packages")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self):  # type: ignore[no-untyped-def]
+        return json.loads(self.stdout)
+
+
+def run_vztt(*args: str | os.PathLike[str], cache: Path | None = None, recipes: Path | None = None,
+             env: dict[str, str] | None = None, timeout: float = 900, check: bool = False) -> Result:
+    """The real command line, as a user runs it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VZTT_")}
+    full_env["VZTT_PACKAGE_CACHE"] = str(PACKAGE_CACHE)
+    full_env.update(env or {})
+    argv = [sys.executable, "-m", "vztt"]
+    if cache is not None:
+        argv += ["--cache-dir", str(cache)]
+    if recipes is not None:
+        argv += ["--recipes", str(recipes)]
+    argv += [str(a) for a in args]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)
+    result = Result(proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vztt {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return result
+
+
+def one_line_error(result: Result) -> str:
+    """The error a failing command printed: exactly one line on stderr, starting 'vztt: '."""
+    lines = [l for l in result.stderr.splitlines() if l.startswith("vztt: ")]
+    assert len(lines) == 1, f"expected one error line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def leftovers(cache: Path) -> list[str]:
+    """Anything a build may leave behind: loop devices, mounts, scratch and temp files."""
+    found = []
+    for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
+        if str(cache) in line:
+            found.append(line)
+    for line in Path("/proc/mounts").read_text().splitlines():
+        if str(cache) in line.split()[1]:
+            found.append(line)
+    work = cache / ".work"
+    if work.is_dir():
+        found += [str(p) for p in work.iterdir()]
+    found += [str(p) for p in cache.glob(".*.tmp-*")]
+    return found
+
+
+@dataclass
+class BuiltTemplate:
+    cache: Path
+    name: str
+    archive: Path
+    manifest: dict
+    lock: dict
+    build: Result
+
+
+@pytest.fixture(scope="session")
+def debian12(tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
+    """debian-12-x86_64-minimal, built for real from Debian's mirror."""
+    cache = tmp_path_factory.mktemp("debian12-cache")
+    name = "debian-12-x86_64-minimal"
+    result = run_vztt("build", name, "--json", cache=cache)
+    assert result.returncode == 0, result.stderr
+    doc = result.json()
+    manifest = json.loads((cache / f"{name}.manifest.json").read_text())
+    lock = json.loads((cache / "locks" / f"{name}.lock.json").read_text())
+    return BuiltTemplate(cache=cache, name=name, archive=Path(doc["archive"]), manifest=manifest, lock=lock,
+                         build=result)
