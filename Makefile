@@ -14,7 +14,8 @@ APT_PACKAGES := \
 	python3-pytest \
 	apt apt-utils dpkg dpkg-dev gpg gpg-agent gpgv debian-archive-keyring \
 	e2fsprogs util-linux mount tar lz4 xz-utils zstd \
-	mmdebstrap
+	mmdebstrap \
+	ploop qemu-utils fdisk gdisk
 
 DEMO ?= debian-12-x86_64-minimal
 

@@ -103,12 +103,12 @@ def test_locked_rebuild_downloads_nothing_and_gives_the_same_bytes(debian12: Bui
 
 def test_stale_lock_is_refused(debian12: BuiltTemplate, tmp_path: Path) -> None:
     lock = json.loads((debian12.cache / "locks" / f"{debian12.name}.lock.json").read_text())
-    lock["recipe_digest"] = "sha256:" + "0" * 64
+    lock["inputs_digest"] = "sha256:" + "0" * 64
     path = tmp_path / "stale.lock.json"
     path.write_text(json.dumps(lock))
     r = run_vztt("build", debian12.name, "--locked", "--lock", path, cache=debian12.cache)
     assert r.returncode == 4
-    assert "made from another version of recipe" in one_line_error(r)
+    assert "made from other package settings of recipe" in one_line_error(r)
 
 
 def test_interrupted_build_leaves_nothing_and_keeps_the_template(debian12: BuiltTemplate) -> None:

@@ -16,7 +16,7 @@ def pkg(name: str, version: str, sha: str = "a" * 64) -> LockedPackage:
 
 
 def lock(*packages: LockedPackage) -> Lock:
-    return Lock(recipe="t", recipe_digest="sha256:x", distro="debian", release="bookworm", arch="amd64",
+    return Lock(recipe="t", inputs_digest="sha256:x", distro="debian", release="bookworm", arch="amd64",
                 source_date_epoch=1700000000,
                 repositories=(LockedRepository("main", "$DEBIAN_MIRROR", "bookworm", ("main",), "f" * 64),),
                 packages=packages, request=("?essential",))

@@ -178,8 +178,8 @@ def test_no_registry_host_in_the_repository() -> None:
     """Mirrors are variables: no tracked file names Debian's, Ubuntu's or PyPI's hosts."""
     import subprocess
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    hosts = ("deb.debian.org", "ftp.debian.org", "security.debian.org", "archive.ubuntu.com",
-             "security.ubuntu.com", "pypi.org", "files.pythonhosted.org")
+    # Written backwards, so that this test does not name them either.
+    hosts = tuple(h[::-1] for h in ('gro.naibed.bed', 'gro.naibed.ptf', 'gro.naibed.ytiruces', 'moc.utnubu.evihcra', 'moc.utnubu.ytiruces', 'gro.ipyp', 'gro.detsohnohtyp.selif'))
     for f in files:
         p = REPO / f
         if p.is_file() and p.suffix not in (".gpg",):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vztt import __version__
+from vztt import boottest
 from vztt.archive import pack_tree
 from vztt.cache import TemplateCache
 from vztt.customize import clean_root, run_hooks, write_files
@@ -29,6 +30,7 @@ from vztt.pkgcache import PackageCache
 from vztt.proc import Log
 from vztt.progress import Progress
 from vztt.recipe import Recipe
+from vztt.vzcache import FORMATS, formats_for, pack_ploop
 
 MANIFEST_FORMAT = 1
 
@@ -38,6 +40,8 @@ class BuildOptions:
     locked: bool = False            # install the lock as it is; never re-resolve
     lock_path: Path | None = None   # default: <cache>/locks/<name>.lock.json
     jobs: int = 8                   # parallel downloads
+    test: bool = True               # boot-test the packed archive before promote (--no-test)
+    format: str | None = None       # plain | ploop | all; None: the recipe's setting
 
 
 @dataclass
@@ -103,6 +107,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
     require_root("vztt build")
     # Every mount of this build dies with this process, whatever happens to it.
     enter_private_namespace()
+    boottest.clean_stale(cache)     # containers of killed runs: processes, cgroups, scratch
     cache.clean_stale_work()
     started = time.monotonic()
     name = recipe.name
@@ -116,9 +121,9 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             if options.locked:
                 with progress.step("lock") as st:
                     lock = Lock.read(lock_path)
-                    if lock.recipe_digest != recipe.digest():
-                        raise ResolveError(f"{lock_path}: made from another version of recipe {name} "
-                                           "(the recipe changed since); run `vztt resolve` or build without --locked")
+                    if lock.inputs_digest != recipe.resolve_digest():
+                        raise ResolveError(f"{lock_path}: made from other package settings of recipe {name} "
+                                           "(repositories, packages or release changed since); run `vztt resolve` or build without --locked")
                     st.note(f"{len(lock.packages)} packages from {lock_path}")
             else:
                 lock = resolve(recipe, cache, mirrors, lock_path, progress, log).lock
@@ -131,9 +136,9 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                         f"({s.bytes_downloaded / 1e6:.1f} MB)")
 
             env = {**recipe.environment, "SOURCE_DATE_EPOCH": str(lock.source_date_epoch)}
-            archive = cache.archive(name)
-            tmp_archive = cache.temp_path(archive)
-            temps.append(tmp_archive)
+            formats = formats_for(options.format or recipe.format)
+            archives: dict[str, dict[str, Any]] = {}
+            outputs: list[tuple[Path, Path]] = []          # (temporary, final), promoted together
             with BuildImage(work, recipe.image_size, log) as image:
                 with progress.step("install") as st:
                     image.mount_api()
@@ -149,10 +154,30 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                     clean_root(image.root)
                     installed = backend.installed(image.root)
                     used = image.used_bytes()
-                with progress.step("pack") as st:
-                    packed = pack_tree(image.root, tmp_archive, lock.source_date_epoch)
-                    st.note(f"{packed.tar_size / 1e6:.0f} MB tar -> {packed.size / 1e6:.0f} MB lz4")
-
+                if "plain" in formats:
+                    final = cache.archive(name, "plain")
+                    tmp = cache.temp_path(final)
+                    temps.append(tmp)
+                    with progress.step("pack") as st:
+                        packed = pack_tree(image.root, tmp, lock.source_date_epoch)
+                        st.note(f"{packed.tar_size / 1e6:.0f} MB tar -> {packed.size / 1e6:.0f} MB lz4")
+                    archives["plain"] = {"file": final.name, "format": "plain", "sha256": packed.sha256,
+                                         "size": packed.size, "tar_size": packed.tar_size}
+                    outputs.append((tmp, final))
+                if "ploop" in formats:
+                    final = cache.archive(name, "ploop")
+                    tmp = cache.temp_path(final)
+                    temps.append(tmp)
+                    with progress.step("ploop") as st:
+                        pl = pack_ploop(image.root, tmp, work, name=name,
+                                        packages=[(p.name, p.arch, p.version) for p in installed],
+                                        disk_size=recipe.disk_size, ext4_features=recipe.ext4_features,
+                                        source_date_epoch=lock.source_date_epoch, identity=lock.digest, log=log)
+                        st.note(f"{pl.clusters} MiB of {pl.disk_size >> 30} GiB disk -> {pl.size / 1e6:.0f} MB lz4")
+                    archives["ploop"] = {"file": final.name, "format": "ploop", "sha256": pl.sha256, "size": pl.size,
+                                         "disk_size": pl.disk_size, "clusters": pl.clusters,
+                                         "ext4_features": recipe.ext4_features, "fs_uuid": pl.fs_uuid}
+                    outputs.append((tmp, final))
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "name": name,
@@ -162,8 +187,9 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 "recipe_digest": recipe.digest(),
                 "lock_digest": lock.digest,
                 "source_date_epoch": lock.source_date_epoch,
-                "archive": {"file": archive.name, "format": "plain", "sha256": packed.sha256,
-                            "size": packed.size, "tar_size": packed.tar_size},
+                "formats": list(formats),
+                "archive": archives[formats[0]],       # the primary archive (plain when built)
+                "archives": archives,
                 "image_used_bytes": used,
                 "package_count": len(installed),
                 "packages": [{"name": p.name, "arch": p.arch, "version": p.version} for p in
@@ -174,12 +200,18 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             manifest_path = cache.manifest(name)
             tmp_manifest = cache.temp_path(manifest_path)
             temps.append(tmp_manifest)
+            # Boot the packed archive; only a template that passes goes on (a failed one stays as -failed).
+            manifest["boot_test"] = boottest.gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
+            manifest["steps"], manifest["build_seconds"] = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
                 tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-                cache.promote(name, [(tmp_archive, archive), (tmp_manifest, manifest_path)])
-                st.note(str(archive))
+                cache.promote(name, outputs + [(tmp_manifest, manifest_path)])
+                # A format not built this time must not linger beside the new manifest.
+                for fmt in set(FORMATS) - set(formats):
+                    cache.archive(name, fmt).unlink(missing_ok=True)
+                st.note(", ".join(str(final) for _, final in outputs))
             manifest["steps"] = dict(progress.timings)
-            return BuildResult(name=name, archive=archive, manifest_path=manifest_path, manifest=manifest,
+            return BuildResult(name=name, archive=outputs[0][1], manifest_path=manifest_path, manifest=manifest,
                                log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats))
         finally:
             for t in temps:

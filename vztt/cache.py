@@ -2,6 +2,7 @@
 
 Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
   <name>.plain.tar.lz4            the template (rootfs tarball)
+  <name>.plain.ploopv2.tar.lz4    the same as a Virtuozzo 7 ploop cache (format ploop/all)
   <name>.manifest.json            what it is: digests, packages, sizes, timings
   locks/<name>.lock.json          the lock it was (or will be) built from
   packages/                       the shared content-addressed package cache
@@ -59,7 +60,8 @@ class TemplateCache:
 
     # paths
     def archive(self, name: str, fmt: str = "plain") -> Path:
-        return self.root / f"{name}.{fmt}.tar.lz4"
+        from vztt.vzcache import SUFFIX
+        return self.root / f"{name}.{SUFFIX[fmt]}"
 
     def manifest(self, name: str) -> Path:
         return self.root / f"{name}.manifest.json"

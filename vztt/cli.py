@@ -215,10 +215,14 @@ def resolve(obj: Context, name: str, lock_path: Path | None, as_json: bool) -> N
 @click.option("--locked", is_flag=True, help="Install exactly the lock file; fail if it is missing or stale.")
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), help="Lock file to use/write.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=8, show_default=True, help="Parallel downloads.")
+@click.option("--format", "fmt", type=click.Choice(["plain", "ploop", "all"]),
+              help="plain: <name>.plain.tar.lz4; ploop: Virtuozzo 7 <name>.plain.ploopv2.tar.lz4; all: both. "
+                   "[default: the recipe's `format`]")
 @json_option
 @click.pass_obj
 @guarded
-def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: int, as_json: bool) -> None:
+def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: int, fmt: str | None,
+          as_json: bool) -> None:
     """Build template NAME into the cache.
 
     \b
@@ -228,7 +232,8 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
       install    install into a temporary loop-mounted ext4 image
       customize  the recipe's files and hooks
       clean      drop caches, logs, machine-id
-      pack       reproducible tar, lz4
+      pack       reproducible tar, lz4 (format plain)
+      ploop      ext4 disk -> ploop v2 image -> Virtuozzo cache tar, lz4 (format ploop)
       promote    atomically replace the cached template (the old one stays until then)
     """
     from vztt import build as build_mod
@@ -237,19 +242,23 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
     progress = Progress(quiet=as_json)
     progress.say(f"building {name}")
     result = build_mod.build(recipe, obj.cache, mirrors, build_mod.BuildOptions(locked=locked, lock_path=lock_path,
-                                                                                 jobs=jobs), progress)
+                                                                                 jobs=jobs, format=fmt), progress)
     if as_json:
         m = result.manifest
         _emit({"name": name, "archive": str(result.archive), "manifest": str(result.manifest_path),
                "log": str(result.log), "sha256": m["archive"]["sha256"], "size": m["archive"]["size"],
-               "tar_size": m["archive"]["tar_size"], "fetch": result.fetch,
+               "archives": {k: str(obj.cache.root / a["file"]) for k, a in m["archives"].items()},
+               "fetch": result.fetch,
                **{k: m[k] for k in ("lock_digest", "recipe_digest", "package_count", "steps", "build_seconds")}})
         return
     m = result.manifest
-    click.echo(f"{result.archive}")
+    for fmt_name, a in m["archives"].items():
+        click.echo(f"{obj.cache.root / a['file']}")
+        extra = (f"{a['tar_size'] / 1e6:.1f} MB uncompressed" if fmt_name == "plain"
+                 else f"ploop disk {a['disk_size'] >> 30} GiB, {a['clusters']} clusters")
+        click.echo(f"  size      {a['size'] / 1e6:.1f} MB ({extra})")
+        click.echo(f"  sha256    {a['sha256']}")
     click.echo(f"  manifest  {result.manifest_path}")
-    click.echo(f"  size      {m['archive']['size'] / 1e6:.1f} MB ({m['archive']['tar_size'] / 1e6:.1f} MB uncompressed)")
-    click.echo(f"  sha256    {m['archive']['sha256']}")
     click.echo(f"  packages  {m['package_count']}   lock {m['lock_digest'][:19]}...")
     click.echo(f"  took      {m['build_seconds']} s")
 
@@ -280,3 +289,33 @@ def settings(markdown: bool) -> None:
         click.echo(f"{s.key:<18} {s.toml_type:<16} {s.doc}")
         for f in s.fields:
             click.echo(f"  {f.key:<16} {f.toml_type:<16} {f.doc}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option
+@click.pass_obj
+@guarded
+def inspect(obj: Context, file: Path, as_json: bool) -> None:
+    """Say what a template archive holds: format, members, disk size, clusters used, packages.
+
+    Reads plain (.plain.tar.lz4) and ploop (.plain.ploopv2.tar.lz4) caches, and
+    checks what it reads: a damaged archive or ploop image is a one-line error (exit 6).
+    """
+    from vztt.vzcache import inspect as inspect_archive
+    work = obj.cache.root / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    info = inspect_archive(file, work)
+    if as_json:
+        _emit(info.as_dict())
+        return
+    click.echo(f"{info.path}")
+    click.echo(f"  format    {info.format}")
+    click.echo(f"  members   {info.members} ({info.tar_size / 1e6:.1f} MB of file data)")
+    click.echo(f"  packages  {info.packages if info.packages is not None else 'unknown'}")
+    if info.format == "ploop":
+        assert info.disk_size is not None and info.cluster_size is not None and info.clusters_used is not None
+        click.echo(f"  disk      {info.disk_size / 2**30:.1f} GiB, cluster {info.cluster_size >> 10} KiB, "
+                   f"{info.clusters_used} clusters used ({info.clusters_used * info.cluster_size / 1e6:.0f} MB)")
+        for n in info.member_names:
+            click.echo(f"    {n}")

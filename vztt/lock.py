@@ -50,7 +50,7 @@ class LockedRepository:
 @dataclass(frozen=True)
 class Lock:
     recipe: str
-    recipe_digest: str
+    inputs_digest: str      # Recipe.resolve_digest(): what the solver was given
     distro: str
     release: str
     arch: str
@@ -82,7 +82,7 @@ class Lock:
             if doc.get("format") != FORMAT:
                 raise ResolveError(f"{where}: lock format {doc.get('format')!r} is not {FORMAT}; run `vztt resolve`")
             return cls(
-                recipe=doc["recipe"], recipe_digest=doc["recipe_digest"], distro=doc["distro"],
+                recipe=doc["recipe"], inputs_digest=doc["inputs_digest"], distro=doc["distro"],
                 release=doc["release"], arch=doc["arch"], source_date_epoch=int(doc["source_date_epoch"]),
                 repositories=tuple(LockedRepository(**{**r, "components": tuple(r["components"])})
                                    for r in doc["repositories"]),

@@ -82,6 +82,9 @@ class Recipe:
     hooks: tuple[Hook, ...]
     smoke: tuple[SmokeCheck, ...]
     image_size: int
+    format: str
+    disk_size: int
+    ext4_features: str
     merged: dict[str, Any] = field(repr=False, compare=False)   # setting key -> value, after templating
     origins: dict[str, Path] = field(repr=False, compare=False)  # setting key -> file that set it last
 
@@ -95,6 +98,14 @@ class Recipe:
 
     def template_vars(self) -> dict[str, Any]:
         return _template_vars(self.merged)
+
+    def resolve_digest(self) -> str:
+        """sha256 over what the solver is given: a lock made from other inputs is stale."""
+        doc = {"distro": self.distro, "release": self.release, "arch": self.arch, "priority": self.priority,
+               "include": self.include, "exclude": self.exclude, "merged_usr": self.merged_usr,
+               "repositories": [asdict(r) for r in self.repositories]}
+        text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
     def digest(self) -> str:
         """sha256 over everything that shapes the template (file contents included)."""
@@ -408,10 +419,12 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
     merged["hooks"] = [{**h, "run": x.script} if "run" in h else h for h, x in zip(merged["hooks"], hooks)]
     merged["smoke"] = [{**s, "command": x.command, **({"output": x.output} if x.output is not None else {})}
                        for s, x in zip(merged["smoke"], smoke)]
-    try:
-        image_size = parse_size(merged["image.size"])
-    except ValueError as e:
-        raise RecipeError(f"{where('image.size')}: {e}") from None
+    sizes = {}
+    for key in ("image.size", "disk.size"):
+        try:
+            sizes[key] = parse_size(merged[key])
+        except ValueError as e:
+            raise RecipeError(f"{where(key)}: {e}") from None
 
     return Recipe(
         name=name, path=path, chain=chain,
@@ -421,5 +434,6 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         priority=merged["packages.priority"], include=tuple(merged["packages.include"]),
         exclude=tuple(merged["packages.exclude"]), repositories=tuple(repos), files=tuple(files),
         environment=dict(merged["environment"]), hooks=tuple(hooks), smoke=tuple(smoke),
-        image_size=image_size, merged=merged, origins=origins,
+        image_size=sizes["image.size"], format=merged["format"], disk_size=sizes["disk.size"],
+        ext4_features=merged["disk.ext4_features"], merged=merged, origins=origins,
     )

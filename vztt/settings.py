@@ -102,6 +102,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("smoke", "records", "Checks run in the booted template, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=SMOKE_FIELDS),
     Setting("image.size", "str", "Size of the sparse build image (K, M, G suffixes).", default="4G"),
+    Setting("format", "str", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
+            "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`) or `all` (both from one build).",
+            default="plain", choices=("plain", "ploop", "all")),
+    Setting("disk.size", "str", "ploop caches: size of the virtual disk (vztt's DISKSPACE); the ext4 inside is "
+            "shrunk to the content plus headroom and grows when a container is created.", default="10G"),
+    Setting("disk.ext4_features", "str", "ploop caches: `safe` leaves out ext4 features old Virtuozzo 7 kernels "
+            "cannot mount (metadata_csum, 64bit); `modern` keeps e2fsprogs' defaults.",
+            default="safe", choices=("safe", "modern")),
 )
 
 BY_NAME: dict[str, Setting] = {s.key: s for s in SETTINGS}

@@ -140,7 +140,7 @@ class AptBackend(Backend):
                                           filename=uri[len(base) + 1:], repository=repo,
                                           essential=name in essential))
         return Lock(
-            recipe=recipe.name, recipe_digest=recipe.digest(), distro=recipe.distro, release=recipe.release,
+            recipe=recipe.name, inputs_digest=recipe.resolve_digest(), distro=recipe.distro, release=recipe.release,
             arch=recipe.deb_arch, source_date_epoch=max(date for date, _ in releases.values()),
             repositories=tuple(LockedRepository(name=r.name, url=r.url, suite=r.suite, components=r.components,
                                                 release_sha256=releases[r.name][1]) for r in recipe.repositories),
