@@ -9,12 +9,13 @@ STAMP := $(VENV)/.deps-stamp
 # Debian packages: the tools we drive and the Python libraries we import
 # (from Debian, because dnf's bindings exist only for Debian's python3).
 APT_PACKAGES := \
-	python3 python3-venv python3-pip python3-setuptools \
+	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
 	python3-pytest \
 	apt apt-utils dpkg dpkg-dev gpg gpg-agent gpgv debian-archive-keyring \
 	e2fsprogs util-linux mount tar lz4 xz-utils zstd \
 	mmdebstrap \
+	rpm createrepo-c busybox-static \
 	ploop qemu-utils fdisk gdisk
 
 DEMO ?= debian-12-x86_64-minimal

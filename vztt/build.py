@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

@@ -32,17 +32,9 @@ from contextlib import contextmanager
 
 from vztt.errors import EnvironmentProblem
 from vztt.mounts import force_cleanup
+from vztt.paths import default_cache
 
 OLD = "-old"
-
-
-def default_root() -> Path:
-    env = os.environ.get("VZTT_CACHE")
-    if env:
-        return Path(env)
-    # The checkout's cache/ when run from a clone, else the system location.
-    here = Path(__file__).resolve().parent.parent / "cache"
-    return here if here.is_dir() else Path("/var/cache/vztt")
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,7 @@ class Entry:
 
 class TemplateCache:
     def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root else default_root()
+        self.root = Path(root) if root else default_cache()
         self.root.mkdir(parents=True, exist_ok=True)
 
     # paths

@@ -14,17 +14,10 @@ import click
 from vztt import __version__, mirrors as mirrors_mod
 from vztt.cache import TemplateCache
 from vztt.errors import EXIT_CODES, Interrupted, VzttError
+from vztt.paths import default_recipes
 from vztt.progress import Progress
 from vztt.recipe import RecipeStore
 from vztt.settings import SETTINGS, reference_markdown
-
-
-def _default_recipes() -> Path:
-    env = os.environ.get("VZTT_RECIPES")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    return here if here.is_dir() else Path("/usr/share/vztt/recipes")
 
 
 EPILOG = "\b\nExit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES) + """
@@ -41,7 +34,7 @@ Environment:
 class Context:
     def __init__(self, cache_dir: Path | None, recipes: Path | None, mirror: tuple[str, ...]):
         self._cache_dir = cache_dir
-        self.recipes_dir = recipes or _default_recipes()
+        self.recipes_dir = recipes or default_recipes()
         self.mirror_args = mirror
 
     @property
@@ -90,6 +83,17 @@ def guarded(fn):  # type: ignore[no-untyped-def]
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of text.")
+
+
+def _add_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    if value and isinstance(ctx.obj, Context):
+        ctx.obj.mirror_args = tuple(ctx.obj.mirror_args) + tuple(value)
+    return value
+
+
+# --mirror is accepted before and after the command name: `vztt build NAME --mirror X=URL`.
+mirror_option = click.option("--mirror", "sub_mirror", multiple=True, metavar="NAME=URL", expose_value=False,
+                             callback=_add_mirrors, help="Set a mirror variable for this run (repeatable).")
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -186,6 +190,7 @@ def _short(value: Any) -> str:
 @click.argument("name")
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path),
               help="Lock file to write (default: <cache>/locks/NAME.lock.json).")
+@mirror_option
 @json_option
 @click.pass_obj
 @guarded
@@ -218,11 +223,14 @@ def resolve(obj: Context, name: str, lock_path: Path | None, as_json: bool) -> N
 @click.option("--format", "fmt", type=click.Choice(["plain", "ploop", "all"]),
               help="plain: <name>.plain.tar.lz4; ploop: Virtuozzo 7 <name>.plain.ploopv2.tar.lz4; all: both. "
                    "[default: the recipe's `format`]")
+@click.option("--no-test", is_flag=True,
+              help="Promote without the boot test (the manifest records boot_test: skipped).")
+@mirror_option
 @json_option
 @click.pass_obj
 @guarded
 def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: int, fmt: str | None,
-          as_json: bool) -> None:
+          no_test: bool, as_json: bool) -> None:
     """Build template NAME into the cache.
 
     \b
@@ -234,6 +242,8 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
       clean      drop caches, logs, machine-id
       pack       reproducible tar, lz4 (format plain)
       ploop      ext4 disk -> ploop v2 image -> Virtuozzo cache tar, lz4 (format ploop)
+      test       boot the packed archive in a container, run its checks (`vztt test`);
+                 a template that fails stays as <file>-failed, with its report
       promote    atomically replace the cached template (the old one stays until then)
     """
     from vztt import build as build_mod
@@ -242,13 +252,14 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
     progress = Progress(quiet=as_json)
     progress.say(f"building {name}")
     result = build_mod.build(recipe, obj.cache, mirrors, build_mod.BuildOptions(locked=locked, lock_path=lock_path,
-                                                                                 jobs=jobs, format=fmt), progress)
+                                                                                 jobs=jobs, format=fmt,
+                                                                                 test=not no_test), progress)
     if as_json:
         m = result.manifest
         _emit({"name": name, "archive": str(result.archive), "manifest": str(result.manifest_path),
                "log": str(result.log), "sha256": m["archive"]["sha256"], "size": m["archive"]["size"],
                "archives": {k: str(obj.cache.root / a["file"]) for k, a in m["archives"].items()},
-               "fetch": result.fetch,
+               "fetch": result.fetch, "boot_test": m.get("boot_test"),
                **{k: m[k] for k in ("lock_digest", "recipe_digest", "package_count", "steps", "build_seconds")}})
         return
     m = result.manifest
@@ -260,10 +271,92 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
         click.echo(f"  sha256    {a['sha256']}")
     click.echo(f"  manifest  {result.manifest_path}")
     click.echo(f"  packages  {m['package_count']}   lock {m['lock_digest'][:19]}...")
+    click.echo(f"  boot test {_boot_test_line(m.get('boot_test') or {})}")
     click.echo(f"  took      {m['build_seconds']} s")
 
 
+def _boot_test_line(record: dict[str, Any]) -> str:
+    if record.get("result") != "passed":
+        return " ".join(str(x) for x in (record.get("result", "skipped"), record.get("reason", ""))).strip()
+    return f"passed: {len(record['checks'])} checks, checks done {record['ready_seconds']} s after start"
+
+
+@main.command("test")
+@click.argument("name")
+@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Also write the report as JUnit XML to FILE (for CI).")
+@json_option
+@click.pass_obj
+@guarded
+def test_cmd(obj: Context, name: str, junit: Path | None, as_json: bool) -> None:
+    """Boot the cached template NAME in a container and run its checks.
+
+    \b
+    The archive is unpacked into a scratch tree and booted with overlayfs
+    (the tree stays as shipped), with the recipe's hostname. Checks, one row each:
+      boot           systemd reaches running (or degraded) within boot.timeout
+      failed-units   no failed unit beyond the recipe's boot.allowed_failed
+      hostname       the recipe's hostname
+      loopback       lo has 127.0.0.1, localhost resolves, a TCP echo over 127.0.0.1
+      package-db     the package database is consistent (dpkg --audit)
+      smoke:NAME     each recipe smoke check (/bin/sh -c inside)
+      poweroff       a clean poweroff in time
+    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here.
+    """
+    from vztt import boottest
+    from vztt.mounts import enter_private_namespace
+    recipe = obj.store.load(name)
+    cache = obj.cache
+    archive = boottest.cached_archive(cache, name)
+    boottest.prepare_host(cache, "vztt test")
+    enter_private_namespace()      # the overlay mount dies with us, whatever happens
+    progress = Progress(quiet=as_json)
+    progress.say(f"testing {archive}")
+    report = boottest.boot_test(recipe, cache, archive, progress)
+    if junit:
+        boottest.write_junit(report, junit)
+    error = report.exception()
+    if as_json:
+        _emit(report.as_dict())
+        if error is not None:
+            click.echo(f"vztt: {error.kind} error: {error}", err=True)
+            sys.exit(error.exit_code)
+        return
+    click.echo(boottest.format_table(report), nl=False)
+    if error is not None:
+        raise error
+
+
+@main.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
+              help="Seconds COMMAND may run before it is killed (exit 124).")
+@click.pass_obj
+@guarded
+def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float) -> None:
+    """Run COMMAND in a throwaway container of the cached template NAME.
+
+    \b
+      vztt run debian-12-x86_64-minimal -- cat /etc/os-release
+    Boots the template (as `vztt test` does), runs COMMAND once it is up,
+    prints its output (stdout and stderr), powers off and removes everything.
+    Exits with COMMAND's status; 8 if the template does not boot.
+    """
+    from vztt import boottest
+    from vztt.mounts import enter_private_namespace
+    recipe = obj.store.load(name)
+    cache = obj.cache
+    archive = boottest.cached_archive(cache, name)
+    boottest.prepare_host(cache, "vztt run")
+    enter_private_namespace()
+    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, Progress())
+    click.echo(output, nl=False)
+    sys.exit(status)
+
+
 @main.command()
+@mirror_option
 @json_option
 @click.pass_obj
 @guarded

@@ -60,6 +60,29 @@ class EnvironmentProblem(VzttError):
     kind = "environment"
 
 
+class BootError(VzttError):
+    """The template does not boot: init is missing or exits, or the system
+    never reaches running/degraded in time."""
+
+    exit_code = 8
+    kind = "boot"
+
+
+class CheckFailed(VzttError):
+    """A check run inside a booted template failed (raised by the caller)."""
+
+    exit_code = 9
+    kind = "check"
+
+
+class RuntimeUnavailable(VzttError):
+    """The container runtime cannot start here: not root, a kernel feature or
+    a tool missing, or leftovers of an earlier run cannot be removed."""
+
+    exit_code = 10
+    kind = "runtime"
+
+
 class Interrupted(VzttError):
     """SIGINT or SIGTERM: we cleaned up and stopped."""
 
@@ -77,5 +100,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (FetchError.exit_code, "download failed or checksum mismatch"),
     (BuildError.exit_code, "install, hook, image or archive step failed"),
     (EnvironmentProblem.exit_code, "host problem (not root, missing tool, template busy)"),
+    (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
+    (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, poweroff)"),
+    (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature)"),
     (Interrupted.exit_code, "interrupted (SIGINT/SIGTERM); everything was cleaned up"),
 ]

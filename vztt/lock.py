@@ -32,6 +32,11 @@ class LockedPackage:
     filename: str           # path below the repository URL (pool/main/..., Packages/...)
     repository: str         # a Lock.repositories name
     essential: bool = False # apt: part of the Essential closure, unpacked first
+    # dnf: rpm's Epoch, Version and Release apart (version is "[epoch:]ver-rel"); None for apt,
+    # and then not written, so apt locks keep their bytes and digests.
+    epoch: int | None = None
+    ver: str | None = None
+    rel: str | None = None
 
     @property
     def key(self) -> str:
@@ -62,7 +67,8 @@ class Lock:
 
     def to_json(self) -> str:
         doc = asdict(self)
-        doc["packages"] = sorted(doc["packages"], key=lambda p: (p["name"], p["arch"]))
+        doc["packages"] = sorted(({k: v for k, v in p.items() if v is not None} for p in doc["packages"]),
+                                 key=lambda p: (p["name"], p["arch"]))
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
     @property

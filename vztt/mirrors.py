@@ -24,7 +24,6 @@ from vztt.errors import RecipeError
 
 VAR_RE = re.compile(r"\$(?:\{([A-Z][A-Z0-9_]*)\}|([A-Z][A-Z0-9_]*))")
 NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
-SCHEMES = ("http", "https", "file")
 
 SYSTEM_FILE = Path("/etc/vztt/mirrors.toml")
 APT_SOURCES = Path("/etc/apt")

@@ -34,6 +34,7 @@ class Repository:
     components: tuple[str, ...]
     keyring: Path
     image_sources: bool = True
+    repo_gpgcheck: bool = True   # dnf: repomd.xml must verify against its .asc
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,22 @@ class Recipe:
     ext4_features: str
     merged: dict[str, Any] = field(repr=False, compare=False)   # setting key -> value, after templating
     origins: dict[str, Path] = field(repr=False, compare=False)  # setting key -> file that set it last
+    # dnf only; left out of an apt recipe's digests (below), so its digests and locks stay as they were
+    base: tuple[str, ...] = ()
+    install_weak_deps: bool = False
+    nodocs: bool = True
 
     @property
     def family(self) -> str:
         return FAMILY[self.distro]
+
+    def _without_dnf_keys(self, doc: dict[str, Any]) -> dict[str, Any]:
+        if FAMILY.get(self.distro) != "dnf":
+            for k in ("base", "install_weak_deps", "nodocs"):
+                doc.pop(k, None)
+            for r in doc.get("repositories", ()):
+                r.pop("repo_gpgcheck", None)
+        return doc
 
     @property
     def deb_arch(self) -> str:
@@ -103,7 +116,9 @@ class Recipe:
         """sha256 over what the solver is given: a lock made from other inputs is stale."""
         doc = {"distro": self.distro, "release": self.release, "arch": self.arch, "priority": self.priority,
                "include": self.include, "exclude": self.exclude, "merged_usr": self.merged_usr,
-               "repositories": [asdict(r) for r in self.repositories]}
+               "repositories": [asdict(r) for r in self.repositories],
+               "base": self.base, "install_weak_deps": self.install_weak_deps}
+        self._without_dnf_keys(doc)
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -112,6 +127,7 @@ class Recipe:
         doc = asdict(self)
         for k in ("path", "chain", "merged", "origins"):
             doc.pop(k)
+        self._without_dnf_keys(doc)
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -363,20 +379,22 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         variables["summary"] = merged["summary"]
 
     repos = []
+    apt = FAMILY.get(merged.get("distro") or "", "apt") == "apt"
     for r in merged["repositories"]:
         label = f"{where('repositories')}[{r['name']}]"
         if not r.get("enabled", True):
             continue
-        for req in ("url", "suite", "keyring"):
+        for req in ("url", "suite", "keyring") if apt else ("url", "keyring"):
             if req not in r:
                 raise RecipeError(f"{label}.{req}: required")
         repos.append(Repository(
             name=r["name"],
             url=render(r["url"], variables, label + ".url"),
-            suite=render(r["suite"], variables, label + ".suite"),
-            components=tuple(r.get("components", ["main"])),
+            suite=render(r.get("suite", ""), variables, label + ".suite"),
+            components=tuple(r.get("components", ["main"] if apt else [])),
             keyring=Path(r["keyring"]),
             image_sources=r.get("image_sources", True),
+            repo_gpgcheck=r.get("repo_gpgcheck", True),
         ))
 
     files = []
@@ -414,7 +432,7 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         smoke.append(SmokeCheck(name=s["name"], command=command, exit_status=s.get("exit_status", 0), output=output))
 
     # `vztt show` prints what the build uses: templates rendered, disabled repositories gone.
-    merged["repositories"] = [{**r, "url": x.url, "suite": x.suite}
+    merged["repositories"] = [{**r, "url": x.url, **({"suite": x.suite} if apt else {})}
                               for r, x in zip([r for r in merged["repositories"] if r.get("enabled", True)], repos)]
     merged["hooks"] = [{**h, "run": x.script} if "run" in h else h for h, x in zip(merged["hooks"], hooks)]
     merged["smoke"] = [{**s, "command": x.command, **({"output": x.output} if x.output is not None else {})}
@@ -436,4 +454,6 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         environment=dict(merged["environment"]), hooks=tuple(hooks), smoke=tuple(smoke),
         image_size=sizes["image.size"], format=merged["format"], disk_size=sizes["disk.size"],
         ext4_features=merged["disk.ext4_features"], merged=merged, origins=origins,
+        base=tuple(merged["packages.base"]), install_weak_deps=merged["dnf.install_weak_deps"],
+        nodocs=merged["dnf.nodocs"],
     )

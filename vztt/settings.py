@@ -43,12 +43,16 @@ ARCHES = ("x86_64", "aarch64")
 
 REPOSITORY_FIELDS = (
     Setting("name", "str", "Identifies the repository; a child recipe overrides a parent's repository of the same name."),
-    Setting("url", "str", "Base URL of the archive. Name mirrors through variables ($DEBIAN_MIRROR), never a host.", templated=True),
-    Setting("suite", "str", "apt suite (distribution) to use, e.g. `{{ release }}-updates`.", templated=True),
-    Setting("components", "list[str]", "Archive components.", default=["main"]),
-    Setting("keyring", "str", "OpenPGP keyring that signs the repository: a file in recipes/keys/ or an absolute path."),
+    Setting("url", "str", "Base URL of the archive (dnf: the repository's baseurl, the directory holding repodata/). "
+            "Name mirrors through variables ($DEBIAN_MIRROR), never a host.", templated=True),
+    Setting("suite", "str", "apt suite (distribution) to use, e.g. `{{ release }}-updates`. apt only.", templated=True),
+    Setting("components", "list[str]", "Archive components. apt only.", default=["main"]),
+    Setting("keyring", "str", "OpenPGP keyring that signs the repository (dnf: the armored public key, "
+            "RPM-GPG-KEY-*): a file in recipes/keys/ or an absolute path."),
     Setting("enabled", "bool", "Set to false in a child recipe to drop a parent's repository.", default=True),
     Setting("image_sources", "bool", "Write this repository into the image's apt sources, so apt works in the container.", default=True),
+    Setting("repo_gpgcheck", "bool", "dnf: verify repodata/repomd.xml against its detached signature (repomd.xml.asc) "
+            "with the keyring. Packages are always signature-checked.", default=True),
 )
 
 FILE_FIELDS = (
@@ -73,7 +77,8 @@ SMOKE_FIELDS = (
     Setting("name", "str", "Identifies the check in reports."),
     Setting("command", "str", "Shell command run inside the booted template.", templated=True),
     Setting("exit_status", "int", "Expected exit status.", default=0),
-    Setting("output", "str", "Regular expression the output must match (searched, not anchored).", templated=True),
+    Setting("output", "str", "Regular expression the output (stdout and stderr) must match: searched, not anchored; "
+            "`^` and `$` match at each line.", templated=True),
 )
 
 SETTINGS: tuple[Setting, ...] = (
@@ -90,8 +95,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("merged_usr", "bool", "Create the merged-/usr symlinks before unpacking (debootstrap's way) and pick usr-is-merged over usrmerge.", default=True),
     Setting("packages.priority", "str", "apt: the priority set installed besides Essential packages (`required` is mmdebstrap's minbase).",
             default="required", choices=("essential", "required", "important")),
+    Setting("packages.base", "list[str]", "dnf: the base package set (names, provides, `@group` ids); a child recipe "
+            "replaces it whole. (apt: unused; `packages.priority` picks the base.)", default=[]),
     Setting("packages.include", "list[str]", "Packages to install on top of the base set.", default=[], merge=APPEND),
     Setting("packages.exclude", "list[str]", "Packages that must not be installed (a dependency on one is an error).", default=[], merge=APPEND),
+    Setting("dnf.install_weak_deps", "bool", "dnf: resolve weak dependencies (Recommends, Supplements) too.",
+            default=False),
+    Setting("dnf.nodocs", "bool", "dnf: install with `tsflags=nodocs` (files marked as documentation left out).",
+            default=True),
     Setting("repositories", "records", "Package repositories, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=REPOSITORY_FIELDS),
     Setting("files", "records", "Files written into the image after install, merged by path.", default=[], merge=BY_KEY,
@@ -101,6 +112,10 @@ SETTINGS: tuple[Setting, ...] = (
             record_key="name", fields=HOOK_FIELDS),
     Setting("smoke", "records", "Checks run in the booted template, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=SMOKE_FIELDS),
+    Setting("boot.timeout", "int", "Boot test: seconds for the booted template to reach running (or degraded).",
+            default=60),
+    Setting("boot.allowed_failed", "list[str]", "Boot test: units allowed to fail at boot (shell patterns, "
+            "e.g. `systemd-remount-fs.service`); any other failed unit fails the test.", default=[], merge=APPEND),
     Setting("image.size", "str", "Size of the sparse build image (K, M, G suffixes).", default="4G"),
     Setting("format", "str", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
             "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`) or `all` (both from one build).",

@@ -66,4 +66,7 @@ def backend_for(recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log) -> 
     if recipe.family == "apt":
         from vztt.distribution.debian import AptBackend
         return AptBackend(recipe, mirrors, state_dir, log)
+    if recipe.family == "dnf":
+        from vztt.distribution.rpm import DnfBackend
+        return DnfBackend(recipe, mirrors, state_dir, log)
     raise RecipeError(f"{recipe.path}: distro: {recipe.distro!r} has no backend yet")

@@ -23,13 +23,14 @@ import re
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote
 
 from vztt.distribution import Backend, InstalledPackage
 from vztt.errors import BuildError, ResolveError
 from vztt.lock import Lock, LockedPackage, LockedRepository
-from vztt.proc import BASE_ENV, run
+from vztt.proc import BASE_ENV, run, summarize
 
 # Package scripts must not start anything in the image while we build it.
 POLICY_RC_D = "#!/bin/sh\n# vztt build: no daemon starts during the build\nexit 101\n"
@@ -49,6 +50,17 @@ def _file_uri_path(url: str) -> str:
     if url.startswith("file:"):
         return "file:/" + url[len("file:"):].lstrip("/")
     return url
+
+
+# apt's URItoFileName: these characters (and non-printables) are %-quoted, then / becomes _.
+_APT_QUOTED = set('\\|{}[]<>"^~_=!@#$%^&*')
+
+
+def _apt_list_name(url: str, suite: str) -> str:
+    """The tail of the name apt gives a repository's InRelease in its lists directory."""
+    rest = re.sub(r"^[a-z0-9+.-]+:/*", "", url).rstrip("/") + f"/dists/{suite}/InRelease"
+    quoted = "".join(f"%{ord(c):02x}" if c in _APT_QUOTED or not 0x20 < ord(c) < 0x7F else c for c in rest)
+    return quoted.replace("/", "_")
 
 
 class AptBackend(Backend):
@@ -168,23 +180,30 @@ class AptBackend(Backend):
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
     def _update_failed(self, output: str, urls: dict[str, str]) -> None:
-        culprit = ""
+        # apt names the failing index as "<url> <suite> InRelease": match both, since
+        # several suites (main, -updates) usually share one mirror URL.
         for r in self.recipe.repositories:
-            if _file_uri_path(urls[r.name]) in output or urls[r.name] in output:
-                culprit = f"repository {r.name} ({urls[r.name]} {r.suite})"
-                if re.search(r"not signed|NO_PUBKEY|BADSIG|signatures were invalid|EXPKEYSIG", output):
-                    raise ResolveError(f"{culprit}: Release signature does not verify with keyring {r.keyring}")
-        from vztt.proc import summarize
-        raise ResolveError(f"{culprit or 'apt-get update'}: {summarize(output)}")
+            names = {f"{_file_uri_path(urls[r.name])} {r.suite} ", f"{urls[r.name]} {r.suite} "}
+            lines = [l for l in output.splitlines()
+                     if l.startswith(("E:", "W:", "Err:")) and any(n in l for n in names)]
+            if not lines:
+                continue
+            culprit = f"repository {r.name} ({urls[r.name]} {r.suite})"
+            text = "\n".join(lines)
+            if re.search(r"NO_PUBKEY|BADSIG|signatures were invalid|EXPKEYSIG|REVKEYSIG", text):
+                raise ResolveError(f"{culprit}: Release signature does not verify with keyring {r.keyring}")
+            if "is not signed" in text:
+                raise ResolveError(f"{culprit}: Release file is not signed (vztt accepts signed repositories only)")
+            raise ResolveError(f"{culprit}: {summarize(text)}")
+        raise ResolveError(f"apt-get update: {summarize(output)}")
 
     def _verified_releases(self, urls: dict[str, str]) -> dict[str, tuple[int, str]]:
         """repo -> (Release Date as epoch, sha256 of the InRelease apt verified)."""
         lists = self.state_dir / "resolve" / "state" / "lists"
         out = {}
         for r in self.recipe.repositories:
-            suffix = "_dists_" + r.suite.replace("/", "_") + "_InRelease"
-            site = re.sub(r"^[a-z]+:/*", "", urls[r.name]).replace("/", "_")
-            found = [f for f in lists.glob("*_InRelease") if f.name.endswith(suffix) and site in f.name]
+            expected = _apt_list_name(urls[r.name], r.suite)
+            found = [f for f in lists.glob("*InRelease") if f.name.endswith(expected)]
             if not found:
                 raise ResolveError(f"repository {r.name} ({urls[r.name]} {r.suite}): no signed InRelease file "
                                    "(a Release.gpg-only repository is not supported)")
@@ -197,11 +216,11 @@ class AptBackend(Backend):
         return out
 
     def _print_uris(self, request: list[str], env: dict[str, str]) -> list[tuple[str, str, str, int, str, str]]:
-        proc = run(["apt-get", "install", "--print-uris", "-qq", "-y", *request], log=self.log, env=env,
+        # -q, not -qq: -qq hides the "X : Depends: Y but it is not installable" lines of a failure.
+        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", *request], log=self.log, env=env,
                    check=False, what="apt-get install --print-uris", error=ResolveError)
         if proc.returncode != 0:
-            from vztt.proc import summarize
-            raise ResolveError(f"{self.recipe.name}: cannot resolve the package set: "
+                raise ResolveError(f"{self.recipe.name}: cannot resolve the package set: "
                                f"{summarize(proc.stdout + proc.stderr)}")
         out = []
         for line in proc.stdout.splitlines():
@@ -249,8 +268,10 @@ class AptBackend(Backend):
         # 1. Unpack the Essential closure so the image has a dpkg and a shell to configure with.
         #    (Not dpkg-deb --extract: it would replace the merged-/usr symlinks with directories.)
         t0 = time.monotonic()
-        for p in essential:
-            self._unpack(debs[p.key], root)
+        # Essential packages do not share files, so they unpack in parallel (tar copes with a
+        # directory another tar has just made).
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(pool.map(lambda p: self._unpack(debs[p.key], root), essential))
         self.log.write(f"# unpacked {len(essential)} Essential packages in {time.monotonic() - t0:.1f} s")
 
         script_env = {**BASE_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",

@@ -1,0 +1,50 @@
+"""A real Ubuntu build, where the machine reaches an Ubuntu archive.
+
+The repository names no archive host: the test runs when UBUNTU_MIRROR is
+configured (the host's apt sources, a mirrors file, or VZTT_MIRROR_UBUNTU_MIRROR)
+and its Release file answers; otherwise it is skipped, never failed. The
+fixture-repository test in test_fixture_builds.py covers the Ubuntu recipes
+everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import requests
+
+from conftest import run_vztt
+from vztt import mirrors
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def _ubuntu_mirror() -> str | None:
+    url = mirrors.load(environ=dict(os.environ)).values.get("UBUNTU_MIRROR")
+    if not url:
+        return None
+    try:
+        if requests.get(f"{url}/dists/noble/Release", timeout=10).status_code == 200:
+            return url
+    except requests.RequestException:
+        return None
+    return None
+
+
+def test_real_ubuntu_24_04(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = _ubuntu_mirror()
+    if url is None:
+        pytest.skip("no Ubuntu archive configured or reachable (set UBUNTU_MIRROR to run this)")
+    name = "ubuntu-24.04-x86_64-minimal"
+    r = run_vztt("build", name, "--no-test", cache=tmp_path, env={"VZTT_MIRROR_UBUNTU_MIRROR": url}, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(f"lz4 -dc {tmp_path}/{name}.plain.tar.lz4 | tar -x --numeric-owner -p -C {tree}",
+                   shell=True, check=True)
+    assert 'VERSION_ID="24.04"' in (tree / "etc/os-release").read_text()
+    assert (tree / "usr/sbin/netplan").exists() or (tree / "usr/bin/netplan").exists()
+    audit = subprocess.run(["chroot", str(tree), "dpkg", "--audit"], capture_output=True, text=True)
+    assert audit.returncode == 0 and audit.stdout == ""
