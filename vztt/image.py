@@ -32,7 +32,7 @@ class BuildImage:
             # No journal and lazy init: a scratch filesystem that lives for one build.
             run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0",
                  "-E", "lazy_itable_init=1,nodiscard", str(self.file)], log=self.log, what="mkfs.ext4 build image")
-            self.mounts.mount(str(self.file), self.root, fstype="ext4", options="loop,noatime")
+            self.mounts.mount(str(self.file), self.root, fstype="ext4", options="loop,noatime,barrier=0")
             (self.root / "lost+found").rmdir()
         except BaseException:
             self.close()
