@@ -153,22 +153,24 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                     clean_root(image.root)
                     installed = backend.installed(image.root)
                     used = image.used_bytes()
+                # The plain archive is made whenever a ploop cache is wanted too: the ploop disk
+                # is filled from it (see vzcache.pack_ploop); it is dropped if not asked for.
+                final = cache.archive(name, "plain")
+                plain_tmp = cache.temp_path(final)
+                temps.append(plain_tmp)
+                with progress.step("pack") as st:
+                    packed = pack_tree(image.root, plain_tmp, lock.source_date_epoch)
+                    st.note(f"{packed.tar_size / 1e6:.0f} MB tar -> {packed.size / 1e6:.0f} MB lz4")
                 if "plain" in formats:
-                    final = cache.archive(name, "plain")
-                    tmp = cache.temp_path(final)
-                    temps.append(tmp)
-                    with progress.step("pack") as st:
-                        packed = pack_tree(image.root, tmp, lock.source_date_epoch)
-                        st.note(f"{packed.tar_size / 1e6:.0f} MB tar -> {packed.size / 1e6:.0f} MB lz4")
                     archives["plain"] = {"file": final.name, "format": "plain", "sha256": packed.sha256,
                                          "size": packed.size, "tar_size": packed.tar_size}
-                    outputs.append((tmp, final))
+                    outputs.append((plain_tmp, final))
                 if "ploop" in formats:
                     final = cache.archive(name, "ploop")
                     tmp = cache.temp_path(final)
                     temps.append(tmp)
                     with progress.step("ploop") as st:
-                        pl = pack_ploop(image.root, tmp, work, name=name,
+                        pl = pack_ploop(plain_tmp, tmp, work, name=name,
                                         packages=[(p.name, p.arch, p.version) for p in installed],
                                         disk_size=recipe.disk_size, ext4_features=recipe.ext4_features,
                                         source_date_epoch=lock.source_date_epoch, identity=lock.digest, log=log)

@@ -365,7 +365,8 @@ def make_disk(tree: Path, raw: Path, disk_size: int, *, headroom: float = 0.25,
         # option but e2fsprogs takes "file?offset=N" for any device name.
         _run(["tune2fs", "-o", "user_xattr,acl", "-c0", "-i0", "-e", "remount-ro", device],
              what=f"{raw}: tune2fs", env=env, log=log)
-        _add_balloon(device, balloon is not None, timestamp, env, log, what=f"{raw}: balloon file")
+        _add_balloon(device, balloon is not None, timestamp, env, log, what=f"{raw}: balloon file",
+                     extra=_time_commands(tree, timestamp) if timestamp is not None else [])
         _replace_atomically(tmp, raw)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -419,8 +420,29 @@ def _gpt_script(disk_guid: str, part_guid: str, part_end: int) -> str:
             f"type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, uuid={part_guid}, name=\"primary\"\n")
 
 
+def _time_commands(tree: Path, timestamp: int) -> list[str]:
+    """debugfs commands that make every inode's atime and ctime its mtime (at most `timestamp`).
+
+    mkfs -d copies atime and ctime from the tree, and the kernel sets ctime to
+    the moment the tree was written: without this, two builds of the same lock
+    would differ in every inode. (A name with a newline cannot be given to debugfs.)
+    """
+    cmds = []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = "/" + os.path.relpath(path, tree)
+            if "\n" in rel:
+                continue
+            quoted = rel.replace('"', '""')     # libss quoting: backslashes are literal, "" is a quote
+            t = min(int(os.lstat(path).st_mtime), timestamp)
+            cmds += [f'sif "{quoted}" atime @{t}', f'sif "{quoted}" ctime @{t}']
+    return cmds
+
+
 def _add_balloon(device: str, exists: bool, timestamp: int | None, env: dict[str, str],
-                 log: _LogLike | None, *, what: str) -> None:
+                 log: _LogLike | None, *, what: str, extra: list[str] = ()) -> None:
     """The empty 0600 file ploop's mount insists on, written with debugfs.
 
     It goes in after mkfs rather than into the tree so the caller's tree is
@@ -433,7 +455,7 @@ def _add_balloon(device: str, exists: bool, timestamp: int | None, env: dict[str
     with tempfile.NamedTemporaryFile(prefix="vztt-balloon-") as empty:
         cmds = [] if exists else [f"write {empty.name} {BALLOON_NAME}"]
         cmds += [f"sif {path} mode 0100600", f"sif {path} uid 0", f"sif {path} gid 0",
-                *(f"sif {path} {f} @{ts}" for f in ("atime", "mtime", "ctime", "crtime"))]
+                *(f"sif {path} {f} @{ts}" for f in ("atime", "mtime", "ctime", "crtime")), *extra]
         script = "\n".join(cmds) + "\n"
         out = _run(["debugfs", "-w", "-f", "-", device], what=what, env=env, log=log, input=script)
     # debugfs reports command errors on stderr but exits 0.

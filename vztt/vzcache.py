@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import re
+import subprocess
 import tarfile
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import Any, Iterator, Sequence
 import lz4.frame
 
 from vztt import ploop
+from vztt.errors import BuildError
+from vztt.mounts import Mounts
 from vztt.ploop import ImageFormatError
 
 FORMATS = ("plain", "ploop")
@@ -46,19 +49,25 @@ class PloopResult:
     fs_uuid: str
 
 
-def pack_ploop(root: Path, out: Path, workdir: Path, *, name: str, packages: Sequence[tuple[str, str, str]],
+def pack_ploop(plain: Path, out: Path, workdir: Path, *, name: str, packages: Sequence[tuple[str, str, str]],
                disk_size: int, ext4_features: str, source_date_epoch: int, identity: str,
                log: Any = None) -> PloopResult:
-    """The ploop cache of the tree at `root`, written to `out` (renamed into place by the caller).
+    """The ploop cache of the plain archive `plain`, written to `out` (renamed into place by the caller).
 
-    `identity` (the lock digest) seeds the filesystem UUID and hash seed, so the
-    same lock gives the same bytes.
+    The disk is filled from the plain archive unpacked onto a tmpfs, not from
+    the build tree: the archive's entries come in sorted order with clamped
+    times, so mkfs allocates the same inodes to the same files every time, and
+    the two formats hold exactly the same tree. `identity` (the lock digest)
+    seeds the filesystem UUID and hash seed: the same lock gives the same bytes.
     """
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"vztt:{name}:{identity}"))
-    raw, hds = workdir / "disk.raw", workdir / ploop.IMAGE_NAME
+    raw, hds, tree = workdir / "disk.raw", workdir / ploop.IMAGE_NAME, workdir / "ploop-tree"
     try:
-        ploop.make_disk(root, raw, disk_size, ext4_features=ext4_features, uuid=fs_uuid,
-                        timestamp=source_date_epoch, log=log)
+        with Mounts() as mounts:
+            mounts.mount("tmpfs", tree, fstype="tmpfs", options="mode=0755")
+            _unpack_own_archive(plain, tree)
+            ploop.make_disk(tree, raw, disk_size, ext4_features=ext4_features, uuid=fs_uuid,
+                            timestamp=source_date_epoch, log=log)
         stats = ploop.write_image(raw, hds)
         raw.unlink()
         info = ploop.read_image(hds)
@@ -71,6 +80,23 @@ def pack_ploop(root: Path, out: Path, workdir: Path, *, name: str, packages: Seq
     finally:
         raw.unlink(missing_ok=True)
         hds.unlink(missing_ok=True)
+
+
+def _unpack_own_archive(archive: Path, dest: Path) -> None:
+    """Unpack an archive this build just wrote (trusted: not for archives from elsewhere)."""
+    tar = subprocess.Popen(["tar", "-x", "--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--acls",
+                            "-C", str(dest)], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert tar.stdin is not None and tar.stderr is not None
+    try:
+        with lz4.frame.open(archive, "rb") as src:
+            while chunk := src.read(1 << 20):
+                tar.stdin.write(chunk)
+        tar.stdin.close()
+    except BrokenPipeError:
+        pass
+    err = tar.stderr.read().decode(errors="replace").strip()
+    if tar.wait() != 0:
+        raise BuildError(f"unpack {archive} for the ploop disk: {err.splitlines()[-1] if err else 'tar failed'}")
 
 
 def _descriptor(info: ploop.ImageInfo) -> str:
