@@ -16,7 +16,8 @@ APT_PACKAGES := \
 	e2fsprogs util-linux mount tar lz4 xz-utils zstd \
 	mmdebstrap \
 	rpm createrepo-c busybox-static \
-	ploop qemu-utils fdisk gdisk
+	ploop qemu-utils fdisk gdisk \
+	nginx curl
 
 DEMO ?= debian-12-x86_64-minimal
 
@@ -44,11 +45,17 @@ demo: setup
 	@echo
 	@$(VZTT) list
 
-test: setup
+# The workflow linter (check-jsonschema, from PyPI: not packaged in Debian 12) for the tests only.
+TEST_STAMP := $(VENV)/.test-deps-stamp
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q 'check-jsonschema>=0.27'
+	@touch $@
+
+test: setup $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.
-test-fast: setup
+test-fast: setup $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not network" tests
 
 bench: setup

@@ -6,6 +6,7 @@
   mmdebstrap --variant=minbase --include=<the recipe's extra packages>, to a tarball
   boot       vztt test on the built template: container start to every check
              passed (median of 3; the builds above include one such test each)
+  pull+create  vztt create from a local nginx mirror vs curl | lz4 -d | tar -x (tests/bench_mirror.py)
 
 Prints the times and the ratios (ours / mmdebstrap: below 1 is faster), and
 writes them as JSON to bench-results.json (or --out).
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vztt.recipe import RecipeStore  # noqa: E402
+import bench_mirror  # noqa: E402  (tests/: pull + create from a local nginx)
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -67,6 +69,7 @@ def main() -> None:
         results["boot_test_total"] = boots[1]["seconds"]
         print(f"  boot to passed checks    {results['boot_to_checks']:6.2f} s   (aim: < 3 s; whole `vztt test` "
               f"{results['boot_test_total']:.2f} s with unpack and cleanup)", flush=True)
+        results.update(bench_mirror.pull_create(scratch / "cache", args.recipe, scratch)); bench_mirror.report(results)
         # mmdebstrap reads the host's apt sources for its mirror, as our DEBIAN_MIRROR default does.
         tar = scratch / "mmdebstrap.tar"
         cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet",

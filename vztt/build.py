@@ -4,6 +4,7 @@ recipe -> lock -> packages -> image -> archive -> cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -26,7 +27,7 @@ from vztt.lock import Lock, LockDiff, diff
 from vztt.mirrors import Mirrors
 from vztt.mounts import enter_private_namespace, require_root
 from vztt.pkgcache import PackageCache
-from vztt.proc import Log
+from vztt.proc import Log, mark_children
 from vztt.progress import Progress
 from vztt.recipe import Recipe
 from vztt.vzcache import FORMATS, formats_for, pack_ploop
@@ -41,6 +42,7 @@ class BuildOptions:
     jobs: int = 8                   # parallel downloads
     test: bool = True               # boot-test the packed archive before promote (--no-test)
     format: str | None = None       # plain | ploop | all; None: the recipe's setting
+    wait: float = 0                 # seconds to wait for another build of the same template
 
 
 @dataclass
@@ -110,10 +112,13 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
     cache.clean_stale_work()
     started = time.monotonic()
     name = recipe.name
-    with cache.building(name):
+    with cache.building(name, timeout=options.wait):
         log = _log(cache, name, "build")
         work = cache.work_dir(name)
+        # If this process is killed, the next run finds and kills what it left running.
+        mark_children(work.name)
         temps: list[Path] = []
+        pkg_lock = contextlib.ExitStack()
         try:
             backend = _backend(recipe, cache, mirrors, log)
             lock_path = options.lock_path or cache.lock_file(name)
@@ -127,8 +132,11 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             else:
                 lock = resolve(recipe, cache, mirrors, lock_path, progress, log).lock
 
+            packages = PackageCache(cache.packages_dir)
+            # Shared: other builds may fetch alongside; `vztt prune` must wait until we have installed.
+            pkg_lock.enter_context(packages.locked(timeout=options.wait))
             with progress.step("fetch") as st:
-                fetcher = Fetcher(PackageCache(cache.packages_dir), jobs=options.jobs)
+                fetcher = Fetcher(packages, jobs=options.jobs)
                 files = fetcher.fetch_all(backend.downloads(lock))
                 s = fetcher.stats
                 st.note(f"{len(files)} packages: {s.cached} cached, {s.downloaded} fetched "
@@ -143,6 +151,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                     image.mount_api()
                     backend.install(lock, files, image.root, env)
                     st.note(f"{len(lock.packages)} packages")
+                pkg_lock.close()
                 with progress.step("customize") as st:
                     write_files(image.root, recipe.files)
                     run_hooks(image.root, recipe.hooks, env, log, name)
@@ -179,11 +188,15 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                                          "disk_size": pl.disk_size, "clusters": pl.clusters,
                                          "ext4_features": recipe.ext4_features, "fs_uuid": pl.fs_uuid}
                     outputs.append((tmp, final))
+            created = datetime.now(timezone.utc).replace(microsecond=0)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "name": name,
+                # Sorts by time; names the lock it was built from.
+                "build_id": created.strftime("%Y%m%dT%H%M%SZ") + "-" + lock.digest[7:15],
+                "packages_digest": lock.packages_digest,
                 "vztt_version": __version__,
-                "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+                "created": created.isoformat(),
                 "distro": recipe.distro, "release": recipe.release, "version": recipe.version, "arch": recipe.arch,
                 "recipe_digest": recipe.digest(),
                 "lock_digest": lock.digest,
@@ -210,11 +223,13 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 # A format not built this time must not linger beside the new manifest.
                 for fmt in set(FORMATS) - set(formats):
                     cache.archive(name, fmt).unlink(missing_ok=True)
+                cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))
             manifest["steps"] = dict(progress.timings)
             return BuildResult(name=name, archive=outputs[0][1], manifest_path=manifest_path, manifest=manifest,
                                log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats))
         finally:
+            pkg_lock.close()
             for t in temps:
                 t.unlink(missing_ok=True)
             log.close()

@@ -7,6 +7,7 @@ Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
   locks/<name>.lock.json          the lock it was (or will be) built from
   packages/                       the shared content-addressed package cache
   state/<name>/                   solver state (apt lists), reused between resolves
+  history/<name>/<build id>.*     every promoted build's manifest and lock (vztt diff, vztt status)
   .work/<name>.<pid>/             a build in progress (scratch; cleaned if its pid died)
   .locks/<name>.lock              flock held while a build of <name> runs
 
@@ -33,6 +34,7 @@ from contextlib import contextmanager
 from vztt.errors import EnvironmentProblem
 from vztt.mounts import force_cleanup
 from vztt.paths import default_cache
+from vztt.proc import MARK_VARIABLE
 
 OLD = "-old"
 
@@ -81,6 +83,29 @@ class TemplateCache:
             return None
         return Entry(name=name, archive=archive, manifest=m, data=data)
 
+    # history: every promoted build's manifest and lock, for `vztt diff` and `vztt status`
+    def history_dir(self, name: str) -> Path:
+        return self.root / "history" / name
+
+    def record_history(self, name: str, manifest: dict[str, Any], lock: Any) -> None:
+        d = self.history_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        build_id = manifest["build_id"]
+        lock.write(d / f"{build_id}.lock.json")
+        tmp = d / f".{build_id}.manifest.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, d / f"{build_id}.manifest.json")
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Manifests of this template's promoted builds, oldest first."""
+        out = []
+        for p in sorted(self.history_dir(name).glob("*.manifest.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        return out
+
     # writing
     def temp_path(self, final: Path) -> Path:
         return final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -121,6 +146,7 @@ class TemplateCache:
         for d in work.glob("*.*") if work.is_dir() else []:
             pid = d.name.rsplit(".", 1)[-1]
             if pid.isdigit() and not _alive(int(pid)):
+                _kill_leftover_processes(d.name)
                 force_cleanup(d)
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
@@ -165,6 +191,30 @@ class TemplateCache:
             finally:
                 fh.seek(0)
                 fh.truncate()
+
+
+def _kill_leftover_processes(work_name: str) -> None:
+    """SIGKILL what a killed build left running (apt, dpkg, maintainer scripts): the
+    processes that carry its mark (proc.mark_children). Their mounts and loop device
+    go with the last of them."""
+    mark = f"{MARK_VARIABLE}={work_name}".encode() + b"\0"
+    for _ in range(50):
+        victims = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if mark in (proc / "environ").read_bytes():
+                        victims.append(int(proc.name))
+                except OSError:
+                    continue
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:

@@ -215,53 +215,61 @@ def resolve(obj: Context, name: str, lock_path: Path | None, as_json: bool) -> N
         click.echo(line)
 
 
-@main.command()
-@click.argument("name")
-@click.option("--locked", is_flag=True, help="Install exactly the lock file; fail if it is missing or stale.")
-@click.option("--lock", "lock_path", type=click.Path(path_type=Path), help="Lock file to use/write.")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=8, show_default=True, help="Parallel downloads.")
-@click.option("--format", "fmt", type=click.Choice(["plain", "ploop", "all"]),
-              help="plain: <name>.plain.tar.lz4; ploop: Virtuozzo 7 <name>.plain.ploopv2.tar.lz4; all: both. "
-                   "[default: the recipe's `format`]")
-@click.option("--no-test", is_flag=True,
-              help="Promote without the boot test (the manifest records boot_test: skipped).")
-@mirror_option
-@json_option
-@click.pass_obj
-@guarded
-def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: int, fmt: str | None,
-          no_test: bool, as_json: bool) -> None:
-    """Build template NAME into the cache.
+def _names(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None) -> list[str]:
+    """The templates a command works on: NAMES, or --all, cut to this runner's --shard."""
+    from vztt.nightly import shard
+    if all_ and names:
+        raise click.UsageError("give template names or --all, not both")
+    if not all_ and not names:
+        raise click.UsageError("name a template (see `vztt list`) or pass --all")
+    return shard(list(names) if names else obj.store.names(), shard_spec)
 
-    \b
-    Steps (timed on stderr):
-      resolve    lock the package set (skipped with --locked)
-      fetch      download what the package cache lacks, in parallel, verified
-      install    install into a temporary loop-mounted ext4 image
-      customize  the recipe's files and hooks
-      clean      drop caches, logs, machine-id
-      pack       reproducible tar, lz4 (format plain)
-      ploop      ext4 disk -> ploop v2 image -> Virtuozzo cache tar, lz4 (format ploop)
-      test       boot the packed archive in a container, run its checks (`vztt test`);
-                 a template that fails stays as <file>-failed, with its report
-      promote    atomically replace the cached template (the old one stays until then)
-    """
-    from vztt import build as build_mod
-    recipe = obj.store.load(name)
-    mirrors = obj.mirrors()
-    progress = Progress(quiet=as_json)
-    progress.say(f"building {name}")
-    result = build_mod.build(recipe, obj.cache, mirrors, build_mod.BuildOptions(locked=locked, lock_path=lock_path,
-                                                                                 jobs=jobs, format=fmt,
-                                                                                 test=not no_test), progress)
-    if as_json:
-        m = result.manifest
-        _emit({"name": name, "archive": str(result.archive), "manifest": str(result.manifest_path),
-               "log": str(result.log), "sha256": m["archive"]["sha256"], "size": m["archive"]["size"],
-               "archives": {k: str(obj.cache.root / a["file"]) for k, a in m["archives"].items()},
-               "fetch": result.fetch, "boot_test": m.get("boot_test"),
-               **{k: m[k] for k in ("lock_digest", "recipe_digest", "package_count", "steps", "build_seconds")}})
-        return
+
+selection_options = [
+    click.argument("names", nargs=-1, metavar="[NAME]..."),
+    click.option("--all", "all_", is_flag=True, help="Every buildable recipe."),
+    click.option("--shard", "shard_spec", metavar="K/N",
+                 help="Only this runner's share of the templates: the K-th of N, deterministic (e.g. 2/4)."),
+]
+
+
+def _selection(fn):  # type: ignore[no-untyped-def]
+    for opt in reversed(selection_options):
+        fn = opt(fn)
+    return fn
+
+
+build_options = [
+    click.option("--locked", is_flag=True, help="Install exactly the lock file; fail if it is missing or stale."),
+    click.option("--lock", "lock_path", type=click.Path(path_type=Path), help="Lock file to use/write."),
+    click.option("--jobs", "-j", type=click.IntRange(1, 64), default=8, show_default=True, help="Parallel downloads."),
+    click.option("--format", "fmt", type=click.Choice(["plain", "ploop", "all"]),
+                 help="plain: <name>.plain.tar.lz4; ploop: Virtuozzo 7 <name>.plain.ploopv2.tar.lz4; all: both. "
+                      "[default: the recipe's `format`]"),
+    click.option("--no-test", is_flag=True,
+                 help="Promote without the boot test (the manifest records boot_test: skipped)."),
+    click.option("--wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+                 help="Wait this long for a build of the same template, or a `vztt prune`, to finish "
+                      "(default: refuse at once, naming who holds the lock)."),
+]
+
+
+def _build_options(fn):  # type: ignore[no-untyped-def]
+    for opt in reversed(build_options):
+        fn = opt(fn)
+    return fn
+
+
+def _build_report(obj: Context, result: Any) -> dict[str, Any]:
+    m = result.manifest
+    return {"name": result.name, "archive": str(result.archive), "manifest": str(result.manifest_path),
+            "log": str(result.log), "sha256": m["archive"]["sha256"], "size": m["archive"]["size"],
+            "archives": {k: str(obj.cache.root / a["file"]) for k, a in m["archives"].items()},
+            "fetch": result.fetch, "boot_test": m.get("boot_test"), "build_id": m.get("build_id"),
+            **{k: m[k] for k in ("lock_digest", "recipe_digest", "package_count", "steps", "build_seconds")}}
+
+
+def _print_build(obj: Context, result: Any) -> None:
     m = result.manifest
     for fmt_name, a in m["archives"].items():
         click.echo(f"{obj.cache.root / a['file']}")
@@ -273,6 +281,71 @@ def build(obj: Context, name: str, locked: bool, lock_path: Path | None, jobs: i
     click.echo(f"  packages  {m['package_count']}   lock {m['lock_digest'][:19]}...")
     click.echo(f"  boot test {_boot_test_line(m.get('boot_test') or {})}")
     click.echo(f"  took      {m['build_seconds']} s")
+
+
+def _each(names: list[str], as_json: bool, one: Any) -> list[Any]:
+    """Run `one(name)` for every template; a failure is reported and the rest still run.
+    The exit status is the first failure's."""
+    results, first_error = [], None
+    for name in names:
+        try:
+            results.append(one(name))
+        except VzttError as e:
+            if len(names) == 1:
+                raise
+            click.echo(f"vztt: {e.kind} error: {e}", err=True)
+            results.append({"name": name, "error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}})
+            first_error = first_error or e
+    if first_error is not None:
+        if as_json:
+            _emit(results)
+        sys.exit(first_error.exit_code)
+    return results
+
+
+@main.command()
+@_selection
+@_build_options
+@mirror_option
+@json_option
+@click.pass_obj
+@guarded
+def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, locked: bool,
+          lock_path: Path | None, jobs: int, fmt: str | None, no_test: bool, wait: float, as_json: bool) -> None:
+    """Build templates into the cache: NAME..., or --all (optionally --shard K/N).
+
+    \b
+    Steps (timed on stderr):
+      resolve    lock the package set (skipped with --locked)
+      fetch      download what the package cache lacks, in parallel, verified
+      install    install into a temporary loop-mounted ext4 image
+      customize  the recipe's files and hooks
+      clean      drop caches, logs, machine-id
+      pack       reproducible tar, lz4
+      ploop      ext4 disk -> ploop v2 image -> Virtuozzo cache tar, lz4 (format ploop)
+      test       boot the packed archive in a container, run its checks (`vztt test`);
+                 a template that fails stays as <file>-failed, with its report
+      promote    atomically replace the cached template (the old one stays until then)
+    """
+    from vztt import build as build_mod
+    selected = _names(obj, names, all_, shard_spec)
+    if lock_path and len(selected) > 1:
+        raise click.UsageError("--lock names one lock file: build one template with it")
+    mirrors = obj.mirrors()
+    progress = Progress(quiet=as_json)
+
+    def one(name: str) -> dict[str, Any]:
+        recipe = obj.store.load(name)
+        progress.say(f"building {name}")
+        result = build_mod.build(recipe, obj.cache, mirrors, build_mod.BuildOptions(
+            locked=locked, lock_path=lock_path, jobs=jobs, format=fmt, test=not no_test, wait=wait), progress)
+        if not as_json:
+            _print_build(obj, result)
+        return _build_report(obj, result)
+
+    results = _each(selected, as_json, one)
+    if as_json:
+        _emit(results[0] if len(results) == 1 and names else results)
 
 
 def _boot_test_line(record: dict[str, Any]) -> str:
@@ -412,3 +485,291 @@ def inspect(obj: Context, file: Path, as_json: bool) -> None:
                    f"{info.clusters_used} clusters used ({info.clusters_used * info.cluster_size / 1e6:.0f} MB)")
         for n in info.member_names:
             click.echo(f"    {n}")
+
+
+# --------------------------------------------------------------------------
+# The nightly job: status, update, diff, matrix, prune
+# --------------------------------------------------------------------------
+
+@main.command()
+@_selection
+@mirror_option
+@json_option
+@click.pass_obj
+@guarded
+def status(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, as_json: bool) -> None:
+    """Is each template up to date? Resolves afresh (the lock file is left alone) and compares.
+
+    Exit status 2 when any template would change (as `vzpkg status`), 0 when all are current.
+    """
+    from vztt import nightly
+    mirrors, progress = obj.mirrors(), Progress(quiet=True)
+    results = _each(_names(obj, names, all_, shard_spec), as_json,
+                    lambda n: nightly.status(obj.store.load(n), obj.cache, mirrors, progress))
+    if as_json:
+        _emit([r.as_dict() for r in results])
+    else:
+        for r in results:
+            click.echo(f"{r.name}: {r.state}" + (f" ({'; '.join(r.reasons)})" if r.reasons else ""))
+            for c in r.changes:
+                click.echo(f"  {c.line()}")
+    if any(r.state != nightly.CURRENT for r in results):
+        sys.exit(2)
+
+
+@main.command()
+@_selection
+@click.option("--format", "fmt", type=click.Choice(["plain", "ploop", "all"]), help="As for `vztt build`.")
+@click.option("--no-test", is_flag=True, help="Promote without the boot test.")
+@click.option("--wait", type=click.FloatRange(0), default=0, metavar="SECONDS", help="As for `vztt build`.")
+@mirror_option
+@json_option
+@click.pass_obj
+@guarded
+def update(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, fmt: str | None,
+           no_test: bool, wait: float, as_json: bool) -> None:
+    """Re-resolve, then rebuild, boot-test and promote only the templates that changed.
+
+    Says why each rebuild happens (recipe changed, packages changed, not built yet).
+    """
+    from vztt import build as build_mod, nightly
+    mirrors, progress = obj.mirrors(), Progress(quiet=as_json)
+    options = build_mod.BuildOptions(format=fmt, test=not no_test, wait=wait)
+
+    def one(name: str) -> dict[str, Any]:
+        st, result = nightly.update(obj.store.load(name), obj.cache, mirrors, progress, options)
+        if not as_json:
+            why = "; ".join(st.reasons)
+            click.echo(f"{name}: {'rebuilt (' + why + ')' if result else 'up to date'}")
+            for c in st.changes:
+                click.echo(f"  {c.line()}")
+        return {**st.as_dict(), "rebuilt": result is not None,
+                "build": _build_report(obj, result) if result else None}
+
+    results = _each(_names(obj, names, all_, shard_spec), as_json, one)
+    if as_json:
+        _emit(results)
+
+
+@main.command("diff")
+@click.argument("name")
+@json_option
+@click.pass_obj
+@guarded
+def diff_cmd(obj: Context, name: str, as_json: bool) -> None:
+    """The newest build of NAME against the one before it: packages added, removed, upgraded; sizes."""
+    from vztt import nightly
+    d = nightly.diff(obj.cache, name)
+    if as_json:
+        _emit(d)
+        return
+    click.echo(f"{name}: {d['old']} -> {d['new']}")
+    for line in d["lines"] or ["no package changes"]:
+        click.echo(f"  {line}")
+    for fmt, size in d["sizes"].items():
+        if size["old"] is not None and size["new"] is not None:
+            click.echo(f"  {fmt} archive: {size['old'] / 1e6:.1f} MB -> {size['new'] / 1e6:.1f} MB "
+                       f"({(size['new'] - size['old']) / 1e6:+.1f} MB)")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["github", "gitlab", "json"]), default="json", show_default=True,
+              help="github: JSON for `strategy.matrix` (also written to $GITHUB_OUTPUT as `matrix`); "
+                   "gitlab: a child pipeline with one job per template; json: a list of names.")
+@click.pass_obj
+@guarded
+def matrix(obj: Context, fmt: str) -> None:
+    """The CI matrix: one job per buildable template."""
+    from vztt import nightly
+    text = nightly.matrix(obj.store.names(), fmt)
+    if fmt == "github":
+        nightly.write_github_output("matrix", text)
+    click.echo(text)
+
+
+@main.command()
+@click.option("--wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Wait this long for running builds to finish with the package cache.")
+@json_option
+@click.pass_obj
+@guarded
+def prune(obj: Context, wait: float, as_json: bool) -> None:
+    """Remove packages no lock in the cache refers to (locks/ and history/)."""
+    from vztt.lock import Lock
+    from vztt.pkgcache import PackageCache
+    cache = obj.cache
+    keep: set[str] = set()
+    for path in list((cache.root / "locks").glob("*.lock.json")) + list((cache.root / "history").glob("*/*.lock.json")):
+        keep |= {p.sha256 for p in Lock.read(path).packages}
+    packages = PackageCache(cache.packages_dir)
+    with packages.locked(exclusive=True, timeout=wait):
+        files, size = packages.prune(keep)
+    if as_json:
+        _emit({"removed_files": files, "removed_bytes": size, "kept": len(keep)})
+    else:
+        click.echo(f"removed {files} packages ({size / 1e6:.1f} MB); {len(keep)} referenced packages kept")
+
+
+# --------------------------------------------------------------------------
+# Template mirrors: publish, pull, create (vztt/mirror.py, vztt/create.py)
+# --------------------------------------------------------------------------
+
+def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from vztt.recipe import parse_size
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 10G, 512M)") from None
+    if size <= 0:
+        raise click.BadParameter("must be more than 0")
+    return size
+
+
+keyring_option = click.option(
+    "--keyring", "keyrings", multiple=True, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+    help="Trusted OpenPGP key(s) the mirror's index must be signed with: a binary keyring or an armored key "
+         "(repeatable). [env: VZTT_KEYRING, colon-separated; default: /etc/vztt/trusted.gpg, /etc/vztt/trusted.gpg.d/]")
+from_option = click.option(
+    "--from", "mirror_urls", multiple=True, metavar="URL",
+    help="Template mirror: http(s):// URL, file:///path or a directory (repeatable: tried in order, the next "
+         "on failure). [env: VZTT_TEMPLATE_MIRRORS, space-separated; default: /etc/vztt/template-mirrors.list]")
+
+
+@main.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--to", "dest", required=True, metavar="DIR|URL",
+              help="The mirror: a directory (or file:///path) a web server serves, or a WebDAV http(s):// URL.")
+@click.option("--sign-key", "--key", "sign_key", required=True, envvar="VZTT_SIGN_KEY", metavar="KEY",
+              help="gpg key (fingerprint, id or user id) that signs index.json. [env: VZTT_SIGN_KEY]")
+@click.option("--keep", type=click.IntRange(0), default=3, show_default=True, envvar="VZTT_PUBLISH_KEEP",
+              help="Newest builds kept per published template; older ones are deleted after the new index "
+                   "is in place (0: keep all). [env: VZTT_PUBLISH_KEEP]")
+@click.option("--allow-untested", is_flag=True,
+              help="Also publish templates whose boot test was skipped (the index says so). "
+                   "A failed boot test is always refused.")
+@keyring_option
+@json_option
+@click.pass_obj
+@guarded
+def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep: int, allow_untested: bool,
+            keyrings: tuple[Path, ...], as_json: bool) -> None:
+    """Publish cached templates (NAME..., default: all) to a mirror, with a signed index.
+
+    \b
+    Uploads only what the mirror lacks (by sha256): archives, then manifests,
+    then index.json.asc and index.json, each under a temporary name renamed
+    (directory) or MOVEd (WebDAV) into place. WebDAV credentials:
+    VZTT_PUBLISH_USER / VZTT_PUBLISH_PASSWORD, else netrc.
+    The mirror's current index must verify against the signing key (or a
+    --keyring key) before it is re-signed. Exit 11: a template failed its boot
+    test, or skipped it without --allow-untested; nothing was uploaded.
+    """
+    from vztt import mirror
+    progress = Progress(quiet=as_json)
+    result = mirror.publish(obj.cache, list(names), dest, mirror.PublishOptions(
+        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings), progress)
+    if as_json:
+        _emit(result.as_dict())
+        return
+    for p in result.published:
+        click.echo(f"{p['name']} {p['id']}: {len(p['uploaded'])} files uploaded ({p['bytes'] / 1e6:.1f} MB), "
+                   f"boot test {p['boot_test']}")
+    for name in result.unchanged:
+        click.echo(f"{name}: already on the mirror")
+    for removed in result.removed:
+        click.echo(f"removed {removed}")
+    click.echo(f"{result.target}: index serial {result.serial}" + (f", signed by {result.signer}"
+                                                                   if result.index_written else " (unchanged)"))
+
+
+@main.command()
+@click.argument("name")
+@from_option
+@click.option("--build", "build_id", metavar="ID", help="This build (see the mirror's index.json), not the newest.")
+@click.option("--format", "fmt", type=click.Choice(["plain", "ploop", "all"]),
+              help="Which archives to pull [default: every format the build has].")
+@click.option("--offline", is_flag=True, help="Use the cache only: succeed if NAME is cached, ask no mirror.")
+@keyring_option
+@json_option
+@click.pass_obj
+@guarded
+def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | None, fmt: str | None,
+         offline: bool, keyrings: tuple[Path, ...], as_json: bool) -> None:
+    """Pull template NAME from a mirror into the cache.
+
+    \b
+    The index and its signature are fetched and verified with gpgv against the
+    trusted keys; the newest build (or --build) is downloaded with resume and
+    retries, its size and sha256 checked, and installed atomically (the previous
+    template is kept as -old until the new one is in place). A tampered index,
+    a bad signature, a wrong sha256 or a truncated download leaves the cache as
+    it was (exit 5); with several mirrors the next one is tried.
+    """
+    from vztt import mirror
+    from vztt.vzcache import formats_for
+    cache = obj.cache
+    if offline:
+        entry = mirror.offline_entry(cache, name, build_id)
+        doc = {"name": name, "build": mirror.local_build(entry), "offline": True, "manifest": str(entry.manifest),
+               "archives": {f: str(cache.root / a["file"]) for f, a in entry.data.get("archives", {}).items()}}
+        if as_json:
+            _emit(doc)
+        else:
+            click.echo(f"{name} {doc['build']}: in the cache ({entry.manifest})")
+        return
+    progress = Progress(quiet=as_json)
+    result = mirror.pull(cache, name, mirror.mirror_list(mirror_urls), keyrings, build_id,
+                         formats_for(fmt) if fmt else None, progress)
+    if as_json:
+        _emit(result.as_dict())
+        return
+    state = "already in the cache" if result.up_to_date else f"pulled {result.bytes_downloaded / 1e6:.1f} MB"
+    click.echo(f"{name} {result.build}: {state} from {result.mirror} in {result.seconds:.1f} s")
+    click.echo(f"  signed by {result.signer}, boot test {result.boot_test}")
+    for f, path in result.as_dict().get("archives", {}).items():
+        click.echo(f"  {f:<6} {path}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--layout", type=click.Choice(["dir", "ext4", "ploop"]),
+              help="dir: DEST is the root tree; ext4: DEST/root.img; ploop: DEST/root.hdd/{root.hds,"
+                   "DiskDescriptor.xml}. [default: ploop for a ploop cache, else ext4]")
+@click.option("--size", callback=_parse_size_option, metavar="SIZE",
+              help="Disk size for ext4 and ploop (e.g. 10G). [default: the template's disk size, else 10G]")
+@click.option("--hostname", help="Written to /etc/hostname and /etc/hosts (127.0.1.1).")
+@from_option
+@click.option("--build", "build_id", metavar="ID", help="This build of the template.")
+@click.option("--offline", is_flag=True, help="Never pull: the template must be in the cache.")
+@keyring_option
+@json_option
+@click.pass_obj
+@guarded
+def create(obj: Context, name: str, dest: Path, layout: str | None, size: int | None, hostname: str | None,
+           mirror_urls: tuple[str, ...], build_id: str | None, offline: bool, keyrings: tuple[Path, ...],
+           as_json: bool) -> None:
+    """Create a container at DEST from template NAME (pulled first if it is not cached).
+
+    \b
+    The archive is unpacked safely (no absolute paths, no '..', nothing
+    through links, no device nodes but the harmless ones, bounded sizes) and
+    its sha256 checked; the container gets a fresh filesystem UUID, an empty
+    machine-id (first boot makes one) and --hostname. It is made beside DEST
+    and renamed into place when complete; a failure leaves nothing.
+    """
+    from vztt import create as create_mod
+    progress = Progress(quiet=as_json)
+    result = create_mod.create(obj.cache, name, dest, create_mod.CreateOptions(
+        layout=layout, size=size, hostname=hostname, mirrors=mirror_urls, keyrings=keyrings, offline=offline,
+        build=build_id), progress)
+    if as_json:
+        _emit(result.as_dict())
+        return
+    click.echo(f"{result.dest}: {result.layout} container of {name} {result.build}"
+               + (f", {result.size >> 20} MiB disk" if result.size else "")
+               + (f", filesystem {result.fs_uuid}" if result.fs_uuid else "")
+               + (f", pulled from {result.pulled['mirror']}" if result.pulled else "")
+               + f" ({result.seconds:.1f} s)")

@@ -83,6 +83,14 @@ class RuntimeUnavailable(VzttError):
     kind = "runtime"
 
 
+class PublishRefused(VzttError):
+    """`vztt publish` of a template that failed its boot test (or skipped it,
+    without --allow-untested): nothing was uploaded."""
+
+    exit_code = 11
+    kind = "publish"
+
+
 class Interrupted(VzttError):
     """SIGINT or SIGTERM: we cleaned up and stopped."""
 
@@ -94,7 +102,7 @@ class Interrupted(VzttError):
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "internal error (a bug: please report the traceback)"),
-    (2, "usage error (bad command line)"),
+    (2, "usage error (bad command line); for `vztt status`: updates are available"),
     (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template"),
     (ResolveError.exit_code, "resolution failed (missing package or dependency, bad repository signature, stale lock)"),
     (FetchError.exit_code, "download failed or checksum mismatch"),
@@ -103,5 +111,6 @@ EXIT_CODES: list[tuple[int, str]] = [
     (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
     (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, poweroff)"),
     (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature)"),
+    (PublishRefused.exit_code, "publish refused: the template failed its boot test, or skipped it without --allow-untested"),
     (Interrupted.exit_code, "interrupted (SIGINT/SIGTERM); everything was cleaned up"),
 ]

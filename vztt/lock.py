@@ -75,6 +75,12 @@ class Lock:
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
 
+    @property
+    def packages_digest(self) -> str:
+        """The package set alone: a fresh Release date with the same packages is not an update."""
+        rows = sorted(f"{p.name} {p.arch} {p.version} {p.sha256}" for p in self.packages)
+        return "sha256:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
     def repository(self, name: str) -> LockedRepository:
         for r in self.repositories:
             if r.name == name:

@@ -10,10 +10,18 @@ again, and dropped if it no longer matches its name.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from vztt.errors import EnvironmentProblem
 
 CHUNK = 1 << 20
 
@@ -86,3 +94,53 @@ class PackageCache:
             tmp.unlink()
             return None
         return self.add(sha256, tmp)
+
+    # ------------------------------------------------------------------ lock
+    @contextmanager
+    def locked(self, exclusive: bool = False, timeout: float = 0) -> Iterator[None]:
+        """Builds share the cache; `vztt prune` needs it alone. Waits up to `timeout` seconds,
+        then names who holds it."""
+        path = self.root / ".lock"
+        holders = self.root / ".holders"
+        holders.mkdir(exist_ok=True)
+        me = holders / str(os.getpid())
+        with open(path, "a+") as fh:
+            deadline = time.monotonic() + timeout
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            while True:
+                try:
+                    fcntl.flock(fh, mode | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise EnvironmentProblem(f"package cache {self.root} is in use by {self._holders(holders)}; "
+                                                 "try again later or pass --wait SECONDS") from None
+                    time.sleep(0.2)
+            me.write_text(" ".join(sys.argv[1:])[:200] or "vztt")
+            try:
+                yield
+            finally:
+                me.unlink(missing_ok=True)
+
+    @staticmethod
+    def _holders(holders: Path) -> str:
+        found = []
+        for h in holders.iterdir():
+            if h.name.isdigit() and Path(f"/proc/{h.name}").exists():
+                found.append(f"pid {h.name} (vztt {h.read_text().strip()})")
+        return ", ".join(found) or "another process"
+
+    def prune(self, keep: set[str]) -> tuple[int, int]:
+        """Remove cached files whose sha256 is not in `keep`; (files, bytes) removed."""
+        files = size = 0
+        for p in (self.root / "sha256").glob("*/*"):
+            if p.name.startswith(".") or p.name in keep:
+                continue
+            size += p.stat().st_size
+            self.drop(p.name)
+            files += 1
+        for part in self.tmp.iterdir():
+            part.unlink(missing_ok=True)
+        return files, size

@@ -29,6 +29,18 @@ BASE_ENV = {
 }
 
 
+# Every command a build runs carries VZTT_BUILD=<its work dir name> in its environment,
+# and so do their children (apt -> dpkg -> maintainer scripts): when a build is killed,
+# the next run finds what it left running by this mark (cache.clean_stale_work).
+MARK_VARIABLE = "VZTT_BUILD"
+_mark: str | None = None
+
+
+def mark_children(value: str) -> None:
+    global _mark
+    _mark = value
+
+
 class Log:
     """The build log: a file every command's output goes to."""
 
@@ -78,7 +90,10 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, log: Log | None = None, what: 
     try:
         # A session of its own, so that on Ctrl-C, SIGTERM or an error we can stop the whole
         # tree (apt -> dpkg -> maintainer scripts) before unmounting the image under it.
-        child = subprocess.Popen(argv, env=env if env is not None else {**os.environ, **BASE_ENV}, cwd=cwd,
+        env = dict(env) if env is not None else {**os.environ, **BASE_ENV}
+        if _mark:
+            env[MARK_VARIABLE] = _mark
+        child = subprocess.Popen(argv, env=env, cwd=cwd,
                                  stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                                  start_new_session=True)

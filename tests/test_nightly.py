@@ -1,0 +1,219 @@
+"""The nightly job: status/update/diff against a local repository, the CI
+matrix and shards, the workflow file, locks, and builds killed midway."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from aptrepo import FakePackage, build_deb, make_gpg_key, make_repo
+from conftest import PACKAGE_CACHE, RECIPES, REPO, BuiltTemplate, Result, leftovers, one_line_error, run_vztt
+from minidist import stage_locked_debs
+from vztt.nightly import matrix, parse_shard, shard
+from vztt.errors import RecipeError
+
+WORKFLOW = REPO / ".github" / "workflows" / "nightly.yml"
+
+
+# --------------------------------------------------------------------------
+# matrix, shards, workflow: no builds
+# --------------------------------------------------------------------------
+
+def test_shards_split_deterministically() -> None:
+    names = [f"t{i:02d}" for i in range(11)]
+    parts = [shard(list(reversed(names)), f"{k}/4") for k in range(1, 5)]
+    assert sorted(sum(parts, [])) == names                         # every template once
+    assert all(len(p) in (2, 3) for p in parts)
+    assert parts == [shard(names, f"{k}/4") for k in range(1, 5)]  # input order does not matter
+    for bad in ("0/4", "5/4", "2", "a/b", "1/0"):
+        with pytest.raises(RecipeError, match=f"--shard {bad}: expected K/N"):
+            parse_shard(bad)
+
+
+def test_matrix_formats() -> None:
+    assert json.loads(matrix(["b", "a"], "github")) == {"template": ["a", "b"]}
+    gitlab = matrix(["b", "a"], "gitlab")
+    assert '"update:a":' in gitlab and "vztt update b" in gitlab
+    r = run_vztt("matrix", "--format", "github", env={"GITHUB_OUTPUT": "/dev/null"})
+    assert r.returncode == 0
+    assert "debian-12-x86_64-minimal" in json.loads(r.stdout)["template"]
+
+
+def _lint(path: Path) -> subprocess.CompletedProcess[str]:
+    tool = Path(sys.executable).parent / "check-jsonschema"
+    return subprocess.run([str(tool), "--builtin-schema", "vendor.github-workflows", str(path)],
+                          capture_output=True, text=True)
+
+
+def test_workflow_passes_its_linter(tmp_path: Path) -> None:
+    ok = _lint(WORKFLOW)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    text = WORKFLOW.read_text()
+    assert "vztt matrix --format github" in text and "vztt update" in text and "vztt publish" in text
+    broken = tmp_path / "broken.yml"                                 # the linter can fail
+    broken.write_text(text.replace("runs-on:", "runs_on:"))
+    assert _lint(broken).returncode != 0
+
+
+# --------------------------------------------------------------------------
+# A local repository of real Debian packages plus one synthetic package
+# --------------------------------------------------------------------------
+
+HELLO_1 = FakePackage("hello-fixture", version="1.0", files={"/usr/share/hello-fixture/VERSION": "1.0\n"})
+HELLO_2 = FakePackage("hello-fixture", version="2.0", files={"/usr/share/hello-fixture/VERSION": "2.0\n"})
+
+LEAF_A = """extends = "debian"
+release = "stable"
+version = "12"
+[packages]
+include = ["hello-fixture"]
+[[repositories]]
+name = "main"
+url = "$FIXTURE_MIRROR"
+keyring = "fixture.gpg"
+[[repositories]]
+name = "updates"
+enabled = false
+[[repositories]]
+name = "security"
+enabled = false
+"""
+LEAF_B = LEAF_A.replace('[packages]\ninclude = ["hello-fixture"]\n', "")
+
+
+@dataclass
+class Fixture:
+    root: Path
+    repo_root: Path
+    recipes: Path
+    cache: Path
+    debs: list[Path]
+    key: object
+
+    def vztt(self, *args: str | os.PathLike[str]) -> Result:
+        return run_vztt(*args, cache=self.cache, recipes=self.recipes,
+                        env={"VZTT_MIRROR_FIXTURE_MIRROR": f"file://{self.repo_root}"})
+
+    def publish(self, extra: list[Path]) -> None:
+        make_repo(self.repo_root, self.debs + extra, suite="stable", key=self.key)  # type: ignore[arg-type]
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VZTT_")}
+        env.update(VZTT_PACKAGE_CACHE=str(PACKAGE_CACHE), VZTT_MIRROR_FIXTURE_MIRROR=f"file://{self.repo_root}")
+        return subprocess.Popen([sys.executable, "-m", "vztt", "--cache-dir", str(self.cache), "--recipes",
+                                 str(self.recipes), *args], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def fx(debian12: BuiltTemplate, tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+    root = tmp_path_factory.mktemp("nightly")
+    key = make_gpg_key(root / "key")
+    debs = stage_locked_debs(debian12.lock, PACKAGE_CACHE, root / "debs")
+    hello1 = build_deb(HELLO_1, root / "hello1")
+    recipes = root / "recipes"
+    shutil.copytree(RECIPES, recipes)
+    shutil.copyfile(key.keyring, recipes / "keys" / "fixture.gpg")
+    (recipes / "fx-a.toml").write_text(LEAF_A)
+    (recipes / "fx-b.toml").write_text(LEAF_B)
+    f = Fixture(root=root, repo_root=root / "repo", recipes=recipes, cache=root / "cache", debs=debs, key=key)
+    f.publish([hello1])
+    return f
+
+
+def _clean(cache: Path) -> None:
+    assert leftovers(cache) == []
+
+
+@pytest.mark.network
+def test_status_update_diff(fx: Fixture) -> None:
+    for name in ("fx-a", "fx-b"):
+        r = fx.vztt("build", name, "--no-test")
+        assert r.returncode == 0, r.stderr
+    r = fx.vztt("status", "fx-a", "fx-b")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fx-a: current" in r.stdout and "fx-b: current" in r.stdout
+    before_b = (fx.cache / "fx-b.manifest.json").read_bytes()
+
+    # A newer hello-fixture reaches the mirror: only fx-a includes it.
+    fx.publish([build_deb(HELLO_1, fx.root / "hello1"), build_deb(HELLO_2, fx.root / "hello2")])
+    r = fx.vztt("status", "--json", "fx-a", "fx-b")
+    assert r.returncode == 2, r.stderr
+    states = {s["name"]: s for s in r.json()}
+    assert states["fx-a"]["state"] == "outdated" and states["fx-b"]["state"] == "current"
+    assert states["fx-a"]["changes"] == [{"name": "hello-fixture", "arch": "all", "old": "1.0", "new": "2.0"}]
+    text = fx.vztt("status", "fx-a")
+    assert text.returncode == 2 and "~ hello-fixture 1.0 -> 2.0" in text.stdout
+
+    r = fx.vztt("update", "fx-a", "fx-b", "--json")
+    assert r.returncode == 0, r.stderr
+    done = {u["name"]: u for u in r.json()}
+    assert done["fx-a"]["rebuilt"] and not done["fx-b"]["rebuilt"]
+    assert "1 package(s) changed" in done["fx-a"]["reasons"][0]
+    assert (fx.cache / "fx-b.manifest.json").read_bytes() == before_b      # untouched
+    assert done["fx-a"]["build"]["boot_test"]["result"] == "passed"        # update tests before promoting
+    assert fx.vztt("status", "fx-a").returncode == 0
+
+    d = fx.vztt("diff", "fx-a", "--json").json()
+    assert d["upgraded"] == [{"name": "hello-fixture", "arch": "all", "old": "1.0", "new": "2.0"}]
+    assert d["added"] == [] and d["removed"] == []
+    assert "plain" in d["sizes"]
+    only_one = fx.vztt("diff", "fx-b")
+    assert only_one.returncode == 3 and "diff needs two" in one_line_error(only_one)
+    _clean(fx.cache)
+
+
+@pytest.mark.network
+def test_two_builds_of_one_template(fx: Fixture) -> None:
+    """One builds; the other is refused at once, naming who holds the lock; prune waits for builds."""
+    first = fx.popen("build", "fx-b", "--no-test")
+    assert first.stderr is not None
+    lines = []
+    for line in first.stderr:                      # wait until it holds the locks
+        lines.append(line)
+        if line.strip().startswith(("resolve", "lock")):
+            break
+    second = fx.vztt("build", "fx-b", "--no-test")
+    prune = fx.vztt("prune")
+    rest = first.communicate(timeout=600)[1]
+    assert first.returncode == 0, "".join(lines) + rest
+    assert second.returncode == 7
+    assert f"template is busy: being built by pid {first.pid}" in one_line_error(second)
+    assert prune.returncode == 7
+    assert f"in use by pid {first.pid}" in one_line_error(prune)
+    _clean(fx.cache)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("after,delay", [("fetch", 0.0), ("fetch", 5.0), ("install", 0.3)],
+                         ids=["after-fetch", "mid-install", "mid-pack"])
+def test_sigkill_then_rerun(fx: Fixture, after: str, delay: float) -> None:
+    """SIGKILL at a step; the next run cleans up by itself and the cached template is never corrupt."""
+    name = "fx-b"
+    good = (fx.cache / f"{name}.plain.tar.lz4").read_bytes() if (fx.cache / f"{name}.plain.tar.lz4").exists() else None
+    proc = fx.popen("build", name, "--no-test", "--locked")
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.strip().startswith(after):
+            break
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if good is not None:                            # the previous template is intact
+        assert (fx.cache / f"{name}.plain.tar.lz4").read_bytes() == good
+    r = fx.vztt("build", name, "--no-test", "--locked")
+    assert r.returncode == 0, r.stderr
+    assert fx.vztt("inspect", fx.cache / f"{name}.plain.tar.lz4").returncode == 0
+    deadline = time.monotonic() + 30                # children of the killed build end with it
+    while leftovers(fx.cache) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _clean(fx.cache)
+    assert not list(fx.cache.glob("*-old"))

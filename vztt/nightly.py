@@ -1,0 +1,157 @@
+"""The nightly job: what changed, what to rebuild, and how to split the work.
+
+A template is current when its recipe digest and the package set of a fresh
+resolution equal what its cached manifest records. The whole lock is not
+compared: a repository's Release file gets a new Date every few hours with
+the same packages, and that is no reason to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vztt import build as build_mod
+from vztt.cache import TemplateCache
+from vztt.errors import RecipeError
+from vztt.lock import Lock
+from vztt.mirrors import Mirrors
+from vztt.progress import Progress
+from vztt.recipe import Recipe
+
+CURRENT, OUTDATED, NEW = "current", "outdated", "not built"
+
+
+@dataclass
+class Change:
+    name: str
+    arch: str
+    old: str | None       # None: added
+    new: str | None       # None: removed
+
+    def line(self) -> str:
+        if self.old is None:
+            return f"+ {self.name} {self.new}"
+        if self.new is None:
+            return f"- {self.name} {self.old}"
+        return f"~ {self.name} {self.old} -> {self.new}"
+
+
+@dataclass
+class Status:
+    name: str
+    state: str
+    reasons: list[str] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    lock: Lock | None = None          # the fresh resolution
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "reasons": self.reasons,
+                "changes": [{"name": c.name, "arch": c.arch, "old": c.old, "new": c.new} for c in self.changes]}
+
+
+def package_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> list[Change]:
+    """Packages added, removed and changed between two manifest-style package lists."""
+    before = {(p["name"], p["arch"]): p["version"] for p in old}
+    after = {(p["name"], p["arch"]): p["version"] for p in new}
+    out = []
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key) != after.get(key):
+            out.append(Change(key[0], key[1], before.get(key), after.get(key)))
+    return out
+
+
+def _lock_packages(lock: Lock) -> list[dict[str, str]]:
+    return [{"name": p.name, "arch": p.arch, "version": p.version} for p in lock.packages]
+
+
+def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Progress) -> Status:
+    """Resolve afresh (into a scratch lock, the real one is left alone) and compare."""
+    scratch = cache.root / ".work" / f"status-{recipe.name}.{os.getpid()}.lock.json"
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fresh = build_mod.resolve(recipe, cache, mirrors, scratch, progress).lock
+    finally:
+        scratch.unlink(missing_ok=True)
+    entry = cache.entry(recipe.name)
+    if entry is None:
+        return Status(recipe.name, NEW, ["no cached template"], lock=fresh)
+    m = entry.data
+    reasons = []
+    if m.get("recipe_digest") != recipe.digest():
+        reasons.append("recipe changed")
+    changes = package_changes(m.get("packages", []), _lock_packages(fresh))
+    if m.get("packages_digest") != fresh.packages_digest:
+        reasons.append(f"{len(changes)} package(s) changed" if changes else "package files changed (same versions)")
+    return Status(recipe.name, OUTDATED if reasons else CURRENT, reasons, changes, fresh)
+
+
+def update(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Progress,
+           options: build_mod.BuildOptions) -> tuple[Status, build_mod.BuildResult | None]:
+    """Rebuild (with its boot test) only when status says so, from the fresh lock."""
+    st = status(recipe, cache, mirrors, progress)
+    if st.state == CURRENT:
+        return st, None
+    assert st.lock is not None
+    lock_path = options.lock_path or cache.lock_file(recipe.name)
+    st.lock.write(lock_path)
+    opts = build_mod.BuildOptions(**{**options.__dict__, "locked": True, "lock_path": lock_path})
+    return st, build_mod.build(recipe, cache, mirrors, opts, progress)
+
+
+def diff(cache: TemplateCache, name: str) -> dict[str, Any]:
+    """The newest promoted build against the one before it."""
+    history = cache.history(name)
+    if len(history) < 2:
+        raise RecipeError(f"{name}: {len(history)} build(s) in {cache.history_dir(name)}; diff needs two")
+    old, new = history[-2], history[-1]
+    changes = package_changes(old.get("packages", []), new.get("packages", []))
+    sizes = {fmt: {"old": old.get("archives", {}).get(fmt, {}).get("size"), "new": a.get("size")}
+             for fmt, a in new.get("archives", {}).items()}
+    return {"name": name, "old": old["build_id"], "new": new["build_id"],
+            "added": [c.__dict__ for c in changes if c.old is None],
+            "removed": [c.__dict__ for c in changes if c.new is None],
+            "upgraded": [c.__dict__ for c in changes if c.old is not None and c.new is not None],
+            "sizes": sizes, "lines": [c.line() for c in changes]}
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", spec or "")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise RecipeError(f"--shard {spec}: expected K/N with 1 <= K <= N (this runner's share, e.g. 2/4)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard(names: list[str], spec: str | None) -> list[str]:
+    """This runner's share: sorted names, every N-th from the K-th. Same input, same split."""
+    if not spec:
+        return sorted(names)
+    k, n = parse_shard(spec)
+    return [name for i, name in enumerate(sorted(names)) if i % n == k - 1]
+
+
+def matrix(names: list[str], fmt: str) -> str:
+    """One CI job per template."""
+    names = sorted(names)
+    if fmt == "github":
+        # For `strategy: matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`.
+        return json.dumps({"template": names}, separators=(",", ":"))
+    if fmt == "gitlab":
+        # A child pipeline (`trigger: include: artifact:`), one job per template.
+        jobs = [f'"update:{n}":\n  stage: update\n  script:\n    - make setup\n'
+                f'    - .venv/bin/vztt update {n}\n' for n in names]
+        return "stages: [update]\n\n" + "\n".join(jobs)
+    return json.dumps(names)
+
+
+def write_github_output(key: str, value: str) -> None:
+    """Also hand the value to GitHub Actions when run there."""
+    out = os.environ.get("GITHUB_OUTPUT")
+    if out:
+        with open(out, "a") as fh:
+            fh.write(f"{key}={value}\n")
+
+
