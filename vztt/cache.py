@@ -145,14 +145,14 @@ class TemplateCache:
         work = self.root / ".work"
         for d in work.glob("*.*") if work.is_dir() else []:
             pid = d.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 _kill_leftover_processes(d.name)
                 force_cleanup(d)
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
         for tmp in self.root.glob(".*.tmp-*"):
             pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
         return removed
@@ -217,7 +217,7 @@ def _kill_leftover_processes(work_name: str) -> None:
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

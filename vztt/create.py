@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vztt import mirror, ploop
-from vztt.cache import Entry, TemplateCache
+from vztt.cache import Entry, TemplateCache, pid_alive
 from vztt.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
 from vztt.mounts import Mounts, enter_private_namespace, require_root
 from vztt.progress import Progress
@@ -194,18 +194,8 @@ def _clean_stale(parent: Path, name: str) -> None:
     """What a killed `vztt create` of this destination left."""
     for p in parent.glob(f".{name}.vztt-create-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             _remove(p)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

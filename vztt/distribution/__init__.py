@@ -36,6 +36,11 @@ class Backend(ABC):
         self.state_dir = state_dir       # persistent per template: solver state (apt lists, dnf metadata)
         self.log = log
 
+    def base_urls(self) -> dict[str, str]:
+        """Repository name -> URL with the mirror variables expanded."""
+        return {r.name: self.mirrors.expand(r.url, f"{self.recipe.path}: repositories[{r.name}].url").rstrip("/")
+                for r in self.recipe.repositories}
+
     @abstractmethod
     def resolve(self) -> Lock:
         """The full package set, with verified metadata, as a lock."""

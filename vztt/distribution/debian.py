@@ -107,16 +107,12 @@ class AptBackend(Backend):
         return {**BASE_ENV, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive",
                 "DEBCONF_NONINTERACTIVE_SEEN": "true", **(extra or {})}
 
-    def _base_urls(self) -> dict[str, str]:
-        return {r.name: self.mirrors.expand(r.url, f"{self.recipe.path}: repositories[{r.name}].url").rstrip("/")
-                for r in self.recipe.repositories}
-
     # ----------------------------------------------------------------- resolve
     def resolve(self) -> Lock:
         recipe = self.recipe
         if not recipe.repositories:
             raise ResolveError(f"{recipe.path}: repositories: none configured")
-        urls = self._base_urls()
+        urls = self.base_urls()
         status = self.state_dir / "resolve" / "status"
         status.parent.mkdir(parents=True, exist_ok=True)
         status.write_text("")                    # resolve as for an empty system
@@ -317,7 +313,7 @@ class AptBackend(Backend):
 
     def _write_sources(self, root: Path) -> None:
         """apt sources inside the image, so apt works in containers made from it."""
-        urls = self._base_urls()
+        urls = self.base_urls()
         lines = ["# written by vztt from the recipe's repositories"]
         for r in self.recipe.repositories:
             if r.image_sources and not urls[r.name].startswith("file:"):

@@ -116,10 +116,6 @@ class DnfBackend(Backend):
         return {"releasever": r.release, "arch": r.arch, "platform": f"platform:el{self.major}",
                 "install_weak_deps": r.install_weak_deps, "nodocs": r.nodocs}
 
-    def _base_urls(self) -> dict[str, str]:
-        return {r.name: self.mirrors.expand(r.url, f"{self.recipe.path}: repositories[{r.name}].url").rstrip("/")
-                for r in self.recipe.repositories}
-
     # ----------------------------------------------------------------- resolve
     def resolve(self) -> Lock:
         recipe = self.recipe
@@ -128,7 +124,7 @@ class DnfBackend(Backend):
         request = list(recipe.base) + [x for x in recipe.include if x not in recipe.base]
         if not request:
             raise ResolveError(f"{recipe.path}: packages: nothing to install (set packages.base or packages.include)")
-        urls = self._base_urls()
+        urls = self.base_urls()
         state = self.state_dir / "resolve"
         state.mkdir(parents=True, exist_ok=True)
         doc = self._worker("resolve", {
