@@ -13,7 +13,7 @@ APT_PACKAGES := \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
 	python3-pytest \
 	apt apt-utils dpkg dpkg-dev gpg gpg-agent gpgv debian-archive-keyring \
-	e2fsprogs util-linux mount tar lz4 xz-utils zstd \
+	e2fsprogs util-linux mount tar lz4 xz-utils zstd iproute2 git \
 	mmdebstrap \
 	rpm createrepo-c busybox-static \
 	ploop qemu-utils fdisk gdisk \

@@ -80,9 +80,14 @@ class BuiltTemplate:
     cache: Path
     name: str
     archive: Path
-    manifest: dict
     lock: dict
     build: Result
+
+    @property
+    def manifest(self) -> dict:
+        """Read afresh: other tests rebuild this template from the same lock (same archive
+        bytes, but a new manifest: build id, times)."""
+        return json.loads((self.cache / f"{self.name}.manifest.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +98,5 @@ def debian12(tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
     result = run_vztt("build", name, "--json", cache=cache)
     assert result.returncode == 0, result.stderr
     doc = result.json()
-    manifest = json.loads((cache / f"{name}.manifest.json").read_text())
     lock = json.loads((cache / "locks" / f"{name}.lock.json").read_text())
-    return BuiltTemplate(cache=cache, name=name, archive=Path(doc["archive"]), manifest=manifest, lock=lock,
-                         build=result)
+    return BuiltTemplate(cache=cache, name=name, archive=Path(doc["archive"]), lock=lock, build=result)
