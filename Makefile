@@ -17,6 +17,7 @@ APT_PACKAGES := \
 	mmdebstrap \
 	rpm createrepo-c busybox-static \
 	ploop qemu-utils fdisk gdisk \
+	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl
 
 DEMO ?= debian-12-x86_64-minimal

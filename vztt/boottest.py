@@ -15,6 +15,8 @@ Checks, in order, each reported by name:
   boot           systemd reaches running or degraded within `boot.timeout`
   failed-units   no failed units beyond the recipe's `boot.allowed_failed`
   hostname       the kernel's hostname is the recipe's `hostname`
+  osrelease      uname -r is the recipe's `osrelease`, if it sets one (kernel.virt_osrelease;
+                 a kernel without it: "not applied", not a failure)
   loopback       lo has 127.0.0.1, `localhost` resolves, a TCP echo over 127.0.0.1 works
   package-db     the package database is consistent (per family: PACKAGE_DB_CHECKS)
   smoke:<name>   each recipe smoke check, run with /bin/sh -c inside
@@ -247,13 +249,40 @@ def _remove_scratch(scratch: Path) -> None:
 
 
 @contextlib.contextmanager
-def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str) -> Iterator[Container]:
-    """A started container of `tree`, with the recipe's hostname; closed on the way out."""
-    box = Container(tree, containers_dir(cache), name=container_name(recipe.name, purpose),
-                    hostname=recipe.hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
-                    console_log=console_log_path(cache, recipe.name, purpose))
+def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: bool = False) -> Iterator[Container]:
+    """A started container of `tree`, with the recipe's hostname; closed on the way out.
+    vm=True: a qemu VM with vztt's kernel instead (vztt.runtime.vm, the same interface);
+    `tree` is then a scratch copy that the VM's disk is made from."""
+    if vm:
+        from vztt.kernel import kernel_cache, vm_kernel
+        from vztt.runtime.vm import VM
+        box = VM(tree, cache.root / ".work" / f"{recipe.name}.vm.{os.getpid()}", vm_kernel(cache).bzimage,
+                 name=container_name(recipe.name, purpose), hostname=recipe.hostname, osrelease=osrelease(recipe),
+                 console_log=console_log_path(cache, recipe.name, vm_purpose(purpose)),
+                 probe_cache=kernel_cache(cache) / "kvm-probe.json")
+    else:
+        box = Container(tree, containers_dir(cache), name=container_name(recipe.name, purpose),
+                        hostname=recipe.hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
+                        console_log=console_log_path(cache, recipe.name, purpose), osrelease=osrelease(recipe))
     with box:
-        yield box
+        yield box  # type: ignore[misc]
+
+
+def vm_purpose(purpose: str) -> str:
+    """A VM run's console log is <name>.vm.console.log (test) or <name>.vm-<purpose>.console.log."""
+    return "vm" if purpose == "test" else f"vm-{purpose}"
+
+
+def osrelease(recipe: Recipe) -> str | None:
+    """The recipe's `osrelease` (what uname -r says inside), checked, or None."""
+    value = recipe.merged.get("osrelease")
+    if not value:
+        return None
+    from vztt.runtime.vm import check_osrelease
+    try:
+        return check_osrelease(value)
+    except ValueError as e:
+        raise RecipeError(f"{recipe.origins.get('osrelease', recipe.path)}: osrelease: {e}") from None
 
 
 def boot_timeout(recipe: Recipe) -> int:
@@ -391,6 +420,25 @@ def check_package_db(box: Container, family: str) -> Outcome:
     return fn(box)
 
 
+OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
+
+
+def check_osrelease(box: Container, expected: str) -> Outcome:
+    """uname -r is the recipe's osrelease. A kernel without vztt's
+    kernel.virt_osrelease (a host's, for containers) cannot show it: the
+    runtime noted that on the console and went on; so does this check."""
+    status, out, _ = _run(box, f"uname -r; test -e {OSRELEASE_SYSCTL} || echo no-virt-osrelease")
+    lines = out.strip().splitlines()
+    found = lines[0] if lines else ""
+    if status != 0:
+        return False, f"uname -r: exit status {status}", out
+    if found == expected:
+        return True, found, out
+    if "no-virt-osrelease" in lines:
+        return True, f"not applied: this kernel ({found}) has no kernel.virt_osrelease", out
+    return False, f"uname -r is {found!r}, the recipe's osrelease is {expected!r}", out
+
+
 def check_smoke(box: Container, command: str, exit_status: int, output: str | None) -> Outcome:
     status, out, took = _run(box, command)
     problems = []
@@ -408,19 +456,21 @@ def check_smoke(box: Container, command: str, exit_status: int, output: str | No
 # --------------------------------------------------------------------------
 
 def check_names(recipe: Recipe) -> list[str]:
-    return (["boot", "failed-units", "hostname", "loopback", "package-db"]
-            + [f"smoke:{s.name}" for s in recipe.smoke] + ["poweroff"])
+    return (["boot", "failed-units", "hostname"] + (["osrelease"] if osrelease(recipe) else [])
+            + ["loopback", "package-db"] + [f"smoke:{s.name}" for s in recipe.smoke] + ["poweroff"])
 
 
-def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Progress | None = None) -> Report:
+def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Progress | None = None,
+              vm: bool = False) -> Report:
     """Unpack, boot, check, power off, clean up. Returns the report: a failed
     boot or check is in it (Report.exception()); RuntimeUnavailable and
-    KeyboardInterrupt propagate, after everything was cleaned up."""
+    KeyboardInterrupt propagate, after everything was cleaned up.
+    vm=True boots it in qemu with vztt's kernel instead of a container."""
     progress = progress or Progress(quiet=True)
     report = Report(name=recipe.name, archive=str(archive), hostname=recipe.hostname,
                     checks=[Check(n) for n in check_names(recipe)],
                     started=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-                    console_log=str(console_log_path(cache, recipe.name)))
+                    console_log=str(console_log_path(cache, recipe.name, vm_purpose("test") if vm else "test")))
     checks = {c.name: c for c in report.checks}
     started = time.monotonic()
     with scratch_tree(cache, recipe.name) as tree:
@@ -434,16 +484,20 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Pro
             with contextlib.ExitStack() as stack:
                 with progress.step("boot") as st:
                     booting = time.monotonic()
-                    box = stack.enter_context(booted(recipe, cache, tree, "test"))
+                    box = stack.enter_context(booted(recipe, cache, tree, "test", vm=vm))
                     state, failed = box.wait_running(timeout=boot_timeout(recipe))
                     report.boot_seconds = box.boot_seconds
                     current.result, current.seconds = PASSED, time.monotonic() - booting
-                    current.detail = f"{state} in {current.seconds:.2f} s"
+                    current.detail = f"{state} in {current.seconds:.2f} s" + (f" ({box.note})" if vm else "")
                     st.note(current.detail)
 
                 steps: list[tuple[str, Callable[[], Outcome]]] = [
                     ("failed-units", lambda: check_failed_units(box, failed, allowed_failed(recipe))),
                     ("hostname", lambda: check_hostname(box, recipe.hostname)),
+                ]
+                if release := osrelease(recipe):
+                    steps.append(("osrelease", lambda: check_osrelease(box, release)))
+                steps += [
                     ("loopback", lambda: check_loopback(box)),
                     ("package-db", lambda: check_package_db(box, recipe.family)),
                 ]
@@ -499,7 +553,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 # --------------------------------------------------------------------------
 
 def run_command(recipe: Recipe, cache: TemplateCache, archive: Path, argv: list[str], timeout: float,
-                progress: Progress | None = None) -> tuple[int, str]:
+                progress: Progress | None = None, vm: bool = False) -> tuple[int, str]:
     """Boot the template, run argv inside once it is up, power off, clean up.
     Returns (exit status, output); BootError if it does not boot."""
     progress = progress or Progress(quiet=True)
@@ -510,7 +564,7 @@ def run_command(recipe: Recipe, cache: TemplateCache, archive: Path, argv: list[
             st.note(f"{archive.name} in {time.monotonic() - started:.1f} s")
         with contextlib.ExitStack() as stack:
             with progress.step("boot") as st:
-                box = stack.enter_context(booted(recipe, cache, tree, "run"))
+                box = stack.enter_context(booted(recipe, cache, tree, "run", vm=vm))
                 state, failed = box.wait_running(timeout=boot_timeout(recipe))
                 st.note(f"{state} in {box.boot_seconds:.2f} s" + (f" (failed: {', '.join(failed)})" if failed else ""))
             status, out = box.exec(list(argv), timeout=timeout)

@@ -28,6 +28,9 @@ Environment:
   VZTT_PACKAGE_CACHE    shared package cache (default: <cache>/packages)
   VZTT_RECIPES          recipes directory (default: ./recipes in a checkout)
   VZTT_MIRROR_<NAME>    value of the mirror variable $<NAME>
+  VZTT_KERNEL_DIR       the kernel's series, patches and fragment (default: ./kernel in a checkout)
+  VZTT_KERNEL_CACHE     built kernels and the kernel source (default: <cache>/kernel)
+  VZTT_VM_ACCEL         kvm, tcg or auto (default): the accelerator of `vztt test --vm`
 """
 
 
@@ -51,6 +54,15 @@ class Context:
 
 def _emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _emit_report(doc: dict[str, Any], error: VzttError | None) -> None:
+    """--json for a command whose report is the answer even when it fails:
+    the report on stdout, then (on failure) the one-line error and its exit."""
+    _emit(doc)
+    if error is not None:
+        click.echo(f"vztt: {error.kind} error: {error}", err=True)
+        sys.exit(error.exit_code)
 
 
 def _fail(err: VzttError, as_json: bool) -> NoReturn:
@@ -358,10 +370,12 @@ def _boot_test_line(record: dict[str, Any]) -> str:
 @click.argument("name")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
               help="Also write the report as JUnit XML to FILE (for CI).")
+@click.option("--vm", is_flag=True, help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`) "
+              "instead of a container: KVM if it works here, TCG otherwise.")
 @json_option
 @click.pass_obj
 @guarded
-def test_cmd(obj: Context, name: str, junit: Path | None, as_json: bool) -> None:
+def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: bool) -> None:
     """Boot the cached template NAME in a container and run its checks.
 
     \b
@@ -370,11 +384,17 @@ def test_cmd(obj: Context, name: str, junit: Path | None, as_json: bool) -> None
       boot           systemd reaches running (or degraded) within boot.timeout
       failed-units   no failed unit beyond the recipe's boot.allowed_failed
       hostname       the recipe's hostname
+      osrelease      uname -r is the recipe's osrelease (if it sets one)
       loopback       lo has 127.0.0.1, localhost resolves, a TCP echo over 127.0.0.1
       package-db     the package database is consistent (dpkg --audit)
       smoke:NAME     each recipe smoke check (/bin/sh -c inside)
       poweroff       a clean poweroff in time
     Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here.
+
+    \b
+    --vm: the same checks in a qemu microvm booted with vztt's kernel from an
+    ext4 disk made from the archive, through a guest agent on virtio-serial;
+    console log <cache>/logs/NAME.vm.console.log. VZTT_VM_ACCEL=kvm|tcg|auto.
     """
     from vztt import boottest
     from vztt.mounts import enter_private_namespace
@@ -384,16 +404,13 @@ def test_cmd(obj: Context, name: str, junit: Path | None, as_json: bool) -> None
     boottest.prepare_host(cache, "vztt test")
     enter_private_namespace()      # the overlay mount dies with us, whatever happens
     progress = Progress(quiet=as_json)
-    progress.say(f"testing {archive}")
-    report = boottest.boot_test(recipe, cache, archive, progress)
+    progress.say(f"testing {archive}" + (" in a VM" if vm else ""))
+    report = boottest.boot_test(recipe, cache, archive, progress, vm=vm)
     if junit:
         boottest.write_junit(report, junit)
     error = report.exception()
     if as_json:
-        _emit(report.as_dict())
-        if error is not None:
-            click.echo(f"vztt: {error.kind} error: {error}", err=True)
-            sys.exit(error.exit_code)
+        _emit_report(report.as_dict(), error)
         return
     click.echo(boottest.format_table(report), nl=False)
     if error is not None:
@@ -405,9 +422,10 @@ def test_cmd(obj: Context, name: str, junit: Path | None, as_json: bool) -> None
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds COMMAND may run before it is killed (exit 124).")
+@click.option("--vm", is_flag=True, help="In a qemu VM with vztt's kernel instead of a container.")
 @click.pass_obj
 @guarded
-def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float) -> None:
+def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
@@ -423,9 +441,133 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float) -
     archive = boottest.cached_archive(cache, name)
     boottest.prepare_host(cache, "vztt run")
     enter_private_namespace()
-    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, Progress())
+    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, Progress(), vm=vm)
     click.echo(output, nl=False)
     sys.exit(status)
+
+
+# -- the container kernel (vztt/kernel.py, kernel/) ---------------------------------
+
+@main.group("kernel")
+@click.option("--kernel-dir", type=click.Path(path_type=Path, file_okay=False), envvar="VZTT_KERNEL_DIR",
+              help="The series, patches/ and container.config (default: the checkout's kernel/). "
+                   "[env: VZTT_KERNEL_DIR]")
+@click.pass_obj
+def kernel_group(obj: Context, kernel_dir: Path | None) -> None:
+    """The container kernel: Debian's linux-source-6.1, our patch series and config fragment.
+
+    \b
+      vztt kernel check    the series applies to the current Debian source; the fragment survives
+      vztt kernel build    fetch the source package through apt, patch, configure, build bzImage, cache
+      vztt kernel info     version, digests, the fragment's options and whether each survived
+    Builds are cached in <cache>/kernel (VZTT_KERNEL_CACHE), keyed by the source version and the
+    series and fragment digests; `vztt test --vm` boots the one for the current kernel/.
+    """
+    from vztt import kernel
+    obj.kernel_dir = kernel_dir or kernel.kernel_dir()
+
+
+@kernel_group.command("check")
+@click.option("--patches-only", is_flag=True, help="Only apply the series; do not configure.")
+@json_option
+@click.pass_obj
+@guarded
+def kernel_check(obj: Context, patches_only: bool, as_json: bool) -> None:
+    """Apply the series to a fresh copy of Debian's current kernel source (patch
+    --fuzz=0, in order), then configure it (tinyconfig + container.config +
+    olddefconfig) and check that every option of the fragment survived.
+
+    A patch that does not apply is reported with its file and hunk; an option
+    that olddefconfig dropped with what it depends on. Exit 6 if either.
+    """
+    from vztt import kernel
+    report = kernel.check(obj.cache, obj.kernel_dir, Progress(quiet=as_json), config=not patches_only)
+    error = report.error()
+    if as_json:
+        _emit_report(report.as_dict(), error)
+        return
+    click.echo(f"{report.source.name} {report.source.version}: series {report.series_digest[7:19]}, "
+               f"fragment {report.fragment_digest[7:19]}")
+    for p in report.patches:
+        click.echo(f"  {p.name:<32} {'ok' if p.ok else 'FAILED'}  {', '.join(p.files)}")
+        for line in p.problems:
+            click.echo(f"      {line}")
+        for line in p.notes:
+            click.echo(f"      note: {line}")
+    if report.config_checked:
+        dropped = [o for o in report.options if not o.survived]
+        click.echo(f"  {kernel.FRAGMENT:<32} {'ok' if not dropped else 'FAILED'}  {len(report.options)} options, "
+                   f"{len(dropped) or 'none'} dropped by olddefconfig")
+        for o in dropped:
+            click.echo(f"      {o.name}={o.wanted} became {o.got}: {o.needs}")
+    if error is not None:
+        raise error
+
+
+@kernel_group.command("build")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), help="make -j (default: the number of cores).")
+@click.option("--allow-dropped", is_flag=True, help="Build even if fragment options did not survive olddefconfig.")
+@json_option
+@click.pass_obj
+@guarded
+def kernel_build(obj: Context, jobs: int | None, allow_dropped: bool, as_json: bool) -> None:
+    """Fetch the source package through apt, apply the series, merge the
+    fragment over tinyconfig, build bzImage and cache it. A second call with
+    the same source, series and fragment builds nothing."""
+    from vztt import kernel
+    result = kernel.build(obj.cache, obj.kernel_dir, Progress(quiet=as_json), jobs=jobs, allow_dropped=allow_dropped)
+    info = result.entry.info
+    if as_json:
+        _emit({**info, "built": result.built, "seconds": round(result.seconds, 1), "path": str(result.entry.path),
+               "bzimage_path": str(result.entry.bzimage)})
+        return
+    click.echo(f"{result.entry.bzimage}")
+    click.echo(f"  kernel    {info['kernelrelease']} from {info['source']['package']} {info['source']['version']}")
+    click.echo(f"  size      {info['bzImage']['size'] / 1e6:.1f} MB   sha256 {info['bzImage']['sha256'][:16]}...")
+    click.echo(f"  {'built' if result.built else 'cached':<9} "
+               + (f"in {result.seconds:.0f} s (compile {info['compile_seconds']:.0f} s with -j{info['jobs']})"
+                  if result.built else f"{info['built_at']}: nothing to build"))
+
+
+@kernel_group.command("info")
+@json_option
+@click.pass_obj
+@guarded
+def kernel_info(obj: Context, as_json: bool) -> None:
+    """The kernel for kernel/ as it is now: version, digests, and each option
+    of the fragment with what olddefconfig made of it (dropped ones marked)."""
+    from vztt import kernel
+    entry, wanted = kernel.current(obj.cache, obj.kernel_dir)
+    doc = {"kernel_dir": str(obj.kernel_dir), "built": entry is not None, "wanted": wanted,
+           **({**entry.info, "path": str(entry.path), "bzimage_path": str(entry.bzimage)} if entry else {})}
+    if as_json:
+        _emit(doc)
+        return
+    source = wanted.get("source") or {}
+    click.echo(f"kernel/      {obj.kernel_dir}")
+    click.echo(f"source       {source.get('package', kernel.SOURCE_PACKAGE)} {source.get('version', '?')}"
+               + (f"  ({wanted['source_error']})" if "source_error" in wanted else ""))
+    click.echo(f"series       {wanted['series_digest']}")
+    click.echo(f"fragment     {wanted['fragment_digest']}")
+    if entry is None:
+        click.echo("built        no (`vztt kernel build`)")
+        return
+    info = entry.info
+    click.echo(f"built        {entry.bzimage}  {info['built_at']}"
+               + ("" if info["source"]["version"] == source.get("version") else
+                  f"  (from {info['source']['version']}: an older source)"))
+    click.echo(f"kernel       {info['kernelrelease']}, bzImage {info['bzImage']['size'] / 1e6:.1f} MB, "
+               f"compiled in {info['compile_seconds']:.0f} s with -j{info['jobs']}")
+    click.echo(f"patches      {', '.join(info['patches']) or 'none'}")
+    dropped = [o for o in info["options"] if not o["survived"]]
+    click.echo(f"options      {len(info['options'])} in {kernel.FRAGMENT}; "
+               + (f"DROPPED by olddefconfig: {', '.join(o['name'] for o in dropped)}" if dropped
+                  else "all survived olddefconfig"))
+    width = max(len(o["name"]) for o in info["options"]) if info["options"] else 10
+    for o in info["options"]:
+        mark = "ok" if o["survived"] else "DROPPED"
+        got = "" if o["survived"] else f" -> {o['got']}" + (f"  ({o['needs']})" if o.get("needs") else "")
+        click.echo(f"  {o['name']:<{width}} {o['wanted']:<8} {mark}{got}")
 
 
 @main.command()

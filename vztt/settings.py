@@ -91,6 +91,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("arch", "str", "Architecture, in vztt's naming.", default="x86_64", choices=ARCHES),
     Setting("summary", "str", "One line for `vztt list`.", default="", templated=True),
     Setting("hostname", "str", "Hostname of booted test containers.", default="localhost"),
+    Setting("osrelease", "str", "Kernel release that `uname -r` reports inside booted templates, for old "
+            "distributions whose package scripts check the kernel version (e.g. `2.6.32`). Applied through "
+            "kernel.virt_osrelease, vztt's kernel patch: in the VM runtime (`vztt test --vm`) always; in the "
+            "container runtime only on a host kernel that has it (otherwise noted and skipped). Up to 64 "
+            "letters, digits and `. _ + ~ -`."),
     Setting("variables", "dict[str,str]", "Extra variables for templates.", default={}, merge=MERGE),
     Setting("merged_usr", "bool", "Create the merged-/usr symlinks before unpacking (debootstrap's way) and pick usr-is-merged over usrmerge.", default=True),
     Setting("packages.priority", "str", "apt: the priority set installed besides Essential packages (`required` is mmdebstrap's minbase).",

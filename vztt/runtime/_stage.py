@@ -100,6 +100,19 @@ def setup_mounts(root: str, console: str, container: str) -> None:
     L.mount("tmpfs", under("tmp"), "tmpfs", NOSUID_NODEV, "mode=1777")
 
 
+OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
+
+
+def set_osrelease(release: str) -> None:
+    """What uname -r says in our UTS namespace, through kernel.virt_osrelease
+    (vztt's kernel patch). A kernel without it: noted on the console, skipped."""
+    try:
+        with open(OSRELEASE_SYSCTL, "w") as f:
+            f.write(release)
+    except FileNotFoundError:
+        os.write(2, f"vztt: this kernel has no kernel.virt_osrelease: osrelease {release} not applied\n".encode())
+
+
 def enter_root(root: str) -> None:
     """pivot_root into `root` and drop the host's tree (no put_old directory
     needed: the old root is stacked under the new one, then detached)."""
@@ -115,6 +128,8 @@ def container_init(config: dict, status_fd: int) -> None:
         die_with_parent()  # (our parent is outside our pid namespace: getppid() says 0)
         join_cgroups(config["procs_files"])
         L.unshare(L.CLONE_NEWCGROUP)  # after joining: the namespace is rooted at the container's cgroup
+        if config.get("osrelease"):  # before /proc/sys goes read-only; we are in the new UTS namespace
+            set_osrelease(config["osrelease"])
         setup_mounts(config["root"], config["console"], config["container"])
         enter_root(config["root"])
         L.sethostname(config["hostname"])

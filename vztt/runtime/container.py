@@ -21,6 +21,9 @@ What a container is here (the recipe from NOTES.md, "Booting templates here"):
 - `container=vztt` in init's environment and /run/systemd/container;
   loopback up, hostname set (and written to /etc/hostname in the tree, which
   systemd would otherwise apply over ours);
+- with `osrelease`, the release uname(2) reports inside, set through
+  kernel.virt_osrelease (vztt's kernel patch) in the container's UTS
+  namespace; a kernel without it gets a note on the console, not an error;
 - its own cgroups with optional memory and pids limits (see cgroup.py for
   what this host's hybrid layout allows);
 - the console's output, copied to a log file (`console_log`), kept after the
@@ -82,7 +85,7 @@ class Container:
                  memory_max: int | None = None, pids_max: int | None = None,
                  init: tuple[str, ...] = ("/sbin/init",),
                  prepare: Callable[[Path], None] | None = None,
-                 console_log: str | os.PathLike | None = None):
+                 console_log: str | os.PathLike | None = None, osrelease: str | None = None):
         self.tree = Path(tree).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.name = name or f"vztt-{uuid.uuid4().hex[:12]}"
@@ -93,6 +96,7 @@ class Container:
         self.memory_max, self.pids_max = memory_max, pids_max
         self.init = tuple(init)
         self.prepare = prepare
+        self.osrelease = osrelease          # uname -r inside, if the kernel has kernel.virt_osrelease
         self.scratch = self.state_dir / self.name
         self.root = self.scratch / "root"   # what the container sees as /
         self.console_log = Path(console_log) if console_log else self.state_dir / f"{self.name}.console.log"
@@ -338,7 +342,7 @@ class Container:
             "root": str(self.root), "hostname": self.hostname, "container": CONTAINER,
             "console": os.ttyname(slave), "owner_pid": os.getpid(), "status_fd": status_write,
             "procs_files": [str(p) for p in cgroup.procs_files(self.cgroups.dirs)],
-            "init": list(self.init),
+            "init": list(self.init), "osrelease": self.osrelease,
             "env": {"container": CONTAINER, "PATH": EXEC_ENV["PATH"]},
         }
         self._started_at = time.monotonic()
