@@ -497,36 +497,29 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
     """Not cached: pull it, streaming into the container for dir and ext4 layouts."""
     mirrors = mirror.mirror_list(options.mirrors)
     keyring = mirror.keyring_for(options.keyrings)
-    failures: list[tuple[str, FetchError]] = []
     with cache.building(name, timeout=mirror.LOCK_WAIT):
         entry = cache.entry(name)           # another process may have pulled it while we waited
         if entry is not None and (not options.build or mirror.local_build(entry) == options.build):
             return _create_from_cache(cache, entry, dest, options, progress)
-        for location in mirrors:
-            source = mirror.Source(location)
-            try:
-                with progress.step("index") as st:
-                    remote = mirror.find_build(source, name, keyring, options.build)
-                    st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
-                formats = [f for f in FORMATS if f in remote.build["archives"]]
-                layout, fmt = _layout_for(formats, options.layout)
-                pulled = {"mirror": source.label, "build": remote.id, "signer": remote.signer.fingerprint}
-                if layout == "ploop":
-                    # The disk conversion needs the whole archive first: pull, then create from the cache.
-                    with progress.step("download") as st:
-                        part = mirror.download(remote, cache, fmt)
-                        st.note(f"{fmt}: {remote.build['archives'][fmt]['size'] / 1e6:.1f} MB, sha256 ok")
-                    with progress.step("install"):
-                        entry = mirror.install(cache, name, remote, {fmt: part})
-                    return _create_from_cache(cache, entry, dest, options, progress, pulled)
-                return _stream_create(cache, name, dest, options, progress, remote, layout, pulled)
-            except FetchError as e:
-                failures.append((source.label, e))
-                if len(mirrors) > 1:
-                    progress.say(f"  {source.label}: {e}; trying the next mirror")
-            finally:
-                source.close()
-    raise mirror._all_failed(name, failures)
+
+        def attempt(source: mirror.Source, _failed: list[str]) -> CreateResult:
+            with progress.step("index") as st:
+                remote = mirror.find_build(source, name, keyring, options.build)
+                st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
+            formats = [f for f in FORMATS if f in remote.build["archives"]]
+            layout, fmt = _layout_for(formats, options.layout)
+            pulled = {"mirror": source.label, "build": remote.id, "signer": remote.signer.fingerprint}
+            if layout == "ploop":
+                # The disk conversion needs the whole archive first: pull, then create from the cache.
+                with progress.step("download") as st:
+                    part = mirror.download(remote, cache, fmt)
+                    st.note(f"{fmt}: {remote.build['archives'][fmt]['size'] / 1e6:.1f} MB, sha256 ok")
+                with progress.step("install"):
+                    entry = mirror.install(cache, name, remote, {fmt: part})
+                return _create_from_cache(cache, entry, dest, options, progress, pulled)
+            return _stream_create(cache, name, dest, options, progress, remote, layout, pulled)
+
+        return mirror.from_first_mirror(name, mirrors, progress, attempt)
 
 
 def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions, progress: Progress,

@@ -47,7 +47,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import quote, unquote, urlparse
 
 import requests
@@ -57,6 +57,8 @@ from vztt.cache import Entry, TemplateCache
 from vztt.errors import FetchError, PublishRefused, RecipeError
 from vztt.progress import Progress
 from vztt.vzcache import FORMATS
+
+T = TypeVar("T")
 
 INDEX, SIGNATURE = "index.json", "index.json.asc"
 INDEX_FORMAT = 1
@@ -1026,6 +1028,25 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
     return entry
 
 
+def from_first_mirror(name: str, mirrors: list[str], progress: Progress,
+                      attempt: Callable[[Source, list[str]], T]) -> T:
+    """attempt(source, the failures so far as 'mirror: error') on each mirror
+    in turn, until one does not raise FetchError; every mirror's error in one
+    if none succeeds. Each Source is closed after its attempt."""
+    failures: list[tuple[str, FetchError]] = []
+    for location in mirrors:
+        source = Source(location)
+        try:
+            return attempt(source, [f"{label}: {e}" for label, e in failures])
+        except FetchError as e:
+            failures.append((source.label, e))
+            if len(mirrors) > 1:
+                progress.say(f"  {source.label}: {e}; trying the next mirror")
+        finally:
+            source.close()
+    raise _all_failed(name, failures)
+
+
 def _all_failed(name: str, failures: list[tuple[str, FetchError]]) -> FetchError:
     if len(failures) == 1:
         err = failures[0][1]
@@ -1047,47 +1068,39 @@ def pull(cache: TemplateCache, name: str, mirrors: list[str], keyrings: tuple[Pa
     started = time.monotonic()
     cache.clean_stale_work()
     clean_old_parts(cache)
-    failures: list[tuple[str, FetchError]] = []
     with cache.building(name, timeout=LOCK_WAIT):
-        for location in mirrors:
-            source = Source(location)
-            try:
-                with progress.step("index") as st:
-                    remote = find_build(source, name, keyring, build)
-                    st.note(f"{source.label}: {name} {remote.id} (boot test {remote.build.get('boot_test')}), "
-                            f"signed by {remote.signer.fingerprint}")
-                want = wanted_formats(remote, formats)
-                result = PullResult(name=name, build=remote.id, mirror=source.label,
-                                    signer=remote.signer.fingerprint, formats=want,
-                                    boot_test=str(remote.build.get("boot_test")),
-                                    failed_mirrors=[f"{l}: {e}" for l, e in failures])
-                entry = cache.entry(name)
-                if local_build(entry) == remote.id and all(f in entry.data.get("archives", {}) for f in want):  # type: ignore[union-attr]
-                    result.up_to_date, result.entry = True, entry
-                    progress.say(f"  {name} {remote.id} is in the cache already")
-                else:
-                    parts = {}
-                    for f in want:
-                        with progress.step("download") as st:
-                            t0 = time.monotonic()
-                            parts[f] = download(remote, cache, f)
-                            size = remote.build["archives"][f]["size"]
-                            st.note(f"{f}: {size / 1e6:.1f} MB, {size / 1e6 / max(time.monotonic() - t0, 1e-3):.0f} "
-                                    f"MB/s, sha256 ok" + (f", resumed {source.resumed}x" if source.resumed else ""))
-                        result.bytes_downloaded += size
-                    with progress.step("install") as st:
-                        result.entry = install(cache, name, remote, parts)
-                        st.note(str(result.entry.manifest))
-                result.resumed = source.resumed
-                result.seconds = round(time.monotonic() - started, 3)
-                return result
-            except FetchError as e:
-                failures.append((source.label, e))
-                if len(mirrors) > 1:
-                    progress.say(f"  {source.label}: {e}; trying the next mirror")
-            finally:
-                source.close()
-    raise _all_failed(name, failures)
+        def attempt(source: Source, failed: list[str]) -> PullResult:
+            with progress.step("index") as st:
+                remote = find_build(source, name, keyring, build)
+                st.note(f"{source.label}: {name} {remote.id} (boot test {remote.build.get('boot_test')}), "
+                        f"signed by {remote.signer.fingerprint}")
+            want = wanted_formats(remote, formats)
+            result = PullResult(name=name, build=remote.id, mirror=source.label,
+                                signer=remote.signer.fingerprint, formats=want,
+                                boot_test=str(remote.build.get("boot_test")),
+                                failed_mirrors=failed)
+            entry = cache.entry(name)
+            if local_build(entry) == remote.id and all(f in entry.data.get("archives", {}) for f in want):  # type: ignore[union-attr]
+                result.up_to_date, result.entry = True, entry
+                progress.say(f"  {name} {remote.id} is in the cache already")
+            else:
+                parts = {}
+                for f in want:
+                    with progress.step("download") as st:
+                        t0 = time.monotonic()
+                        parts[f] = download(remote, cache, f)
+                        size = remote.build["archives"][f]["size"]
+                        st.note(f"{f}: {size / 1e6:.1f} MB, {size / 1e6 / max(time.monotonic() - t0, 1e-3):.0f} "
+                                f"MB/s, sha256 ok" + (f", resumed {source.resumed}x" if source.resumed else ""))
+                    result.bytes_downloaded += size
+                with progress.step("install") as st:
+                    result.entry = install(cache, name, remote, parts)
+                    st.note(str(result.entry.manifest))
+            result.resumed = source.resumed
+            result.seconds = round(time.monotonic() - started, 3)
+            return result
+
+        return from_first_mirror(name, mirrors, progress, attempt)
 
 
 def offline_entry(cache: TemplateCache, name: str, build: str | None = None) -> Entry:
