@@ -59,6 +59,7 @@ def test_workflow_passes_its_linter(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
     text = WORKFLOW.read_text()
     assert "vztt matrix --format github" in text and "vztt update" in text and "vztt publish" in text
+    assert "vztt kernel check" in text and "--vm --junit" in text   # a Debian kernel update that breaks a patch
     broken = tmp_path / "broken.yml"                                 # the linter can fail
     broken.write_text(text.replace("runs-on:", "runs_on:"))
     assert _lint(broken).returncode != 0
