@@ -222,11 +222,43 @@ def test_info_says_version_digests_and_options(built_kernel: Path, tmp_path: Pat
     assert config["CONFIG_VIRT_OSRELEASE"] == "y" and config.get("CONFIG_MODULES", "n") == "n"
     info = json.loads((Path(doc["path"]) / "info.json").read_text())
     assert info["compile_seconds"] > 0 and info["jobs"] >= 1
+    # Reproducible: the build's timestamp is the source package's date, not the clock's.
+    deb = next((built_kernel / "source").glob("linux-source-6.1_*.deb"))
+    epoch = kernel.source_date_epoch(deb)
+    assert info["source_date_epoch"] == epoch
+    assert doc["version_string"] == f"{upstream}-vztt (vztt@vztt) #1 SMP {kernel.build_timestamp(epoch)}"
+    assert doc["version_string"] == kernel.bzimage_version(Path(doc["bzimage_path"]))
 
     text = run_vztt("kernel", "info", cache=tmp_path / "cache", env=kernel_env(built_kernel))
     assert text.returncode == 0, text.stderr
     assert "all survived olddefconfig" in text.stdout
     assert re.search(r"^  CONFIG_VIRTIO_PCI +y +ok$", text.stdout, re.MULTILINE), text.stdout
+
+
+def test_bzimage_version_reads_the_setup_header(tmp_path: Path) -> None:
+    image = bytearray(0x800)
+    image[0x202:0x206] = b"HdrS"
+    image[0x20E:0x210] = (0x400 - 0x200).to_bytes(2, "little")
+    image[0x400:0x420] = b"6.1.1-vztt (vztt@vztt) #1 SMP\0"
+    (tmp_path / "bzImage").write_bytes(bytes(image))
+    assert kernel.bzimage_version(tmp_path / "bzImage") == "6.1.1-vztt (vztt@vztt) #1 SMP"
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + bytes(0x800))
+    with pytest.raises(kernel.BuildError, match=r"vmlinux: not a bzImage"):
+        kernel.bzimage_version(tmp_path / "vmlinux")
+    assert kernel.build_timestamp(1794824260) == "Mon Nov 16 10:17:40 UTC 2026"
+    assert kernel.build_timestamp(1700000000) == "Tue Nov 14 22:13:20 UTC 2023"
+
+
+def test_an_entry_of_an_older_build_format_is_not_used(tmp_path: Path) -> None:
+    """Builds stamped with the clock (no "format") are rebuilt, not booted."""
+    entry = tmp_path / kernel.entry_name("6.1.1-1", "sha256:" + "a" * 64, "sha256:" + "b" * 64)
+    entry.mkdir()
+    (entry / "bzImage").write_bytes(b"kernel")
+    (entry / "info.json").write_text(json.dumps({"built_at": "2026-01-01T00:00:00+00:00"}))
+    assert kernel.entries(tmp_path) == []
+    (entry / "info.json").write_text(json.dumps({"built_at": "2026-01-01T00:00:00+00:00",
+                                                 "format": kernel.BUILD_FORMAT}))
+    assert [e.path for e in kernel.entries(tmp_path)] == [entry]
 
 
 def test_vm_runtime_wants_a_built_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

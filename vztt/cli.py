@@ -539,7 +539,8 @@ def kernel_info(obj: Context, as_json: bool) -> None:
     from vztt import kernel
     entry, wanted = kernel.current(obj.cache, obj.kernel_dir)
     doc = {"kernel_dir": str(obj.kernel_dir), "built": entry is not None, "wanted": wanted,
-           **({**entry.info, "path": str(entry.path), "bzimage_path": str(entry.bzimage)} if entry else {})}
+           **({**entry.info, "path": str(entry.path), "bzimage_path": str(entry.bzimage),
+               "version_string": kernel.bzimage_version(entry.bzimage)} if entry else {})}
     if as_json:
         _emit(doc)
         return
@@ -558,6 +559,7 @@ def kernel_info(obj: Context, as_json: bool) -> None:
                   f"  (from {info['source']['version']}: an older source)"))
     click.echo(f"kernel       {info['kernelrelease']}, bzImage {info['bzImage']['size'] / 1e6:.1f} MB, "
                f"compiled in {info['compile_seconds']:.0f} s with -j{info['jobs']}")
+    click.echo(f"version      {doc['version_string']}")
     click.echo(f"patches      {', '.join(info['patches']) or 'none'}")
     dropped = [o for o in info["options"] if not o["survived"]]
     click.echo(f"options      {len(info['options'])} in {kernel.FRAGMENT}; "

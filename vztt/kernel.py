@@ -36,6 +36,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +58,7 @@ FRAGMENT = "container.config"
 SERIES = "series"
 BUILD_TIMEOUT = 3 * 3600.0
 STEP_TIMEOUT = 900.0
+BUILD_FORMAT = 2             # info.json's "format": how a build is made (2: dated from the source, reproducible)
 TOOLS = {"make": "make", "gcc": "build-essential", "bc": "bc", "bison": "bison", "flex": "flex",
          "patch": "patch", "xz": "xz-utils", "dpkg-deb": "dpkg", "apt-get": "apt"}
 _OPTION = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
@@ -343,6 +346,27 @@ def fetch_source(source: SourcePackage, kcache: Path, log: Log | None = None) ->
     return deb, True
 
 
+def source_date_epoch(deb: Path) -> int:
+    """When the source package was made: the mtime of the kernel tarball in
+    the .deb, which Debian's reproducible builds set to the changelog's date.
+    The kernel's build timestamp comes from it, not from the clock."""
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=BASE_ENV)
+    assert proc.stdout is not None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                if member.name == SOURCE_TARBALL:
+                    return int(member.mtime)
+    except tarfile.TarError as e:
+        raise BuildError(f"{deb}: not a readable .deb: {e}") from None
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    raise BuildError(f"{deb.name}: no {SOURCE_TARBALL} in the package")
+
+
 def extract_source(deb: Path, dest: Path, log: Log | None = None) -> Path:
     """Unpack the kernel tree from the source .deb into dest; returns the tree."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -410,8 +434,21 @@ def _make(tree: Path, *targets: str, jobs: int = 1) -> list[str]:
     return ["make", "-C", str(tree), f"ARCH={ARCH}", f"-j{jobs}", *targets]
 
 
-def _make_env() -> dict[str, str]:
-    return {**BASE_ENV, "KBUILD_BUILD_USER": "vztt", "KBUILD_BUILD_HOST": "vztt"}
+def _make_env(epoch: int | None = None) -> dict[str, str]:
+    """kbuild's environment. With the source's date (source_date_epoch) the
+    build is reproducible: what it would take from the clock, the user, the
+    host and the build counter (.version) is fixed, and the tree's paths are
+    relative (an in-tree build), so another directory gives the same bytes."""
+    env = {**BASE_ENV, "KBUILD_BUILD_USER": "vztt", "KBUILD_BUILD_HOST": "vztt", "KBUILD_BUILD_VERSION": "1"}
+    if epoch is not None:
+        env["KBUILD_BUILD_TIMESTAMP"] = build_timestamp(epoch)
+        env["SOURCE_DATE_EPOCH"] = str(epoch)
+    return env
+
+
+def build_timestamp(epoch: int) -> str:
+    """`date -u` of the epoch, as kbuild writes its own (in uname -v)."""
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%a %b %e %H:%M:%S UTC %Y")
 
 
 def configure(tree: Path, fragment: Path, log: Log | None = None) -> tuple[list[Option], dict[str, str]]:
@@ -528,11 +565,13 @@ def entry_name(version: str, series: str, fragment: str) -> str:
 
 
 def _entry(path: Path) -> KernelEntry | None:
+    """The build at path, if complete and made the way this vztt builds
+    (BUILD_FORMAT: an older entry, e.g. one stamped with the clock, is rebuilt)."""
     try:
         info = json.loads((path / "info.json").read_text())
     except (OSError, ValueError):
         return None
-    if not (path / "bzImage").is_file():
+    if not (path / "bzImage").is_file() or info.get("format") != BUILD_FORMAT:
         return None
     return KernelEntry(path, info)
 
@@ -577,7 +616,9 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
         with _kernel_log(cache, "build") as log, _work_tree(cache) as work:
             with progress.step("fetch") as st:
                 deb, fetched = fetch_source(source, kcache, log)
-                st.note(f"{deb.name}" + (" downloaded through apt" if fetched else " (cached)"))
+                epoch = source_date_epoch(deb)
+                st.note(f"{deb.name}" + (" downloaded through apt" if fetched else " (cached)")
+                        + f", dated {build_timestamp(epoch)}")
             with progress.step("extract") as st:
                 tree = extract_source(deb, work, log)
                 st.note(str(tree))
@@ -602,11 +643,11 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
                                      "--allow-dropped builds anyway)")
             with progress.step("compile") as st:
                 compile_started = time.monotonic()
-                run(_make(tree, "bzImage", jobs=jobs), log=log, env=_make_env(), what="make bzImage",
+                run(_make(tree, "bzImage", jobs=jobs), log=log, env=_make_env(epoch), what="make bzImage",
                     timeout=BUILD_TIMEOUT)
                 compile_seconds = time.monotonic() - compile_started
                 release = run(["make", "-s", "-C", str(tree), f"ARCH={ARCH}", "kernelrelease"], log=log,
-                              env=_make_env(), what="make kernelrelease", timeout=STEP_TIMEOUT).stdout.strip()
+                              env=_make_env(epoch), what="make kernelrelease", timeout=STEP_TIMEOUT).stdout.strip()
                 st.note(f"{release} with {jobs} jobs")
             with progress.step("install") as st:
                 image = tree / "arch/x86/boot/bzImage"
@@ -616,10 +657,12 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
                 shutil.copy2(image, tmp / "bzImage")
                 shutil.copy2(tree / ".config", tmp / "config")
                 info = {
+                    "format": BUILD_FORMAT,
                     "kernelrelease": release,
                     "source": {"package": source.name, "version": source.version, "sha256": source.sha256},
                     "series_digest": sdigest, "fragment_digest": fdigest,
                     "patches": [p.name for p in patches],
+                    "source_date_epoch": epoch, "build_timestamp": build_timestamp(epoch),
                     "bzImage": {"size": (tmp / "bzImage").stat().st_size, "sha256": _sha256(tmp / "bzImage")},
                     "options": [o.as_dict() for o in options],
                     "dropped": [o.name for o in dropped],
@@ -630,6 +673,10 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
                 (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
                 if log.path:
                     shutil.copy2(log.path, tmp / "build.log")
+                if (kcache / name).exists():   # an entry of an older BUILD_FORMAT: replaced
+                    stale = kcache / f".{name}.tmp-stale-{os.getpid()}"
+                    os.replace(kcache / name, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
                 os.replace(tmp, kcache / name)
                 st.note(str(kcache / name / "bzImage"))
     entry = _entry(kcache / name)
@@ -662,6 +709,22 @@ def current(cache: TemplateCache, kdir: Path) -> tuple[KernelEntry | None, dict[
         if entry.info.get("series_digest") == sdigest and entry.info.get("fragment_digest") == fdigest:
             return entry, wanted
     return None, wanted
+
+
+def bzimage_version(path: Path) -> str:
+    """The version string a bzImage carries uncompressed in its setup header
+    (x86 boot protocol: "HdrS" at 0x202, kernel_version at 0x20E, a pointer
+    512 bytes short of the string): what `uname -r` and `uname -v` will say,
+    e.g. '6.1.192-vztt (vztt@vztt) #1 Mon Nov 16 10:17:40 UTC 2026'."""
+    with open(path, "rb") as f:
+        head = f.read(0x10000)
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise BuildError(f"{path}: not a bzImage (no HdrS setup header)")
+    start = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    end = head.find(b"\0", start)
+    if start >= len(head) or end < 0:
+        raise BuildError(f"{path}: the setup header's kernel_version points outside the setup code")
+    return head[start:end].decode("ascii", "replace")
 
 
 def vm_kernel(cache: TemplateCache) -> KernelEntry:
