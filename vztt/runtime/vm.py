@@ -360,7 +360,12 @@ class VM:
         words = ["console=ttyS0", "root=/dev/vda", "rootfstype=ext4", "rw", "panic=-1",
                  f"systemd.wants={UNIT_NAME}",
                  # No udev in a container template: a serial getty would wait 90 s for dev-ttyS0.device.
-                 "systemd.getty_auto=0"]
+                 # getty_auto=0 needs systemd 250; before it (Ubuntu 22.04's 249) the unit is masked.
+                 "systemd.getty_auto=0", "systemd.mask=serial-getty@ttyS0.service",
+                 # Our kernel has no module support (CONFIG_MODULES=n), so loading the modules of
+                 # /etc/modules-load.d cannot work; systemd 257 (Debian 13) then fails the unit. In a
+                 # container it is skipped for lack of CAP_SYS_MODULE: the VM does the same.
+                 "systemd.mask=systemd-modules-load.service"]
         if self.accel == "tcg" and (khz := host_tsc_khz()):
             # A TCG guest reads the host's TSC. Told its rate, the kernel skips
             # calibrating it against the PIT, which fails when the host is busy
