@@ -51,6 +51,7 @@ from vztt.mounts import mounted_below
 from vztt.progress import Progress
 from vztt.recipe import Recipe
 from vztt.runtime import BootError, CheckFailed, Container, RuntimeUnavailable, cleanup_stale
+from vztt.runtime._linux import OSRELEASE_SYSCTL
 
 CONTAINERS = ".containers"       # the runtime's state dir, under the cache root
 CHECK_TIMEOUT = 60.0             # seconds per check command
@@ -418,9 +419,6 @@ def check_package_db(box: Container, family: str) -> Outcome:
     if fn is None:
         return False, f"no package database check for the {family} family (vztt.boottest.PACKAGE_DB_CHECKS)", ""
     return fn(box)
-
-
-OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
 
 
 def check_osrelease(box: Container, expected: str) -> Outcome:

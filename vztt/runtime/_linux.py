@@ -38,6 +38,9 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
+
+# vztt's kernel patch (kernel/patches/virt_osrelease.patch): uname -r in the writer's UTS namespace
+OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
 PR_CAPBSET_DROP = 24
 CAP_SYS_MODULE = 16
 CAP_SYS_TIME = 25

@@ -100,14 +100,11 @@ def setup_mounts(root: str, console: str, container: str) -> None:
     L.mount("tmpfs", under("tmp"), "tmpfs", NOSUID_NODEV, "mode=1777")
 
 
-OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
-
-
 def set_osrelease(release: str) -> None:
     """What uname -r says in our UTS namespace, through kernel.virt_osrelease
     (vztt's kernel patch). A kernel without it: noted on the console, skipped."""
     try:
-        with open(OSRELEASE_SYSCTL, "w") as f:
+        with open(L.OSRELEASE_SYSCTL, "w") as f:
             f.write(release)
     except FileNotFoundError:
         os.write(2, f"vztt: this kernel has no kernel.virt_osrelease: osrelease {release} not applied\n".encode())
