@@ -272,6 +272,15 @@ def _problems(text: str) -> str:
     return _one_line("\n".join(reasons)) or _one_line(text)
 
 
+def _add_fetched(base: Any, req: dict[str, Any], packages: list[dict[str, Any]]) -> list[Any]:
+    """The fetched package files as dnf package objects of `base`."""
+    import dnf.exceptions
+    try:
+        return list(base.add_remote_rpms([p["path"] for p in packages], strict=True, progress=None))
+    except (IOError, dnf.exceptions.Error) as e:
+        raise _Fail("build", f"{req['recipe']}: cannot read a fetched package: {_one_line(str(e))}") from None
+
+
 def _conf(req: dict[str, Any], installroot: Path, work: Path):  # type: ignore[no-untyped-def]
     import dnf.conf
     for d in ("cache", "log", "persist"):
@@ -403,10 +412,7 @@ def _worker_install(req: dict[str, Any]) -> dict[str, Any]:
         vb = dnf.Base(_conf(req, vroot, work / "dnf"))
         try:
             vb.fill_sack(load_system_repo=False, load_available_repos=False)
-            try:
-                objs = vb.add_remote_rpms([p["path"] for p in group], strict=True, progress=None)
-            except (IOError, dnf.exceptions.Error) as e:
-                raise _Fail("build", f"{req['recipe']}: cannot read a fetched package: {_one_line(str(e))}") from None
+            objs = _add_fetched(vb, req, group)
             for po, p in zip(objs, group):
                 code, msg = vb.package_signature_check(po)
                 if code != 0:
@@ -442,10 +448,7 @@ def _worker_install(req: dict[str, Any]) -> dict[str, Any]:
     display = Display()
     try:
         b.fill_sack(load_system_repo=True, load_available_repos=False)
-        try:
-            objs = b.add_remote_rpms([p["path"] for p in packages], strict=True, progress=None)
-        except (IOError, dnf.exceptions.Error) as e:
-            raise _Fail("build", f"{req['recipe']}: cannot read a fetched package: {_one_line(str(e))}") from None
+        objs = _add_fetched(b, req, packages)
         for po in objs:
             b.package_install(po, strict=True)
         try:
