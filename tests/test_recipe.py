@@ -117,6 +117,8 @@ ERRORS = [
     ("wrong type in record", 'extends = "base"\nrelease = "x"\nversion = "1"\n[[smoke]]\nname = "s"\ncommand = "true"\nexit_status = "0"\n',
      r"bad\.toml: smoke\[s\]\.exit_status: expected int"),
     ("bad choice", 'extends = "base"\nrelease = "x"\nversion = "1"\narch = "sparc"\n', r"bad\.toml: arch: 'sparc' is not one of"),
+    ("bad osrelease", 'extends = "base"\nrelease = "x"\nversion = "1"\nosrelease = "2.6.32; reboot"\n',
+     r"bad\.toml: osrelease: '2\.6\.32; reboot' is not valid: 1 to 64 letters, digits"),
     ("missing parent", 'extends = "nope"\n', r"bad\.toml: extends: parent recipe 'nope' not found"),
     ("file outside the image", 'extends = "base"\nrelease = "x"\nversion = "1"\n[[files]]\npath = "/etc/../../x"\ncontent = ""\n',
      r"bad\.toml: files\[/etc/\.\./\.\./x\]\.path: .* is outside the image"),

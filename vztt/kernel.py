@@ -47,6 +47,7 @@ from typing import Any, Iterator
 from vztt.cache import TemplateCache
 from vztt.errors import BuildError, EnvironmentProblem, FetchError, RuntimeUnavailable
 from vztt.paths import default_dir
+from vztt.pkgcache import sha256_file
 from vztt.proc import BASE_ENV, Log, mark_children, run
 from vztt.progress import Progress
 
@@ -306,14 +307,6 @@ def source_package(log: Log | None = None) -> SourcePackage:
     return SourcePackage(SOURCE_PACKAGE, fields["Version"], fields.get("SHA256", ""), int(fields.get("Size", "0")))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_source(source: SourcePackage, kcache: Path, log: Log | None = None) -> tuple[Path, bool]:
     """The source .deb in the kernel cache: fetched with `apt-get download`
     unless it is there already. Returns (path, whether it was downloaded).
@@ -321,7 +314,7 @@ def fetch_source(source: SourcePackage, kcache: Path, log: Log | None = None) ->
     src = kcache / "source"
     src.mkdir(parents=True, exist_ok=True)
     deb = src / source.deb_name
-    if deb.is_file() and (not source.sha256 or _sha256(deb) == source.sha256):
+    if deb.is_file() and (not source.sha256 or sha256_file(deb) == source.sha256):
         return deb, False
     deb.unlink(missing_ok=True)
     tmp = src / f".download.{os.getpid()}"
@@ -335,7 +328,7 @@ def fetch_source(source: SourcePackage, kcache: Path, log: Log | None = None) ->
         got = list(tmp.glob("*.deb"))
         if len(got) != 1:
             raise FetchError(f"apt-get download {source.name}: expected one .deb, found {len(got)}")
-        if source.sha256 and (digest := _sha256(got[0])) != source.sha256:
+        if source.sha256 and (digest := sha256_file(got[0])) != source.sha256:
             raise FetchError(f"{got[0].name}: sha256 {digest} does not match apt's {source.sha256}")
         os.replace(got[0], deb)
     finally:
@@ -663,7 +656,7 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
                     "series_digest": sdigest, "fragment_digest": fdigest,
                     "patches": [p.name for p in patches],
                     "source_date_epoch": epoch, "build_timestamp": build_timestamp(epoch),
-                    "bzImage": {"size": (tmp / "bzImage").stat().st_size, "sha256": _sha256(tmp / "bzImage")},
+                    "bzImage": {"size": (tmp / "bzImage").stat().st_size, "sha256": sha256_file(tmp / "bzImage")},
                     "options": [o.as_dict() for o in options],
                     "dropped": [o.name for o in dropped],
                     "jobs": jobs, "compile_seconds": round(compile_seconds, 1),

@@ -169,6 +169,8 @@ def _check_type(value: Any, setting: Setting, where: str) -> None:
         raise RecipeError(f"{where}: expected {setting.toml_type}, got {_describe(value)}")
     if setting.choices and value not in setting.choices:
         raise RecipeError(f"{where}: {value!r} is not one of {', '.join(setting.choices)}")
+    if setting.pattern and not re.fullmatch(setting.pattern, value):
+        raise RecipeError(f"{where}: {value!r} is not valid: {setting.pattern_doc or setting.pattern}")
 
 
 def _describe(value: Any) -> str:

@@ -28,6 +28,8 @@ class Setting:
     default: Any = None
     merge: str = REPLACE
     choices: tuple[str, ...] = ()
+    pattern: str = ""              # a regular expression the whole value must match (str settings)
+    pattern_doc: str = ""          # the same in words, for errors and docs
     inherit: bool = True           # False: belongs to the file that sets it (name, abstract, extends)
     templated: bool = False        # jinja2-rendered with the recipe's variables
     record_key: str = ""           # for records: the field that identifies a record
@@ -37,6 +39,10 @@ class Setting:
     def toml_type(self) -> str:
         return {"records": "array of tables"}.get(self.type, self.type)
 
+
+# What uname(2) can carry (__NEW_UTS_LEN is 64), restricted to what release strings are made of.
+OSRELEASE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}"
+OSRELEASE_WORDS = "1 to 64 letters, digits and . _ + ~ -, starting with a letter or digit"
 
 DISTROS = ("debian", "ubuntu", "centos-stream", "almalinux", "rockylinux")
 ARCHES = ("x86_64", "aarch64")
@@ -94,8 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("osrelease", "str", "Kernel release that `uname -r` reports inside booted templates, for old "
             "distributions whose package scripts check the kernel version (e.g. `2.6.32`). Applied through "
             "kernel.virt_osrelease, vztt's kernel patch: in the VM runtime (`vztt test --vm`) always; in the "
-            "container runtime only on a host kernel that has it (otherwise noted and skipped). Up to 64 "
-            "letters, digits and `. _ + ~ -`."),
+            "container runtime only on a host kernel that has it (otherwise noted and skipped).",
+            pattern=OSRELEASE_PATTERN, pattern_doc=OSRELEASE_WORDS),
     Setting("variables", "dict[str,str]", "Extra variables for templates.", default={}, merge=MERGE),
     Setting("merged_usr", "bool", "Create the merged-/usr symlinks before unpacking (debootstrap's way) and pick usr-is-merged over usrmerge.", default=True),
     Setting("packages.priority", "str", "apt: the priority set installed besides Essential packages (`required` is mmdebstrap's minbase).",
@@ -153,6 +159,8 @@ def reference_markdown() -> str:
         extra = ""
         if s.choices:
             extra += " One of: " + ", ".join(f"`{c}`" for c in s.choices) + "."
+        if s.pattern_doc:
+            extra += f" {s.pattern_doc[0].upper()}{s.pattern_doc[1:]}."
         if s.templated:
             extra += " jinja2-templated."
         if not s.inherit:

@@ -478,10 +478,11 @@ def _check_host(overlay: bool) -> None:
     _tool("nsenter")
 
 
-def _tool(name: str) -> str:
+def _tool(name: str, package: str = "util-linux") -> str:
+    """The program's path on the runtimes' PATH; RuntimeUnavailable naming its package if missing."""
     path = shutil.which(name, path=EXEC_ENV["PATH"])
     if path is None:
-        raise RuntimeUnavailable(f"{name} is missing (apt-get install util-linux)")
+        raise RuntimeUnavailable(f"{name} is missing (apt-get install {package})")
     return path
 
 

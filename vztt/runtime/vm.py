@@ -60,8 +60,9 @@ import time
 from pathlib import Path
 
 from ..errors import BootError, RuntimeUnavailable
+from ..settings import OSRELEASE_PATTERN, OSRELEASE_WORDS
 from . import _linux
-from .container import _signals_deferred
+from .container import _signals_deferred, _tool
 
 QEMU = "qemu-system-x86_64"
 PORT_NAME = "org.vztt.agent"
@@ -74,8 +75,7 @@ REPLY_GRACE = 15.0           # beyond a command's own timeout (timeout -k 5, tra
 TIMED_OUT = 124              # as timeout(1), and as Container.exec
 TCG_CPU = "max"
 TCG_SLOWDOWN = 3.0           # under TCG every time bound a caller gives is this many times longer
-MAX_OSRELEASE = 64           # __NEW_UTS_LEN
-OSRELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
+OSRELEASE = re.compile(OSRELEASE_PATTERN)
 EXEC_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "
             "TERM=dumb SYSTEMD_PAGER=")
 
@@ -156,8 +156,7 @@ exec /sbin/init
 def check_osrelease(value: str) -> str:
     """A release string uname(2) can carry (ValueError otherwise)."""
     if not OSRELEASE.fullmatch(value):
-        raise ValueError(f"{value!r} is not a release string: 1 to {MAX_OSRELEASE} letters, digits and . _ + ~ -, "
-                         "starting with a letter or digit")
+        raise ValueError(f"{value!r} is not a release string: {OSRELEASE_WORDS}")
     return value
 
 
@@ -572,13 +571,6 @@ def _tsc_samples(page: mmap.mmap, seconds: float) -> tuple[tuple[int, int], tupl
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the thread that started us ends."""
     _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    if path is None:
-        raise RuntimeUnavailable(f"{name} is missing (apt-get install {package})")
-    return path
 
 
 def _opt(path: Path) -> str:
