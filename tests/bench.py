@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vztt.recipe import RecipeStore  # noqa: E402
+from vztt.recipe.recipe import RecipeStore  # noqa: E402
 import bench_mirror  # noqa: E402  (tests/: pull + create from a local nginx)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lz4.frame
 
-from vztt.archive import pack_tree
+from vztt.formats.plain import pack_tree
 
 SDE = 1_700_000_000
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # cap_net_raw+ep

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from conftest import PACKAGE_CACHE, RECIPES, REPO, BuiltTemplate, Result, leftovers, one_line_error, run_vztt
-from vztt import boottest
-from vztt.archive import pack_tree
-from vztt.errors import EXIT_CODES
-from vztt.recipe import RecipeStore
-from vztt.runtime import BootError, CheckFailed, RuntimeUnavailable
+from vztt.boot import test as boottest
+from vztt.formats.plain import pack_tree
+from vztt.base.errors import EXIT_CODES
+from vztt.recipe.recipe import RecipeStore
+from vztt.boot.runtime import BootError, CheckFailed, RuntimeUnavailable
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting containers needs root")
 

@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from rootfs_helpers import debian_rootfs, rootfs_cached  # noqa: E402
 
-from vztt.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale  # noqa: E402
-from vztt.runtime import cgroup  # noqa: E402
+from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale  # noqa: E402
+from vztt.boot.runtime import cgroup  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -212,7 +212,7 @@ def test_wait_running_times_out(rootfs, state_dir):
 
 INTERRUPTED_OWNER = """
 import sys, time
-from vztt.runtime import Container
+from vztt.boot.runtime import Container
 with Container(sys.argv[1], sys.argv[2], name="t-sigint") as box:
     box.wait_running(timeout=60)
     print("up", flush=True)
@@ -239,7 +239,7 @@ def test_keyboard_interrupt_cleans_up(rootfs, state_dir):
 
 KILLED_OWNER = """
 import json, sys, time
-from vztt.runtime import Container
+from vztt.boot.runtime import Container
 box = Container(sys.argv[1], sys.argv[2], name="t-orphan").start()
 box.wait_running(timeout=60)
 print(json.dumps([str(d) for d in box.cgroups.dirs]), flush=True)
@@ -278,7 +278,7 @@ def test_cleanup_stale_kills_a_live_orphan(rootfs, state_dir):
 
 
 def test_not_root_is_runtime_unavailable(rootfs, tmp_path):
-    script = ("import sys\nfrom vztt.runtime import Container, RuntimeUnavailable\n"
+    script = ("import sys\nfrom vztt.boot.runtime import Container, RuntimeUnavailable\n"
               "try:\n    Container(sys.argv[1], sys.argv[2]).start()\n"
               "except RuntimeUnavailable as e:\n    print(type(e).__name__, e.exit_code, e)\n")
     result = subprocess.run(

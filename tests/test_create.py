@@ -20,9 +20,9 @@ import pytest
 from conftest import REPO, BuiltTemplate, leftovers, one_line_error, run_vztt
 from mirrorkit import NAME, Keys, Member, install_template, keys, small_tree, snapshot, tar_bytes, tiny_template, web
 from nginx import Nginx
-from vztt import ploop
-from vztt.runtime import Container
-from vztt.safetar import Limits, TarGuard, UnsafeArchive
+from vztt.formats.ploop import image as ploop
+from vztt.boot.runtime import Container
+from vztt.formats.safetar import Limits, TarGuard, UnsafeArchive
 
 __all__ = ["keys", "web"]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vztt.errors import FetchError
-from vztt.fetch import Download, Fetcher
-from vztt.pkgcache import PackageCache
+from vztt.base.errors import FetchError
+from vztt.build.fetch import Download, Fetcher
+from vztt.store.packages import PackageCache
 
 
 class Server:

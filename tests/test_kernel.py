@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, one_line_error, run_vztt
-from vztt import kernel
+from vztt.kernel import build as kernel
 
 KERNEL = REPO / "kernel"
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel tests use the host's apt as root")
@@ -264,8 +264,8 @@ def test_an_entry_of_an_older_build_format_is_not_used(tmp_path: Path) -> None:
 def test_vm_runtime_wants_a_built_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No kernel in the kernel cache: the VM runtime cannot start (exit 10),
     and says what to run."""
-    from vztt.cache import TemplateCache
-    from vztt.errors import RuntimeUnavailable
+    from vztt.store.templates import TemplateCache
+    from vztt.base.errors import RuntimeUnavailable
     monkeypatch.setenv("VZTT_KERNEL_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(kernel, "source_package", lambda log=None: kernel.SourcePackage(
         "linux-source-6.1", "6.1.1-1", "", 0))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vztt.errors import ResolveError
-from vztt.lock import Lock, LockedPackage, LockedRepository, diff
+from vztt.base.errors import ResolveError
+from vztt.recipe.lock import Lock, LockedPackage, LockedRepository, diff
 
 
 def pkg(name: str, version: str, sha: str = "a" * 64) -> LockedPackage:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vztt.errors import RecipeError
-from vztt.mirrors import host_defaults, load
+from vztt.base.errors import RecipeError
+from vztt.recipe.variables import host_defaults, load
 
 
 def apt_etc(tmp_path: Path) -> Path:

@@ -19,7 +19,7 @@ from aptrepo import FakePackage, build_deb, make_gpg_key, make_repo
 from conftest import PACKAGE_CACHE, RECIPES, REPO, BuiltTemplate, Result, leftovers, one_line_error, run_vztt
 from minidist import stage_locked_debs
 from vztt.nightly import matrix, parse_shard, shard
-from vztt.errors import RecipeError
+from vztt.base.errors import RecipeError
 
 WORKFLOW = REPO / ".github" / "workflows" / "nightly.yml"
 

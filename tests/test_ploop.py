@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import ploop_helpers as H  # noqa: E402
 
-from vztt import ploop  # noqa: E402
-from vztt.errors import BuildError  # noqa: E402
+from vztt.formats.ploop import image as ploop  # noqa: E402
+from vztt.base.errors import BuildError  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),

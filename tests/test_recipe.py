@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import RECIPES, REPO, one_line_error, run_vztt
-from vztt.errors import RecipeError
-from vztt.recipe import RecipeStore
-from vztt.settings import SETTINGS, reference_markdown
+from vztt.base.errors import RecipeError
+from vztt.recipe.recipe import RecipeStore
+from vztt.recipe.settings import SETTINGS, reference_markdown
 
 
 def write(d: Path, name: str, text: str) -> Path:

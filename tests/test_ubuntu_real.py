@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from conftest import run_vztt
-from vztt import mirrors
+from vztt.recipe import variables as mirrors
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -22,9 +22,9 @@ import pytest
 
 from conftest import PACKAGE_CACHE, REPO, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
 from test_kernel import built_kernel, kernel_env  # noqa: F401  (the session's kernel fixture)
-from vztt import boottest
-from vztt.cache import TemplateCache
-from vztt.runtime import vm
+from vztt.boot import test as boottest
+from vztt.store.templates import TemplateCache
+from vztt.boot.runtime import vm
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting templates needs root")
 OSRELEASE = "2.6.32-vztt"

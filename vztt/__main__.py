@@ -1,3 +1,3 @@
-from vztt.cli import main
+from vztt.cli.main import main
 
 main()

@@ -44,13 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vztt import mirror, ploop
-from vztt.cache import Entry, TemplateCache, pid_alive
-from vztt.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
-from vztt.mounts import Mounts, enter_private_namespace, require_root
-from vztt.progress import Progress
-from vztt.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks, read_in_root, remove_in_root, write_in_root
-from vztt.vzcache import FORMATS
+from vztt.mirror import mirror
+
+from vztt.formats.ploop import image as ploop
+from vztt.store.templates import Entry, TemplateCache, pid_alive
+from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
+from vztt.base.mounts import Mounts, enter_private_namespace, require_root
+from vztt.base.progress import Progress
+from vztt.formats.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks, read_in_root, remove_in_root, write_in_root
+from vztt.formats.vzcache import FORMATS
 
 LAYOUTS = ("dir", "ext4", "ploop")
 DEFAULT_SIZE = 10 << 30
@@ -183,7 +185,7 @@ def making(dest: Path) -> Iterator[Path]:
 def _remove(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
-    from vztt.mounts import force_cleanup
+    from vztt.base.mounts import force_cleanup
     force_cleanup(path)
     shutil.rmtree(path, ignore_errors=True)
     if path.exists():
@@ -326,7 +328,7 @@ def finish_ploop(raw: Path, tmp: Path, work: Path, disk_size: int, hostname: str
     raw.unlink()
     info = ploop.read_image(hds)
     geo = ploop.disk_geometry(info.disk_sectors)
-    from vztt.vzcache import DESCRIPTOR_ROOT
+    from vztt.formats.vzcache import DESCRIPTOR_ROOT
     (hdd / ploop.DESCRIPTOR_NAME).write_text(ploop.disk_descriptor_xml(
         info.disk_sectors, geo.cylinders, geo.heads, geo.sectors, info.cluster_size // ploop.SECTOR,
         root_element=DESCRIPTOR_ROOT))

@@ -14,13 +14,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from vztt import build as build_mod
-from vztt.cache import TemplateCache
-from vztt.errors import RecipeError
-from vztt.lock import Lock
-from vztt.mirrors import Mirrors
-from vztt.progress import Progress
-from vztt.recipe import Recipe
+from vztt.build import pipeline as build_mod
+from vztt.store.templates import TemplateCache
+from vztt.base.errors import RecipeError
+from vztt.recipe.lock import Lock
+from vztt.recipe.variables import Mirrors
+from vztt.base.progress import Progress
+from vztt.recipe.recipe import Recipe
 
 CURRENT, OUTDATED, NEW = "current", "outdated", "not built"
 

@@ -1,0 +1,77 @@
+"""One backend per distro family, behind one small interface.
+
+A backend turns a recipe into a lock with the distro's own solver, says
+where each locked package is downloaded from, installs the fetched packages
+into a mounted root, and removes what its tools leave behind.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from vztt.base.errors import RecipeError
+from vztt.build.fetch import Download
+from vztt.recipe.lock import Lock
+from vztt.recipe.variables import Mirrors
+from vztt.base.proc import Log
+from vztt.recipe.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class InstalledPackage:
+    name: str
+    arch: str
+    version: str
+    state: str        # dpkg: "ii"; rpm: "installed"
+
+
+class Backend(ABC):
+    family: str
+
+    def __init__(self, recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log):
+        self.recipe = recipe
+        self.mirrors = mirrors
+        self.state_dir = state_dir       # persistent per template: solver state (apt lists, dnf metadata)
+        self.log = log
+
+    def base_urls(self) -> dict[str, str]:
+        """Repository name -> URL with the mirror variables expanded."""
+        return {r.name: self.mirrors.expand(r.url, f"{self.recipe.path}: repositories[{r.name}].url").rstrip("/")
+                for r in self.recipe.repositories}
+
+    @abstractmethod
+    def resolve(self) -> Lock:
+        """The full package set, with verified metadata, as a lock."""
+
+    def downloads(self, lock: Lock) -> list[Download]:
+        out = []
+        for p in lock.packages:
+            repo = lock.repository(p.repository)
+            base = self.mirrors.expand(repo.url, f"lock {lock.recipe}: repositories[{repo.name}].url")
+            out.append(Download(label=f"{p.name} {p.version}", url=f"{base.rstrip('/')}/{p.filename}",
+                                sha256=p.sha256, size=p.size))
+        return out
+
+    @abstractmethod
+    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str]) -> None:
+        """Install exactly the locked packages (files: sha256 -> cached file) into root."""
+
+    @abstractmethod
+    def finish(self, root: Path) -> None:
+        """Remove the package manager's build-time leftovers (caches, logs, build-only config)."""
+
+    @abstractmethod
+    def installed(self, root: Path) -> list[InstalledPackage]:
+        """What the image's package database says is installed."""
+
+
+def backend_for(recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log) -> Backend:
+    if recipe.family == "apt":
+        from vztt.backend.apt import AptBackend
+        return AptBackend(recipe, mirrors, state_dir, log)
+    if recipe.family == "dnf":
+        from vztt.backend.dnf import DnfBackend
+        return DnfBackend(recipe, mirrors, state_dir, log)
+    raise RecipeError(f"{recipe.path}: distro: {recipe.distro!r} has no backend yet")

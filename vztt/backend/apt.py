@@ -1,0 +1,352 @@
+"""The apt backend: Debian and Ubuntu.
+
+Resolution runs the host's apt with a generated configuration against the
+template's own state directory (never the host's apt state), as mmdebstrap
+and mkosi do: `apt-get update` verifies every Release file with gpgv against
+the recipe's keyring and every index against its sha256, then
+`apt-get install --print-uris` asks apt's solver for the full set on an empty
+system. The lock takes name, version, size, sha256 and pool path from it.
+
+Installation follows mmdebstrap: the Essential closure is unpacked with
+`dpkg-deb --fsys-tarfile | tar`, configured by the image's own dpkg in a
+chroot, then apt (the host's, with dpkg chrooted into the image) installs
+the rest from the fetched files in dependency order. No daemon starts: a
+policy-rc.d that says 101 is in place until the end.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import unquote
+
+from vztt.backend import Backend, InstalledPackage
+from vztt.base.errors import BuildError, ResolveError
+from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
+from vztt.base.proc import BASE_ENV, run, summarize
+
+# Package scripts must not start anything in the image while we build it.
+POLICY_RC_D = "#!/bin/sh\n# vztt build: no daemon starts during the build\nexit 101\n"
+DPKG_BUILD_CFG = "etc/dpkg/dpkg.cfg.d/zz-vztt-build"
+MERGED_USR_DIRS = {"amd64": ("bin", "sbin", "lib", "lib32", "lib64", "libx32"), "arm64": ("bin", "sbin", "lib")}
+
+_URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+) SHA256:(?P<sha>[0-9a-f]{64})$")
+
+
+def archive_name(p: LockedPackage) -> str:
+    """The file name apt gives a downloaded package (epoch's colon quoted)."""
+    return f"{p.name}_{p.version.replace(':', '%3a')}_{p.arch}.deb"
+
+
+def _file_uri_path(url: str) -> str:
+    """apt prints file URIs as file:/path; compare them as file:/path too."""
+    if url.startswith("file:"):
+        return "file:/" + url[len("file:"):].lstrip("/")
+    return url
+
+
+# apt's URItoFileName: these characters (and non-printables) are %-quoted, then / becomes _.
+_APT_QUOTED = set('\\|{}[]<>"^~_=!@#$%^&*')
+
+
+def _apt_list_name(url: str, suite: str) -> str:
+    """The tail of the name apt gives a repository's InRelease in its lists directory."""
+    rest = re.sub(r"^[a-z0-9+.-]+:/*", "", url).rstrip("/") + f"/dists/{suite}/InRelease"
+    quoted = "".join(f"%{ord(c):02x}" if c in _APT_QUOTED or not 0x20 < ord(c) < 0x7F else c for c in rest)
+    return quoted.replace("/", "_")
+
+
+class AptBackend(Backend):
+    family = "apt"
+
+    # ------------------------------------------------------------------ config
+    def _apt_config(self, name: str, status: Path, extra: dict[str, str] | None = None) -> Path:
+        """An apt configuration rooted in our state dir; returns the file for APT_CONFIG."""
+        base = self.state_dir / name
+        for d in ("state/lists/partial", "cache/archives/partial", "etc/apt.conf.d", "etc/preferences.d",
+                  "etc/trusted.gpg.d", "etc/sources.list.d", "log"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        settings = {
+            "Dir": "/",
+            "Dir::State": f"{base}/state/",
+            "Dir::State::status": str(status),
+            "Dir::Etc": f"{base}/etc/",
+            "Dir::Etc::SourceList": f"{base}/etc/sources.list",
+            "Dir::Etc::SourceParts": f"{base}/etc/sources.list.d/",
+            "Dir::Etc::Parts": f"{base}/etc/apt.conf.d/",
+            "Dir::Etc::Preferences": f"{base}/etc/preferences",
+            "Dir::Etc::PreferencesParts": f"{base}/etc/preferences.d/",
+            "Dir::Etc::TrustedParts": f"{base}/etc/trusted.gpg.d/",
+            "Dir::Etc::Trusted": f"{base}/etc/trusted.gpg",
+            "Dir::Cache": f"{base}/cache/",
+            "Dir::Log": f"{base}/log/",
+            "APT::Architecture": self.recipe.deb_arch,
+            "APT::Architectures": self.recipe.deb_arch,
+            "APT::Install-Recommends": "false",
+            "APT::Install-Suggests": "false",
+            "Acquire::Languages": "none",
+            "Acquire::ForceHash": "SHA256",      # print-uris gives sha256, not md5
+            "Acquire::Retries": "3",
+            # The keyrings live in our tree, not readable by apt's _apt sandbox user.
+            "APT::Sandbox::User": "root",
+            "Dpkg::Use-Pty": "false",
+            **(extra or {}),
+        }
+        conf = base / "apt.conf"
+        conf.write_text("".join(f'{k} "{v}";\n' for k, v in settings.items()))
+        return conf
+
+    def _env(self, conf: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**BASE_ENV, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive",
+                "DEBCONF_NONINTERACTIVE_SEEN": "true", **(extra or {})}
+
+    # ----------------------------------------------------------------- resolve
+    def resolve(self) -> Lock:
+        recipe = self.recipe
+        if not recipe.repositories:
+            raise ResolveError(f"{recipe.path}: repositories: none configured")
+        urls = self.base_urls()
+        status = self.state_dir / "resolve" / "status"
+        status.parent.mkdir(parents=True, exist_ok=True)
+        status.write_text("")                    # resolve as for an empty system
+        conf = self._apt_config("resolve", status)
+        lines = []
+        for r in recipe.repositories:
+            lines.append(f"deb [signed-by={r.keyring} arch={recipe.deb_arch}] {urls[r.name]} {r.suite} {' '.join(r.components)}")
+        (self.state_dir / "resolve" / "etc" / "sources.list").write_text("\n".join(lines) + "\n")
+        env = self._env(conf)
+
+        # --error-on=any: without it a bad signature after an earlier good update is only
+        # a warning, and apt goes on with the old lists.
+        proc = run(["apt-get", "update", "--error-on=any"], log=self.log, env=env, check=False,
+                   what="apt-get update", error=ResolveError)
+        if proc.returncode != 0:
+            self._update_failed(proc.stdout + proc.stderr, urls)
+
+        releases = self._verified_releases(urls)
+        request = self._request()
+        full = self._print_uris(request, env)
+        essential_req = ["?essential"] + [x for x in request if x == "usr-is-merged"]
+        essential = {name for name, *_ in self._print_uris(essential_req, env)}
+
+        by_url = sorted(((_file_uri_path(u), name) for name, u in urls.items()), key=lambda x: -len(x[0]))
+        packages = []
+        for name, version, arch, size, sha, uri in full:
+            uri = _file_uri_path(unquote(uri))
+            repo = next((rn for base, rn in by_url if uri.startswith(base + "/")), None)
+            if repo is None:
+                raise ResolveError(f"{name} {version}: apt offers it from {uri}, which is none of the recipe's repositories")
+            base = next(b for b, rn in by_url if rn == repo)
+            packages.append(LockedPackage(name=name, version=version, arch=arch, size=size, sha256=sha,
+                                          filename=uri[len(base) + 1:], repository=repo,
+                                          essential=name in essential))
+        return Lock(
+            recipe=recipe.name, inputs_digest=recipe.resolve_digest(), distro=recipe.distro, release=recipe.release,
+            arch=recipe.deb_arch, source_date_epoch=max(date for date, _ in releases.values()),
+            repositories=tuple(LockedRepository(name=r.name, url=r.url, suite=r.suite, components=r.components,
+                                                release_sha256=releases[r.name][1]) for r in recipe.repositories),
+            packages=tuple(sorted(packages, key=lambda p: p.name)), request=tuple(request),
+        )
+
+    def _request(self) -> list[str]:
+        r = self.recipe
+        base = {"essential": "?essential", "required": "?or(?essential,?priority(required))",
+                "important": "?or(?essential,?priority(required),?priority(important))"}[r.priority]
+        if r.exclude:
+            names = "|".join(re.escape(x) for x in r.exclude)
+            base = f"?and({base},?not(?name(^({names})$)))"
+        # usr-is-merged keeps apt from choosing usrmerge (a slow conversion) where both exist;
+        # older releases (jammy) have neither and are merged by the symlinks alone.
+        merged = ["usr-is-merged"] if r.merged_usr and self._known("usr-is-merged") else []
+        request = [base, "apt"] + merged + list(r.include)
+        request += [f"{x}-" for x in r.exclude]      # "name-": must not be installed
+        return request
+
+    def _known(self, package: str) -> bool:
+        conf = self.state_dir / "resolve" / "apt.conf"
+        proc = subprocess.run(["apt-cache", "show", "--no-all-versions", package], env=self._env(conf),
+                              capture_output=True)
+        return proc.returncode == 0 and bool(proc.stdout.strip())
+
+    def _update_failed(self, output: str, urls: dict[str, str]) -> None:
+        # apt names the failing index as "<url> <suite> InRelease": match both, since
+        # several suites (main, -updates) usually share one mirror URL.
+        for r in self.recipe.repositories:
+            names = {f"{_file_uri_path(urls[r.name])} {r.suite} ", f"{urls[r.name]} {r.suite} "}
+            lines = [l for l in output.splitlines()
+                     if l.startswith(("E:", "W:", "Err:")) and any(n in l for n in names)]
+            if not lines:
+                continue
+            culprit = f"repository {r.name} ({urls[r.name]} {r.suite})"
+            text = "\n".join(lines)
+            if re.search(r"NO_PUBKEY|BADSIG|signatures were invalid|EXPKEYSIG|REVKEYSIG", text):
+                raise ResolveError(f"{culprit}: Release signature does not verify with keyring {r.keyring}")
+            if "is not signed" in text:
+                raise ResolveError(f"{culprit}: Release file is not signed (vztt accepts signed repositories only)")
+            raise ResolveError(f"{culprit}: {summarize(text)}")
+        raise ResolveError(f"apt-get update: {summarize(output)}")
+
+    def _verified_releases(self, urls: dict[str, str]) -> dict[str, tuple[int, str]]:
+        """repo -> (Release Date as epoch, sha256 of the InRelease apt verified)."""
+        lists = self.state_dir / "resolve" / "state" / "lists"
+        out = {}
+        for r in self.recipe.repositories:
+            expected = _apt_list_name(urls[r.name], r.suite)
+            found = [f for f in lists.glob("*InRelease") if f.name.endswith(expected)]
+            if not found:
+                raise ResolveError(f"repository {r.name} ({urls[r.name]} {r.suite}): no signed InRelease file "
+                                   "(a Release.gpg-only repository is not supported)")
+            data = found[0].read_bytes()
+            m = re.search(rb"^Date: (.+)$", data, re.M)
+            if not m:
+                raise ResolveError(f"repository {r.name}: Release file has no Date field")
+            date = int(email.utils.parsedate_to_datetime(m.group(1).decode()).timestamp())
+            out[r.name] = (date, hashlib.sha256(data).hexdigest())
+        return out
+
+    def _print_uris(self, request: list[str], env: dict[str, str]) -> list[tuple[str, str, str, int, str, str]]:
+        # -q, not -qq: -qq hides the "X : Depends: Y but it is not installable" lines of a failure.
+        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", *request], log=self.log, env=env,
+                   check=False, what="apt-get install --print-uris", error=ResolveError)
+        if proc.returncode != 0:
+                raise ResolveError(f"{self.recipe.name}: cannot resolve the package set: "
+                               f"{summarize(proc.stdout + proc.stderr)}")
+        out = []
+        for line in proc.stdout.splitlines():
+            m = _URI_LINE.match(line.strip())
+            if not m:
+                continue
+            stem = m["file"][:-len(".deb")]
+            name, version, arch = stem.split("_")
+            out.append((name, unquote(version), arch, int(m["size"]), m["sha"], m["uri"]))
+        if not out:
+            raise ResolveError(f"{self.recipe.name}: apt resolved an empty package set")
+        return out
+
+    # ----------------------------------------------------------------- install
+    def _prepare_root(self, root: Path) -> None:
+        if self.recipe.merged_usr:
+            for d in MERGED_USR_DIRS.get(self.recipe.deb_arch, ("bin", "sbin", "lib")):
+                (root / "usr" / d).mkdir(parents=True, exist_ok=True)
+                (root / d).symlink_to(f"usr/{d}")
+        for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "var/cache/apt/archives/partial",
+                  "etc/apt/apt.conf.d", "etc/dpkg/dpkg.cfg.d", "usr/sbin", "proc", "dev", "sys", "run"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(mode=0o1777, exist_ok=True)
+        os.chmod(root / "tmp", 0o1777)
+        for f in ("var/lib/dpkg/status", "var/lib/dpkg/available"):
+            (root / f).touch()
+        (root / "usr/sbin/policy-rc.d").write_text(POLICY_RC_D)
+        os.chmod(root / "usr/sbin/policy-rc.d", 0o755)
+        # fsync after every file is what makes dpkg slow; the image is scratch until packed.
+        (root / DPKG_BUILD_CFG).write_text("force-unsafe-io\n")
+
+    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str]) -> None:
+        self._prepare_root(root)
+        archives = root / "var/cache/apt/archives"
+        debs: dict[str, Path] = {}
+        for p in lock.packages:
+            dest = archives / archive_name(p)
+            shutil.copyfile(files[p.sha256], dest)
+            debs[p.key] = dest
+        essential = [p for p in lock.packages if p.essential]
+        rest = [p for p in lock.packages if not p.essential]
+        if not essential:
+            raise BuildError(f"lock for {lock.recipe}: no Essential packages; re-run `vztt resolve`")
+
+        # 1. Unpack the Essential closure so the image has a dpkg and a shell to configure with.
+        #    (Not dpkg-deb --extract: it would replace the merged-/usr symlinks with directories.)
+        t0 = time.monotonic()
+        # Essential packages do not share files, so they unpack in parallel (tar copes with a
+        # directory another tar has just made).
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(pool.map(lambda p: self._unpack(debs[p.key], root), essential))
+        self.log.write(f"# unpacked {len(essential)} Essential packages in {time.monotonic() - t0:.1f} s")
+
+        script_env = {**BASE_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
+                      **env}
+        # 2. Configure it with the image's own dpkg.
+        inside = ["/" + str(debs[p.key].relative_to(root)) for p in essential]
+        run(["chroot", str(root), "dpkg", "--install", "--force-depends", *inside], log=self.log, env=script_env,
+            what=f"{lock.recipe}: dpkg --install of the Essential packages")
+        self.log.write(f"# configured the Essential packages at {time.monotonic() - t0:.1f} s")
+
+        # 3. The rest through apt's ordering, dpkg chrooted into the image.
+        if rest:
+            conf = self._apt_config("install", root / "var/lib/dpkg/status", {
+                "Dir::Cache::archives": str(archives) + "/",
+                "DPkg::Chroot-Directory": str(root),
+                "Dir::Etc::SourceList": "/dev/null",
+            })
+            run(["apt-get", "install", "-y", "--no-download", "-o", "APT::Get::allow-downgrades=false",
+                 *[str(debs[p.key]) for p in rest]],
+                log=self.log, env=self._env(conf, script_env), what=f"{lock.recipe}: apt-get install")
+        self.log.write(f"# installed the rest at {time.monotonic() - t0:.1f} s")
+        self._check_installed(lock, root)
+        self._write_sources(root)
+
+    def _unpack(self, deb: Path, root: Path) -> None:
+        deb_tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        tar = subprocess.run(["tar", "-x", "-p", "--keep-directory-symlink", "--same-owner", "-C", str(root)],
+                             stdin=deb_tar.stdout, capture_output=True, text=True)
+        assert deb_tar.stdout is not None
+        deb_tar.stdout.close()
+        err = deb_tar.stderr.read().decode(errors="replace") if deb_tar.stderr else ""
+        if deb_tar.wait() != 0 or tar.returncode != 0:
+            raise BuildError(f"unpack {deb.name}: {(err + tar.stderr).strip().splitlines()[-1:]}")
+
+    def _check_installed(self, lock: Lock, root: Path) -> None:
+        have = {(p.name, p.arch): p for p in self.installed(root)}
+        for p in lock.packages:
+            got = have.get((p.name, p.arch))
+            if got is None or got.state != "ii" or got.version != p.version:
+                state = f"{got.state} {got.version}" if got else "not installed"
+                raise BuildError(f"{lock.recipe}: {p.name} {p.version} is {state} in the image after install")
+
+    def _write_sources(self, root: Path) -> None:
+        """apt sources inside the image, so apt works in containers made from it."""
+        urls = self.base_urls()
+        lines = ["# written by vztt from the recipe's repositories"]
+        for r in self.recipe.repositories:
+            if r.image_sources and not urls[r.name].startswith("file:"):
+                lines.append(f"deb {urls[r.name]} {r.suite} {' '.join(r.components)}")
+        (root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+
+    def installed(self, root: Path) -> list[InstalledPackage]:
+        proc = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
+                               "-f=${db:Status-Abbrev}\t${Package}\t${Architecture}\t${Version}\n"],
+                              capture_output=True, text=True)
+        out = []
+        for line in proc.stdout.splitlines():
+            state, name, arch, version = line.split("\t")
+            out.append(InstalledPackage(name=name, arch=arch, version=version, state=state.strip()))
+        return out
+
+    # ------------------------------------------------------------------ finish
+    def finish(self, root: Path) -> None:
+        for rel in ("usr/sbin/policy-rc.d", DPKG_BUILD_CFG, "var/cache/ldconfig/aux-cache",
+                    "var/log/dpkg.log", "var/log/alternatives.log", "var/log/bootstrap.log",
+                    "var/cache/debconf/config.dat-old", "var/cache/debconf/templates.dat-old",
+                    "var/lib/dpkg/status-old", "var/lib/dpkg/diversions-old", "var/lib/dpkg/available-old",
+                    "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
+            p = root / rel
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+        for rel in ("var/cache/apt", "var/lib/apt/lists", "var/log/apt"):
+            d = root / rel
+            if d.is_dir():
+                for child in d.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    elif child.name != "lock" or rel != "var/lib/apt/lists":
+                        child.unlink()
+        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,558 @@
+"""Boot a root tree with its own init as PID 1 in namespaces, run commands in
+it, power it off, and leave nothing behind.
+
+    with Container(tree, state_dir, hostname="check") as box:
+        state, failed = box.wait_running(timeout=60)
+        status, output = box.exec(["systemctl", "is-active", "ssh"], timeout=10)
+        box.poweroff(timeout=30)
+
+What a container is here (the recipe from NOTES.md, "Booting templates here"):
+- new pid, mount, uts, ipc, net and cgroup namespaces (no user namespace: we
+  are root, and this is a test harness for our own templates, not a security
+  boundary);
+- the tree: an overlayfs whose upper and work dirs are in a scratch directory,
+  over the tree as read-only lower (`overlay=True`, the tree stays pristine),
+  or a scratch copy of it (`overlay=False`). `prepare(root)` may edit it before
+  boot. Either way the scratch directory goes at the end;
+- inside the container's own mount namespace (so these vanish with it): /proc
+  (with /proc/sys read-only), read-only /sys, cgroup2 on /sys/fs/cgroup, a
+  tmpfs /dev with the basic nodes, devpts and a private pty as /dev/console,
+  tmpfs /run and /tmp; then pivot_root (see _stage.py);
+- `container=vztt` in init's environment and /run/systemd/container;
+  loopback up, hostname set (and written to /etc/hostname in the tree, which
+  systemd would otherwise apply over ours);
+- with `osrelease`, the release uname(2) reports inside, set through
+  kernel.virt_osrelease (vztt's kernel patch) in the container's UTS
+  namespace; a kernel without it gets a note on the console, not an error;
+- its own cgroups with optional memory and pids limits (see cgroup.py for
+  what this host's hybrid layout allows);
+- the console's output, copied to a log file (`console_log`), kept after the
+  run and named in every BootError.
+
+Every run records its paths in STATE_DIR/NAME.json and holds a lock on that
+file while it lives; `cleanup_stale(state_dir)`, called on every start, cleans
+up runs whose owner died without doing so. Kill order on cleanup: every
+process (through the cgroups), the host-side mounts under the scratch dir,
+the cgroup directories (depth first), the scratch dir, the state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from vztt.base.errors import BootError, RuntimeUnavailable, VzttError
+from . import _linux, cgroup
+
+
+
+
+CONTAINER = "vztt"   # the value of $container and /run/systemd/container
+STAGE = Path(__file__).with_name("_stage.py")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
+EXEC_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "SYSTEMD_PAGER": "",
+}
+TIMED_OUT = 124      # exec's status for a command killed at its timeout, as timeout(1)
+SETUP_TIMEOUT = 30.0  # for the stage to set up the mounts and exec init
+
+
+class Container:
+    """One container run: `start()` (or `with`) boots it, `close()` removes
+    everything; close always runs when used as a context manager, also on
+    KeyboardInterrupt (SIGINT and SIGTERM wait until cleanup is done).
+
+    The container is killed if the thread that started it exits (parent-death
+    signal on the helper process): start it from the thread that owns it.
+    """
+
+    def __init__(self, tree: str | os.PathLike, state_dir: str | os.PathLike, *,
+                 name: str | None = None, hostname: str | None = None, overlay: bool = True,
+                 memory_max: int | None = None, pids_max: int | None = None,
+                 init: tuple[str, ...] = ("/sbin/init",),
+                 prepare: Callable[[Path], None] | None = None,
+                 console_log: str | os.PathLike | None = None, osrelease: str | None = None):
+        self.tree = Path(tree).resolve()
+        self.state_dir = Path(state_dir).resolve()
+        self.name = name or f"vztt-{uuid.uuid4().hex[:12]}"
+        if not NAME.fullmatch(self.name):
+            raise ValueError(f"bad container name {self.name!r}")
+        self.hostname = hostname or self.name
+        self.overlay = overlay
+        self.memory_max, self.pids_max = memory_max, pids_max
+        self.init = tuple(init)
+        self.prepare = prepare
+        self.osrelease = osrelease          # uname -r inside, if the kernel has kernel.virt_osrelease
+        self.scratch = self.state_dir / self.name
+        self.root = self.scratch / "root"   # what the container sees as /
+        self.console_log = Path(console_log) if console_log else self.state_dir / f"{self.name}.console.log"
+        self.cgroups: cgroup.Cgroups | None = None
+        self.init_pid: int | None = None    # PID 1, as the host sees it
+        self.boot_seconds: float | None = None  # start to running/degraded
+        self._state_file: Path | None = None
+        self._lock = None                   # open state file, flock'ed while we live
+        self._stage: subprocess.Popen | None = None
+        self._pidfd: int | None = None
+        self._console: _ConsoleLog | None = None
+        self._started_at = 0.0
+        self._closed = False
+
+    # -- life cycle ---------------------------------------------------------
+
+    def __enter__(self) -> Container:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close_after(exc)
+
+    def _close_after(self, exc: BaseException | None) -> None:
+        """close(), but an incomplete cleanup does not hide the error `exc`
+        that got us here: it becomes a note on it."""
+        try:
+            self.close()
+        except VzttError as problem:
+            if exc is None:
+                raise
+            exc.add_note(str(problem))
+
+    def start(self) -> Container:
+        """Boot: returns once init has been exec'd. BootError if it cannot be
+        (e.g. no /sbin/init); RuntimeUnavailable if the host cannot do it."""
+        _check_host(self.overlay)
+        if not self.tree.is_dir():
+            raise BootError(f"cannot boot {self.tree}: not a directory")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cleanup_stale(self.state_dir)
+        self._claim()
+        try:
+            # Cgroup names are host-wide, container names only per state dir.
+            unique = f"{self.name}.{uuid.uuid4().hex[:8]}"
+            try:
+                self.cgroups = cgroup.plan(unique, self.memory_max, self.pids_max)
+                self._save()
+                cgroup.create(self.cgroups)
+            except OSError as e:
+                raise RuntimeUnavailable(f"cannot create cgroups: {e}") from None
+            self._make_root()
+            self._write_hostname()
+            if self.prepare is not None:
+                self.prepare(self.root)
+            self._boot()
+        except BaseException as exc:
+            self._close_after(exc)
+            raise
+        return self
+
+    def close(self) -> None:
+        """Kill whatever still runs and remove every trace but the console log.
+        Idempotent. RuntimeUnavailable if something could not be removed (the
+        state file then stays, for cleanup_stale to retry)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._lock is None:
+            return  # we never claimed the name: nothing here is ours
+        with _signals_deferred():
+            problems = _teardown(self._record(), self.state_dir)
+            if self._stage is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._stage.wait(timeout=5)
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+            if self._console is not None:
+                self._console.stop()
+            if not problems:
+                self._state_file.unlink(missing_ok=True)
+            self._lock.close()  # releases the flock
+        if problems:
+            raise RuntimeUnavailable(f"cleanup of container {self.name} incomplete: "
+                                     + "; ".join(problems) + f" (state kept in {self._state_file})")
+
+    @property
+    def running(self) -> bool:
+        """Whether init (and so the container) is still alive."""
+        return self._stage is not None and self._stage.poll() is None
+
+    # -- using it -----------------------------------------------------------
+
+    def exec(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str]:
+        """Run argv inside: in all the container's namespaces, its root and its
+        cgroup, with a clean environment and no stdin. Returns (exit status,
+        stdout and stderr merged). At the timeout the command is killed and the
+        status is 124, as with timeout(1). BootError if the container is down."""
+        if not self.running:
+            raise BootError(f"container {self.name} is not running: {self._exit_story()}; "
+                            f"console log: {self.console_log}")
+        # _stage.py puts itself in the container's cgroups, then execs nsenter.
+        procs = [str(p) for p in cgroup.procs_files(self.cgroups.dirs)]
+        command = [_python(), "-E", "-s", str(STAGE), "enter", *procs, "--",
+                   _tool("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
+                   "--net", "--pid", "--cgroup", "--root", "--wd", "--", *argv]
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=EXEC_ENV, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            status = proc.returncode
+        except subprocess.TimeoutExpired:
+            # nsenter forks the command into the pid namespace; the process
+            # group reaches both.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            status = TIMED_OUT
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        return status, out.decode("utf-8", "replace")
+
+    def wait_running(self, timeout: float = 60.0) -> tuple[str, list[str]]:
+        """Wait for systemd to finish booting: returns (state, failed units),
+        state being "running" or "degraded". BootError if init exits, or the
+        system ends in another state, or none within the timeout."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while True:
+            left = deadline - time.monotonic()
+            if not self.running:
+                raise BootError(f"container {self.name} did not boot: {self._exit_story()}; "
+                                f"console log: {self.console_log}")
+            if left <= 0:
+                raise BootError(f"container {self.name} did not reach running within {timeout:g} s"
+                                f" (last state: {state or 'none'}); console log: {self.console_log}")
+            status, out = self.exec(["systemctl", "is-system-running", "--wait"], timeout=left)
+            lines = out.strip().splitlines()
+            state = lines[-1][:100] if lines else ""
+            if status in (126, 127):  # nsenter could not run it
+                raise BootError(f"container {self.name}: cannot run systemctl: {state}")
+            if state in ("running", "degraded"):
+                break
+            if state in ("maintenance", "stopping"):
+                raise BootError(f"container {self.name} did not boot: system is {state}; "
+                                f"console log: {self.console_log}")
+            time.sleep(0.05)  # not up yet (no bus socket: "offline"), or still starting
+        self.boot_seconds = time.monotonic() - self._started_at
+        _status, out = self.exec(["systemctl", "--failed", "--plain", "--no-legend"], timeout=30)
+        return state, [line.split()[0] for line in out.splitlines() if line.strip()]
+
+    def poweroff(self, timeout: float = 30.0) -> bool:
+        """Ask init to power off (SIGRTMIN+4, i.e. `systemctl poweroff` without
+        needing it to be up) and wait for it to exit. True if it did in time;
+        False if it had to be killed (every process, through the cgroups)."""
+        if not self.running:
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGRTMIN + 4)
+        try:
+            self._stage.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            cgroup.kill(self.cgroups.dirs)
+            self._stage.wait(timeout=10)
+            return False
+
+    # -- the steps ----------------------------------------------------------
+
+    def _claim(self) -> None:
+        """Create our state file, locked before it appears under its name."""
+        self._state_file = self.state_dir / f"{self.name}.json"
+        if self._state_file.exists() or self.scratch.exists():
+            raise RuntimeUnavailable(f"container {self.name} already exists in {self.state_dir}")
+        partial = self.state_dir / f".{self.name}.json.{os.getpid()}"
+        lock = open(partial, "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            os.link(partial, self._state_file)  # unlike rename, fails if it exists
+        except FileExistsError:
+            lock.close()
+            raise RuntimeUnavailable(f"container {self.name} already exists in {self.state_dir}") from None
+        finally:
+            partial.unlink()
+        self._lock = lock
+        self._save()
+
+    def _record(self) -> dict:
+        return {
+            "name": self.name, "owner_pid": os.getpid(), "scratch": str(self.scratch),
+            "cgroups": [str(d) for d in self.cgroups.dirs] if self.cgroups else [],
+            "init_pid": self.init_pid, "console_log": str(self.console_log),
+        }
+
+    def _save(self) -> None:
+        self._lock.seek(0)
+        self._lock.truncate()
+        json.dump(self._record(), self._lock)
+        self._lock.flush()
+
+    def _make_root(self) -> None:
+        self.scratch.mkdir()
+        if not self.overlay:
+            self.root.mkdir()
+            copy = subprocess.run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", str(self.root)],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if copy.returncode != 0:
+                raise RuntimeUnavailable(f"cannot copy {self.tree}: "
+                                         + " ".join(copy.stderr.split()[-20:]))
+            return
+        dirs = {"lowerdir": self.tree, "upperdir": self.scratch / "upper",
+                "workdir": self.scratch / "work"}
+        for path in dirs.values():
+            if re.search(r"[,:\\]", str(path)):  # overlayfs option separators
+                raise ValueError(f"path unusable for overlayfs: {path}")
+        dirs["upperdir"].mkdir()
+        dirs["workdir"].mkdir()
+        self.root.mkdir()
+        try:
+            _linux.mount("overlay", self.root, "overlay", 0,
+                         ",".join(f"{key}={value}" for key, value in dirs.items()))
+        except OSError as e:
+            raise RuntimeUnavailable(f"cannot mount overlayfs over {self.tree}: {e.strerror}") from None
+
+    def _write_hostname(self) -> None:
+        path = self.root / "etc/hostname"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # never write through a symlink to the host
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w") as f:
+            f.write(self.hostname + "\n")
+
+    def _boot(self) -> None:
+        self.console_log.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.console_log, "wb")
+        master, slave = os.openpty()
+        self._console = _ConsoleLog(master, slave, log)
+        self._console.start()
+        status_read, status_write = os.pipe()
+        config = {
+            "root": str(self.root), "hostname": self.hostname, "container": CONTAINER,
+            "console": os.ttyname(slave), "owner_pid": os.getpid(), "status_fd": status_write,
+            "procs_files": [str(p) for p in cgroup.procs_files(self.cgroups.dirs)],
+            "init": list(self.init), "osrelease": self.osrelease,
+            "env": {"container": CONTAINER, "PATH": EXEC_ENV["PATH"]},
+        }
+        self._started_at = time.monotonic()
+        try:
+            self._stage = subprocess.Popen(
+                [_python(), "-E", "-s", str(STAGE), "boot", json.dumps(config)],
+                stdin=slave, stdout=slave, stderr=slave, pass_fds=[status_write],
+                start_new_session=True, env={"PATH": EXEC_ENV["PATH"]})
+        finally:
+            os.close(status_write)
+        try:
+            lines = _read_all(status_read, SETUP_TIMEOUT).splitlines()
+        finally:
+            os.close(status_read)
+        for line in lines:
+            if line.startswith("pid "):
+                self.init_pid = int(line[4:])
+                # A pidfd stays valid even once the pid is reused: safe to signal.
+                with contextlib.suppress(ProcessLookupError):
+                    self._pidfd = os.pidfd_open(self.init_pid)
+                self._save()
+        for line in lines:
+            if line.startswith("unavailable: "):
+                raise RuntimeUnavailable(f"cannot create namespaces: {line[13:]}")
+            if line.startswith("error: "):
+                raise BootError(f"container {self.name} did not boot: {line[7:]}; "
+                                f"console log: {self.console_log}")
+        if self.init_pid is None or self._pidfd is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._stage.wait(timeout=5)  # init is gone: let its parent report how
+            raise BootError(f"container {self.name} did not boot: {self._exit_story()}; "
+                            f"console log: {self.console_log}")
+
+    def _exit_story(self) -> str:
+        status = self._stage.poll() if self._stage else None
+        if status is None:
+            return "init is still running"
+        if status == 128 + signal.SIGINT:
+            return "init powered off"
+        if status > 128:
+            return f"init was killed by signal {status - 128}"
+        return f"init exited with status {status}"
+
+
+def cleanup_stale(state_dir: str | os.PathLike) -> list[str]:
+    """Remove what runs whose owner died left in state_dir: processes, mounts,
+    cgroups, scratch trees, state files. A run is stale when nobody holds the
+    lock on its state file (the owner holds it while alive; the kernel drops
+    it when the owner dies, however it dies). Returns the names cleaned up;
+    RuntimeUnavailable if something could not be removed."""
+    state_dir = Path(state_dir).resolve()
+    cleaned, problems = [], []
+    for partial in state_dir.glob(".*.json.*"):  # its owner was killed inside _claim
+        with contextlib.suppress(FileNotFoundError, BlockingIOError), open(partial) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            partial.unlink()
+    for state_file in sorted(state_dir.glob("*.json")):
+        try:
+            lock = open(state_file)
+        except FileNotFoundError:
+            continue  # cleaned by someone else meanwhile
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # alive
+            if not state_file.exists():
+                continue  # cleaned by someone else before we got the lock
+            try:
+                record = json.load(lock)
+            except ValueError:
+                problems.append(f"unreadable state file {state_file}")
+                continue
+            found = _teardown(record, state_dir)
+            if found:
+                problems.extend(found)
+            else:
+                state_file.unlink(missing_ok=True)
+                cleaned.append(record["name"])
+    if problems:
+        raise RuntimeUnavailable("cannot clean up earlier container runs: " + "; ".join(problems))
+    return cleaned
+
+
+# -- helpers -----------------------------------------------------------------
+
+def _teardown(record: dict, state_dir: Path) -> list[str]:
+    """Kill, unmount, remove cgroups and scratch of one run; returns problems."""
+    problems = []
+    dirs = [Path(d) for d in record["cgroups"]]
+    if dirs and not cgroup.kill(dirs):
+        problems.append(f"processes survive SIGKILL in {dirs[0]}")
+    scratch = Path(record["scratch"])
+    if scratch.parent != state_dir:  # never rm -rf outside the state dir
+        return problems + [f"scratch {scratch} is not in {state_dir}"]
+    left = _unmount_under(scratch)
+    problems += [f"cannot unmount {point}" for point in left]
+    problems += cgroup.remove(dirs)
+    if not left and scratch.exists():
+        try:
+            shutil.rmtree(scratch)
+        except OSError as e:
+            problems.append(f"cannot remove {scratch}: {e.strerror}")
+    return problems
+
+
+def _unmount_under(top: Path) -> list[str]:
+    """Unmount everything at or below `top` on the host, last mounted first;
+    returns what is still mounted."""
+    def mounted() -> list[str]:
+        return [point for point, _, _ in _linux.mountinfo()
+                if point == str(top) or point.startswith(f"{top}/")]
+
+    for point in reversed(mounted()):
+        try:
+            _linux.umount2(point)
+        except OSError:
+            with contextlib.suppress(OSError):
+                _linux.umount2(point, _linux.MNT_DETACH)  # busy: detach, freed when unused
+    return mounted()
+
+
+def _check_host(overlay: bool) -> None:
+    if os.geteuid() != 0:
+        raise RuntimeUnavailable("the container runtime needs root")
+    for ns in ("pid", "mnt", "uts", "ipc", "net", "cgroup"):
+        if not os.path.exists(f"/proc/self/ns/{ns}"):
+            raise RuntimeUnavailable(f"the kernel has no {ns} namespaces")
+    if cgroup.unified_mount() is None:
+        raise RuntimeUnavailable("no cgroup2 hierarchy is mounted")
+    if overlay and "overlay" not in Path("/proc/filesystems").read_text().split():
+        raise RuntimeUnavailable("the kernel has no overlayfs (modprobe overlay?)")
+    _tool("nsenter")
+
+
+def _tool(name: str, package: str = "util-linux") -> str:
+    """The program's path on the runtimes' PATH; RuntimeUnavailable naming its package if missing."""
+    path = shutil.which(name, path=EXEC_ENV["PATH"])
+    if path is None:
+        raise RuntimeUnavailable(f"{name} is missing (apt-get install {package})")
+    return path
+
+
+def _python() -> str:
+    return sys.executable or "/usr/bin/python3"
+
+
+def _read_all(fd: int, timeout: float) -> str:
+    """Read a pipe to its end, or BootError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise BootError(f"container setup did not finish within {timeout:g} s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data.decode("utf-8", "replace")
+        data += chunk
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done (cleanup must finish);
+    they are delivered, as usual, right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _ConsoleLog(threading.Thread):
+    """Copies the console pty's output to a file until stopped. We keep the
+    slave open too, so reads never fail between the container's opens."""
+
+    def __init__(self, master: int, slave: int, log):
+        super().__init__(name="vztt-console", daemon=True)
+        self.master, self.slave, self.log = master, slave, log
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        # Signals for the main thread only: see _signals_deferred.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        pending = b""
+        with self.log as log:
+            while True:
+                stopping = self._stop_event.is_set()
+                try:
+                    ready = select.select([self.master], [], [], 0 if stopping else 0.2)[0]
+                    data = os.read(self.master, 65536) if ready else b""
+                except OSError:  # EIO if no slave is open (we keep one: should not happen)
+                    data = b""
+                    time.sleep(0 if stopping else 0.05)
+                if not data:
+                    if stopping:
+                        log.write(pending)
+                        return
+                    continue
+                # Lines end in \r\n on a tty; keep a trailing \r for the next read.
+                data = pending + data
+                pending = b"\r" if data.endswith(b"\r") else b""
+                log.write(data[:len(data) - len(pending)].replace(b"\r\n", b"\n"))
+                log.flush()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        os.close(self.master)
+        os.close(self.slave)

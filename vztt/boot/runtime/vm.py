@@ -1,0 +1,604 @@
+"""The VM runtime: boot a root tree with vztt's own kernel in qemu, run
+commands in it through a guest agent, power it off, leave nothing behind.
+
+    with VM(tree, scratch, bzimage, hostname="check", console_log=log) as vm:
+        state, failed = vm.wait_running(timeout=60)
+        status, output = vm.exec(["uname", "-r"], timeout=10)
+        vm.poweroff(timeout=30)
+
+The interface is runtime.Container's, so the boot test's checks run unchanged.
+
+- The disk: the tree (a scratch copy: it is changed) gets /etc/hostname, the
+  agent and its unit (and, with `osrelease`, an init wrapper); `mkfs.ext4 -d`
+  then makes an ext4 image of it in the scratch directory, without mounting
+  anything or using a loop device. It is the guest's virtio-blk root.
+- The machine: qemu's microvm (virtio-mmio devices, described by ACPI, which
+  also powers it off), the kernel given with -kernel (no initramfs, no
+  modules), the serial console written to the console log, -no-reboot so
+  that a poweroff, a reboot or a panic (panic=-1) ends qemu.
+- The result channel: a virtio-serial port named org.vztt.agent, backed by
+  qemu's stdin and stdout. In the guest, vztt-agent.service (pulled into the
+  boot with systemd.wants= on the kernel command line) opens the port, says
+  `H`, and runs each request `X <id> <timeout> <base64 arg>...` under
+  timeout(1), answering `R <id> <status> <base64 output>`; `P <id>` powers
+  off. So the checks are the container's, command for command.
+- Acceleration: KVM when a probe shows that it runs our kernel (a boot to
+  the root-mount panic within PROBE_TIMEOUT; remembered per host boot), TCG
+  otherwise. VZTT_VM_ACCEL=kvm|tcg|auto overrides. Under TCG every time
+  bound a caller gives is TCG_SLOWDOWN times longer, and the guest kernel
+  is told the host's TSC rate (tsc_early_khz=, measured by host_tsc_khz):
+  a TCG guest reads the host's TSC, and calibrating it against the PIT
+  fails when the host is busy, leaving the guest without a clock, hung.
+- osrelease: kernel.virt_osrelease cannot be set in the initial UTS
+  namespace, so the init wrapper moves the booted system (PID 1 stays PID 1)
+  into a UTS namespace of its own, sets the release there and execs
+  /sbin/init: everything in the guest sees the recipe's release, kernel
+  threads (the initial namespace) the real one.
+- Cleanup: qemu runs in a session of its own with PR_SET_PDEATHSIG (it dies
+  with us, even on SIGKILL), is killed by close(), and the scratch directory
+  (the disk) is removed; its name ends in our pid, so TemplateCache's
+  clean_stale_work removes a killed run's. The console log is kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import json
+import math
+import mmap
+import os
+import platform
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from vztt.base.errors import BootError, RuntimeUnavailable
+from vztt.recipe.settings import OSRELEASE_PATTERN, OSRELEASE_WORDS
+from . import _linux
+from .container import _signals_deferred, _tool
+
+QEMU = "qemu-system-x86_64"
+PORT_NAME = "org.vztt.agent"
+AGENT_PATH = "/usr/lib/vztt/agent"
+INIT_PATH = "/usr/lib/vztt/init"
+UNIT_NAME = "vztt-agent.service"
+PROBE_TIMEOUT = 5.0          # seconds for a KVM guest to reach its root-mount panic
+START_TIMEOUT = 10.0         # seconds for qemu to start (or fail to)
+REPLY_GRACE = 15.0           # beyond a command's own timeout (timeout -k 5, transfer)
+TIMED_OUT = 124              # as timeout(1), and as Container.exec
+TCG_CPU = "max"
+TCG_SLOWDOWN = 3.0           # under TCG every time bound a caller gives is this many times longer
+OSRELEASE = re.compile(OSRELEASE_PATTERN)
+EXEC_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "
+            "TERM=dumb SYSTEMD_PAGER=")
+
+AGENT = r"""#!/bin/sh
+# vztt's guest agent: written by vztt into a scratch disk, never part of a template.
+# Runs the host's commands and answers over the virtio-serial port PORT_NAME:
+#   host:  X <id> <timeout> <base64 arg>...   run argv for at most <timeout> seconds ("-": "")
+#          P <id>                             power off
+#   guest: H <protocol>                        ready
+#          R <id> <exit status> <base64 of stdout and stderr>
+#          P <id>                              powering off
+port=
+for p in /sys/class/virtio-ports/*; do
+  [ "$(cat "$p/name" 2>/dev/null)" = PORT_NAME ] && port=/dev/${p##*/}
+done
+if [ -z "$port" ]; then
+  echo "vztt-agent: no virtio-serial port PORT_NAME" >&2
+  exit 1
+fi
+set -f   # requests are split into words below: no globbing
+out=/run/vztt-agent.out
+exec 3<>"$port"
+echo "H 1" >&3
+while IFS= read -r line <&3; do
+  set -- $line
+  [ $# -ge 2 ] || continue
+  op=$1 id=$2
+  shift 2
+  case $op in
+  X)
+    t=$1
+    shift
+    n=$#
+    while [ "$n" -gt 0 ]; do
+      a=.
+      [ "$1" = - ] || a=$(printf %s "$1" | base64 -d; echo .)
+      shift
+      set -- "$@" "${a%.}"
+      n=$((n - 1))
+    done
+    timeout -k 5 "$t" "$@" >"$out" 2>&1 </dev/null
+    status=$?
+    { printf 'R %s %s ' "$id" "$status"; base64 -w0 "$out"; echo; } >&3
+    ;;
+  P)
+    echo "P $id" >&3
+    systemctl --no-block poweroff
+    ;;
+  esac
+done
+""".replace("PORT_NAME", PORT_NAME)
+
+UNIT = f"""[Unit]
+Description=vztt guest agent: the boot test's commands, over virtio-serial
+
+[Service]
+Type=simple
+ExecStart={AGENT_PATH}
+Environment={EXEC_ENV}
+StandardOutput=journal+console
+StandardError=journal+console
+"""
+
+INIT = """#!/bin/sh
+# vztt: run the booted system in a UTS namespace of its own whose release is the
+# recipe's osrelease (kernel.virt_osrelease: the initial namespace keeps the real one).
+mount -t proc proc /proc
+exec unshare --uts /bin/sh -c '
+if ! echo "$1" > /proc/sys/kernel/virt_osrelease; then
+  echo "vztt-init: cannot set kernel.virt_osrelease to $1" >&2
+fi
+umount /proc
+exec /sbin/init
+' vztt-init RELEASE
+"""
+
+
+def check_osrelease(value: str) -> str:
+    """A release string uname(2) can carry (ValueError otherwise)."""
+    if not OSRELEASE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a release string: {OSRELEASE_WORDS}")
+    return value
+
+
+class VM:
+    """One VM run: start() (or `with`) makes the disk and starts qemu; close()
+    kills it and removes the scratch directory. Used as a context manager,
+    close always runs, also on KeyboardInterrupt."""
+
+    def __init__(self, tree: str | os.PathLike, scratch: str | os.PathLike, kernel: str | os.PathLike, *,
+                 name: str = "vztt-vm", hostname: str | None = None, osrelease: str | None = None,
+                 console_log: str | os.PathLike | None = None, accel: str | None = None,
+                 probe_cache: str | os.PathLike | None = None, memory_mb: int = 1024, cpus: int = 1):
+        self.tree = Path(tree).resolve()
+        self.scratch = Path(scratch).resolve()
+        self.kernel = Path(kernel).resolve()
+        self.name = name
+        self.hostname = hostname or name
+        self.osrelease = check_osrelease(osrelease) if osrelease else None
+        self.console_log = Path(console_log) if console_log else self.scratch.with_suffix(".console.log")
+        self.accel_wanted = (accel or os.environ.get("VZTT_VM_ACCEL") or "auto").lower()
+        if self.accel_wanted not in ("auto", "kvm", "tcg"):
+            raise RuntimeUnavailable(f"VZTT_VM_ACCEL={self.accel_wanted}: expected kvm, tcg or auto")
+        self.probe_cache = Path(probe_cache) if probe_cache else None
+        self.memory_mb, self.cpus = memory_mb, cpus
+        self.disk = self.scratch / "disk.ext4"
+        self.accel = ""                    # kvm or tcg, once started
+        self.slowdown = 1.0                # TCG_SLOWDOWN under TCG: callers' time bounds are scaled
+        self.note = ""                     # one line: machine and accelerator, for reports
+        self.boot_seconds: float | None = None
+        self.disk_seconds: float | None = None
+        self._qemu: subprocess.Popen[bytes] | None = None
+        self._buffer = b""
+        self._next_id = 0
+        self._started_at = 0.0
+        self._closed = False
+
+    # -- life cycle ---------------------------------------------------------
+
+    def __enter__(self) -> VM:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        self.close()
+
+    def start(self) -> VM:
+        """Make the disk and start qemu; returns once qemu runs (the guest boots
+        on: wait_running waits for it). BootError if qemu stops at once;
+        RuntimeUnavailable if this host cannot run it."""
+        qemu = _tool(QEMU, "qemu-system-x86")
+        _tool("mkfs.ext4", "e2fsprogs")
+        if not self.kernel.is_file():
+            raise RuntimeUnavailable(f"no kernel at {self.kernel} (`vztt kernel build`)")
+        if not self.tree.is_dir():
+            raise BootError(f"cannot boot {self.tree}: not a directory")
+        try:
+            if self.scratch.exists():
+                shutil.rmtree(self.scratch)
+            self.scratch.mkdir(parents=True)
+            self._prepare_tree()
+            self._make_disk()
+            self.accel, why = self._choose_accel(qemu)
+            self.slowdown = TCG_SLOWDOWN if self.accel == "tcg" else 1.0
+            self.note = f"qemu microvm, {self.accel}" + (f"; {why}" if why else "")
+            self._start_qemu(qemu)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Kill qemu if it still runs and remove the scratch directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with _signals_deferred():   # a second Ctrl-C waits until qemu is gone and the disk removed
+            if self._qemu is not None:
+                if self._qemu.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self._qemu.pid, signal.SIGKILL)
+                self._qemu.wait()
+                for stream in (self._qemu.stdin, self._qemu.stdout):
+                    with contextlib.suppress(OSError):
+                        stream.close()  # type: ignore[union-attr]
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.scratch.exists():
+            raise RuntimeUnavailable(f"cannot remove the VM's scratch directory {self.scratch}")
+
+    @property
+    def running(self) -> bool:
+        return self._qemu is not None and self._qemu.poll() is None
+
+    # -- using it -----------------------------------------------------------
+
+    def exec(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str]:
+        """Run argv in the guest (as root, from the agent's service, no stdin).
+        Returns (exit status, stdout and stderr merged); 124 at the timeout
+        (times the slowdown under TCG). BootError if the VM is down."""
+        self._need_running()
+        timeout *= self.slowdown
+        self._next_id += 1
+        ident = str(self._next_id)
+        seconds = f"{max(timeout, 0.1):.3f}"
+        args = " ".join(base64.b64encode(a.encode()).decode() or "-" for a in argv)
+        self._send(f"X {ident} {seconds} {args}\n")
+        deadline = time.monotonic() + timeout + REPLY_GRACE
+        while True:
+            line = self._read_line(deadline)
+            if line is None:
+                return TIMED_OUT, ""
+            words = line.split(" ", 3)
+            if words[0] == "R" and len(words) >= 3 and words[1] == ident:
+                out = base64.b64decode(words[3]) if len(words) == 4 else b""
+                return int(words[2]), out.decode("utf-8", "replace")
+            # anything else: a late reply to a command that timed out, or a hello
+
+    def wait_running(self, timeout: float = 60.0) -> tuple[str, list[str]]:
+        """Wait for the agent, then for systemd to finish booting: (state,
+        failed units), state being running or degraded. BootError otherwise.
+        Under TCG the timeout is multiplied by the slowdown."""
+        timeout *= self.slowdown
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._read_line(deadline)
+            if line is None:
+                raise BootError(f"VM {self.name} did not boot within {timeout:g} s (no answer from the guest "
+                                f"agent); console log: {self.console_log}")
+            if line.startswith("H "):
+                break
+        state = ""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BootError(f"VM {self.name} did not reach running within {timeout:g} s "
+                                f"(last state: {state or 'none'}); console log: {self.console_log}")
+            status, out = self.exec(["systemctl", "is-system-running", "--wait"], timeout=left / self.slowdown)
+            lines = out.strip().splitlines()
+            state = lines[-1][:100] if lines else ""
+            if status in (126, 127):
+                raise BootError(f"VM {self.name}: cannot run systemctl: {state}")
+            if state in ("running", "degraded"):
+                break
+            if state in ("maintenance", "stopping"):
+                raise BootError(f"VM {self.name} did not boot: system is {state}; console log: {self.console_log}")
+            time.sleep(0.2)
+        self.boot_seconds = time.monotonic() - self._started_at
+        _status, out = self.exec(["systemctl", "--failed", "--plain", "--no-legend"], timeout=30)
+        return state, [line.split()[0] for line in out.splitlines() if line.strip()]
+
+    def poweroff(self, timeout: float = 30.0) -> bool:
+        """Ask the guest to power off and wait for qemu to exit. True if it
+        did in time (times the slowdown under TCG); False if qemu had to be killed."""
+        if not self.running:
+            return True
+        assert self._qemu is not None
+        timeout *= self.slowdown
+        self._next_id += 1
+        with contextlib.suppress(BootError):
+            self._send(f"P {self._next_id}\n")
+        try:
+            self._qemu.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._qemu.pid, signal.SIGKILL)
+            self._qemu.wait()
+            return False
+
+    # -- the steps ----------------------------------------------------------
+
+    def _prepare_tree(self) -> None:
+        def write(path: str, text: str, mode: int) -> None:
+            target = self.tree / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)  # never write through a symlink out of the tree
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            with open(fd, "w") as f:
+                f.write(text)
+            os.chmod(target, mode)
+
+        write("/etc/hostname", self.hostname + "\n", 0o644)
+        write(AGENT_PATH, AGENT, 0o755)
+        write(f"/etc/systemd/system/{UNIT_NAME}", UNIT, 0o644)
+        if self.osrelease:
+            write(INIT_PATH, INIT.replace("RELEASE", shlex.quote(self.osrelease)), 0o755)
+
+    def _make_disk(self) -> None:
+        """ext4 from the tree with mkfs.ext4 -d: room for the content twice over,
+        sparse; inode tables written now rather than by the guest."""
+        started = time.monotonic()
+        used = _tree_bytes(self.tree)
+        size_mb = max(1024, math.ceil(used * 2 / 2**20) + 512)
+        proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "vztt-root", "-d", str(self.tree),
+                               "-E", "lazy_itable_init=0,lazy_journal_init=0", str(self.disk), f"{size_mb}M"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeUnavailable(f"mkfs.ext4 -d {self.tree}: " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+        self.disk_seconds = time.monotonic() - started
+
+    def _cmdline(self) -> str:
+        words = ["console=ttyS0", "root=/dev/vda", "rootfstype=ext4", "rw", "panic=-1",
+                 f"systemd.wants={UNIT_NAME}",
+                 # No udev in a container template: a serial getty would wait 90 s for dev-ttyS0.device.
+                 # getty_auto=0 needs systemd 250; before it (Ubuntu 22.04's 249) the unit is masked.
+                 "systemd.getty_auto=0", "systemd.mask=serial-getty@ttyS0.service",
+                 # Our kernel has no module support (CONFIG_MODULES=n), so loading the modules of
+                 # /etc/modules-load.d cannot work; systemd 257 (Debian 13) then fails the unit. In a
+                 # container it is skipped for lack of CAP_SYS_MODULE: the VM does the same.
+                 "systemd.mask=systemd-modules-load.service"]
+        if self.accel == "tcg" and (khz := host_tsc_khz()):
+            # A TCG guest reads the host's TSC. Told its rate, the kernel skips
+            # calibrating it against the PIT, which fails when the host is busy
+            # (the guest then has no working clock and hangs early in boot).
+            words.append(f"tsc_early_khz={khz}")
+        if self.osrelease:
+            words.append(f"init={INIT_PATH}")
+        return " ".join(words)
+
+    def _choose_accel(self, qemu: str) -> tuple[str, str]:
+        if self.accel_wanted == "tcg":
+            return "tcg", "VZTT_VM_ACCEL=tcg"
+        usable, why = kvm_usable(qemu, self.kernel, self.probe_cache)
+        if usable:
+            return "kvm", ""
+        if self.accel_wanted == "kvm":
+            raise RuntimeUnavailable(f"VZTT_VM_ACCEL=kvm, but KVM cannot run the kernel here: {why}")
+        return "tcg", f"KVM unusable: {why}"
+
+    def _start_qemu(self, qemu: str) -> None:
+        self.console_log.parent.mkdir(parents=True, exist_ok=True)
+        self.console_log.unlink(missing_ok=True)
+        accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", TCG_CPU]
+        command = [
+            qemu, "-machine", "microvm", *accel, "-m", str(self.memory_mb), "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(self.kernel), "-append", self._cmdline(),
+            "-chardev", f"file,id=console,path={_opt(self.console_log)}", "-serial", "chardev:console",
+            "-drive", f"id=root,file={_opt(self.disk)},format=raw,if=none,cache=unsafe",
+            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-serial-device",
+            "-chardev", "stdio,id=agent,signal=off",
+            "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
+        ]
+        stderr = open(self.scratch / "qemu.stderr", "wb")
+        self._started_at = time.monotonic()
+        try:
+            self._qemu = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                          start_new_session=True, preexec_fn=_die_with_parent)
+        except OSError as e:
+            raise RuntimeUnavailable(f"cannot start {qemu}: {e.strerror}") from None
+        finally:
+            stderr.close()
+        # qemu refuses bad options or a missing accelerator at once.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._qemu.wait(timeout=0.5)
+        if self._qemu.poll() is not None:
+            raise RuntimeUnavailable(f"{QEMU} exited at once with status {self._qemu.returncode}: "
+                                     + self._qemu_errors())
+
+    # -- the channel --------------------------------------------------------
+
+    def _send(self, text: str) -> None:
+        self._need_running()
+        assert self._qemu is not None and self._qemu.stdin is not None
+        try:
+            self._qemu.stdin.write(text.encode())
+            self._qemu.stdin.flush()
+        except BrokenPipeError:
+            raise BootError(f"VM {self.name} is not running: {self._exit_story()}; "
+                            f"console log: {self.console_log}") from None
+
+    def _read_line(self, deadline: float) -> str | None:
+        """The next line from the agent; None at the deadline; BootError if qemu ends."""
+        assert self._qemu is not None and self._qemu.stdout is not None
+        fd = self._qemu.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready = select.select([fd], [], [], min(left, 1.0))[0]
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self._qemu.wait()
+                raise BootError(f"VM {self.name} stopped: {self._exit_story()}; console log: {self.console_log}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("ascii", "replace").strip("\r")
+
+    def _need_running(self) -> None:
+        if not self.running:
+            raise BootError(f"VM {self.name} is not running: {self._exit_story()}; console log: {self.console_log}")
+
+    def _exit_story(self) -> str:
+        status = self._qemu.poll() if self._qemu else None
+        if status is None:
+            return "qemu is still running"
+        tail = _tail(self.console_log, 400)
+        if "Kernel panic" in tail:
+            return "the kernel panicked"
+        if "reboot: Power down" in tail:
+            return "the guest powered off"
+        if "reboot: Restarting system" in tail:
+            return "the guest rebooted"
+        return f"qemu exited with status {status}" + (f": {err}" if (err := self._qemu_errors()) else "")
+
+    def _qemu_errors(self) -> str:
+        return " | ".join(_tail(self.scratch / "qemu.stderr", 600).strip().splitlines()[-3:])
+
+
+# -- KVM ----------------------------------------------------------------------
+
+def kvm_usable(qemu: str, kernel: Path, cache: Path | None = None) -> tuple[bool, str]:
+    """Whether KVM runs this kernel here: /dev/kvm must open, and a guest with
+    no root must reach its panic (and qemu exit, -no-reboot) within
+    PROBE_TIMEOUT. Some hosts' /dev/kvm runs only special guests and hangs on
+    ours. The answer is kept in `cache` for this boot of the host."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        os.close(fd)
+    except OSError as e:
+        return False, f"/dev/kvm: {e.strerror}"
+    boot_id = _read("/proc/sys/kernel/random/boot_id").strip()
+    key = {"boot_id": boot_id, "kernel": str(kernel), "mtime": kernel.stat().st_mtime_ns}
+    if cache is not None:
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(cache.read_text())
+            if known.get("key") == key:
+                return bool(known["usable"]), str(known["reason"])
+    command = [qemu, "-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+               "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
+               "-append", "console=ttyS0 panic=-1 root=/dev/vztt-kvm-probe"]
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        out, _ = proc.communicate(timeout=PROBE_TIMEOUT)
+        text = out.decode("utf-8", "replace")
+        if "Linux version" in text and "Kernel panic" in text:
+            usable, reason = True, f"probe booted in {time.monotonic() - started:.1f} s"
+        else:
+            usable, reason = False, f"probe: qemu exited with status {proc.returncode}: " + \
+                " | ".join(text.strip().splitlines()[-2:])[:200]
+    except subprocess.TimeoutExpired:
+        usable, reason = False, f"a KVM guest did not boot within {PROBE_TIMEOUT:g} s"
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "usable": usable, "reason": reason}) + "\n")
+            os.replace(tmp, cache)
+    return usable, reason
+
+
+# -- the TSC ------------------------------------------------------------------------
+
+_RDTSC = bytes([0x0F, 0x31,              # rdtsc
+                0x48, 0xC1, 0xE2, 0x20,  # shl rdx, 32
+                0x48, 0x09, 0xD0,        # or rax, rdx
+                0xC3])                   # ret
+
+
+def host_tsc_khz(seconds: float = 0.2) -> int | None:
+    """The rate of this host's time stamp counter in kHz, measured against
+    CLOCK_MONOTONIC (to about 0.01 %), or None if it cannot be (not x86_64, no
+    constant TSC, executable memory refused). TCG guests read this counter."""
+    if platform.machine() != "x86_64" or "constant_tsc" not in _read("/proc/cpuinfo"):
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        page.write(_RDTSC)
+        (ns0, ticks0), (ns1, ticks1) = _tsc_samples(page, seconds)
+    finally:
+        with contextlib.suppress(BufferError):
+            page.close()
+    khz = round((ticks1 - ticks0) * 1_000_000 / (ns1 - ns0))
+    return khz if 100_000 <= khz <= 10_000_000 else None
+
+
+def _tsc_samples(page: mmap.mmap, seconds: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two (ns, ticks) pairs `seconds` apart, each the closest of a few reads,
+    calling the rdtsc code in `page` (references to it end with this call)."""
+    rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+
+    def sample() -> tuple[int, int]:
+        best = (1 << 62, 0, 0)
+        for _ in range(7):
+            before = time.monotonic_ns()
+            ticks = rdtsc()
+            after = time.monotonic_ns()
+            if after - before < best[0]:
+                best = (after - before, (before + after) // 2, ticks)
+        return best[1], best[2]
+
+    first = sample()
+    time.sleep(seconds)
+    return first, sample()
+
+
+# -- helpers -----------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that started us ends."""
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _opt(path: Path) -> str:
+    """A path inside a qemu option value: commas doubled."""
+    return str(path).replace(",", ",,")
+
+
+def _tree_bytes(tree: Path) -> int:
+    total = 0
+    for parent, dirs, files in os.walk(tree):
+        for name in files + dirs:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512 + 256
+    return total
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _tail(path: Path, chars: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - chars))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

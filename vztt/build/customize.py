@@ -1,0 +1,88 @@
+"""The recipe's own touches after the packages: files, hooks, final cleaning.
+
+Paths are resolved inside the image with chroot semantics: a symlink in the
+image that points to /etc points to the image's /etc, and `..` stops at the
+image root, so no recipe file and no link planted by a package can make a
+write land on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vztt.base.errors import BuildError
+from vztt.base.proc import BASE_ENV, Log, run
+from vztt.recipe.recipe import FileSpec, Hook
+
+MAX_LINKS = 40
+
+
+def path_in_root(root: Path, path: str) -> Path:
+    """Host path of `path` in the image; intermediate symlinks followed inside root, the last one not."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    todo = parts[:-1]
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > MAX_LINKS:
+                raise BuildError(f"{path}: too many levels of symbolic links in the image")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        resolved.append(part)
+    if not parts:
+        raise BuildError(f"{path!r}: not a file path")
+    return root.joinpath(*resolved, parts[-1])
+
+
+def write_files(root: Path, files: tuple[FileSpec, ...]) -> None:
+    for f in files:
+        dest = path_in_root(root, f.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink() or dest.exists():
+            if dest.is_dir() and not dest.is_symlink():
+                raise BuildError(f"files[{f.path}]: a directory is in the way in the image")
+            dest.unlink()
+        tmp = dest.with_name(f".{dest.name}.vztt-tmp")
+        tmp.write_bytes(f.content)
+        os.chown(tmp, f.uid, f.gid)
+        os.chmod(tmp, f.mode)
+        os.replace(tmp, dest)
+
+
+def run_hooks(root: Path, hooks: tuple[Hook, ...], env: dict[str, str], log: Log, recipe_name: str) -> None:
+    for h in hooks:
+        what = f"{recipe_name}: hook {h.name} ({h.where})"
+        if h.where == "image":
+            run(["chroot", str(root), "/bin/sh", "-e", "-c", h.script], log=log, what=what,
+                env={**BASE_ENV, **env})
+        else:
+            run(["/bin/sh", "-e", "-c", h.script], log=log, what=what, cwd=root,
+                env={**BASE_ENV, **env, "VZTT_ROOT": str(root)})
+
+
+def clean_root(root: Path) -> None:
+    """What no template should carry, whatever its distro (mmdebstrap's list)."""
+    machine_id = root / "etc/machine-id"
+    if machine_id.is_file() and not machine_id.is_symlink():
+        machine_id.write_text("")          # empty: systemd makes one at first boot
+    for rel in ("run", "tmp"):
+        d = root / rel
+        if d.is_dir():
+            for child in d.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()

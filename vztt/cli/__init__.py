@@ -1,0 +1,3 @@
+from vztt.cli.main import main
+
+__all__ = ["main"]

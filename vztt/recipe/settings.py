@@ -1,0 +1,181 @@
+"""The table of recipe settings: one list drives validation, merging,
+`vztt show` and the generated reference (docs/recipes.md).
+
+Each Setting names a key (dotted for nested tables), its type, its default,
+how a child recipe combines it with its parent's value, and what it means.
+Tables of records (repositories, files, hooks, smoke) have their own field
+tables and are merged by their key field, so that a leaf recipe can override
+one repository or add one smoke check without repeating the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Merge policies, applied parent first, then child.
+REPLACE = "replace"   # the child's value wins
+APPEND = "append"     # lists: parent's items, then the child's new ones
+MERGE = "merge"       # string tables: union, the child's keys win
+BY_KEY = "by-key"     # lists of records: records with the same key are merged field by field
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    type: str                      # str, bool, int, list[str], dict[str,str], records
+    doc: str
+    default: Any = None
+    merge: str = REPLACE
+    choices: tuple[str, ...] = ()
+    pattern: str = ""              # a regular expression the whole value must match (str settings)
+    pattern_doc: str = ""          # the same in words, for errors and docs
+    inherit: bool = True           # False: belongs to the file that sets it (name, abstract, extends)
+    templated: bool = False        # jinja2-rendered with the recipe's variables
+    record_key: str = ""           # for records: the field that identifies a record
+    fields: tuple["Setting", ...] = field(default_factory=tuple)  # for records
+
+    @property
+    def toml_type(self) -> str:
+        return {"records": "array of tables"}.get(self.type, self.type)
+
+
+# What uname(2) can carry (__NEW_UTS_LEN is 64), restricted to what release strings are made of.
+OSRELEASE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}"
+OSRELEASE_WORDS = "1 to 64 letters, digits and . _ + ~ -, starting with a letter or digit"
+
+DISTROS = ("debian", "ubuntu", "centos-stream", "almalinux", "rockylinux")
+ARCHES = ("x86_64", "aarch64")
+
+REPOSITORY_FIELDS = (
+    Setting("name", "str", "Identifies the repository; a child recipe overrides a parent's repository of the same name."),
+    Setting("url", "str", "Base URL of the archive (dnf: the repository's baseurl, the directory holding repodata/). "
+            "Name mirrors through variables ($DEBIAN_MIRROR), never a host.", templated=True),
+    Setting("suite", "str", "apt suite (distribution) to use, e.g. `{{ release }}-updates`. apt only.", templated=True),
+    Setting("components", "list[str]", "Archive components. apt only.", default=["main"]),
+    Setting("keyring", "str", "OpenPGP keyring that signs the repository (dnf: the armored public key, "
+            "RPM-GPG-KEY-*): a file in recipes/keys/ or an absolute path."),
+    Setting("enabled", "bool", "Set to false in a child recipe to drop a parent's repository.", default=True),
+    Setting("image_sources", "bool", "Write this repository into the image's apt sources, so apt works in the container.", default=True),
+    Setting("repo_gpgcheck", "bool", "dnf: verify repodata/repomd.xml against its detached signature (repomd.xml.asc) "
+            "with the keyring. Packages are always signature-checked.", default=True),
+)
+
+FILE_FIELDS = (
+    Setting("path", "str", "Absolute destination inside the image; must stay inside it."),
+    Setting("content", "str", "Literal content."),
+    Setting("template", "str", "jinja2 template text, rendered with the recipe's variables."),
+    Setting("source", "str", "File next to the recipe; rendered with jinja2 when its name ends in .j2."),
+    Setting("mode", "str", "Octal permission bits.", default="0644"),
+    Setting("uid", "int", "Owner uid.", default=0),
+    Setting("gid", "int", "Owner gid.", default=0),
+)
+
+HOOK_FIELDS = (
+    Setting("name", "str", "Identifies the hook; a child recipe overrides a parent's hook of the same name."),
+    Setting("where", "str", "`image`: run with /bin/sh chrooted into the image after install; `host`: run on the host with $VZTT_ROOT set to the image root.",
+            default="image", choices=("image", "host")),
+    Setting("run", "str", "Inline shell script.", templated=True),
+    Setting("script", "str", "Script file next to the recipe (instead of `run`)."),
+)
+
+SMOKE_FIELDS = (
+    Setting("name", "str", "Identifies the check in reports."),
+    Setting("command", "str", "Shell command run inside the booted template.", templated=True),
+    Setting("exit_status", "int", "Expected exit status.", default=0),
+    Setting("output", "str", "Regular expression the output (stdout and stderr) must match: searched, not anchored; "
+            "`^` and `$` match at each line.", templated=True),
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("extends", "str", "Parent recipe (its file name without .toml).", inherit=False),
+    Setting("abstract", "bool", "A base recipe: not listed, not buildable.", default=False, inherit=False),
+    Setting("name", "str", "Template name; defaults to the file name and must equal it.", inherit=False),
+    Setting("distro", "str", "Distribution; selects the package backend.", choices=DISTROS),
+    Setting("release", "str", "Release as the distro's tools name it (apt codename, dnf releasever)."),
+    Setting("version", "str", "Release version (12, 22.04, 9)."),
+    Setting("arch", "str", "Architecture, in vztt's naming.", default="x86_64", choices=ARCHES),
+    Setting("summary", "str", "One line for `vztt list`.", default="", templated=True),
+    Setting("hostname", "str", "Hostname of booted test containers.", default="localhost"),
+    Setting("osrelease", "str", "Kernel release that `uname -r` reports inside booted templates, for old "
+            "distributions whose package scripts check the kernel version (e.g. `2.6.32`). Applied through "
+            "kernel.virt_osrelease, vztt's kernel patch: in the VM runtime (`vztt test --vm`) always; in the "
+            "container runtime only on a host kernel that has it (otherwise noted and skipped).",
+            pattern=OSRELEASE_PATTERN, pattern_doc=OSRELEASE_WORDS),
+    Setting("variables", "dict[str,str]", "Extra variables for templates.", default={}, merge=MERGE),
+    Setting("merged_usr", "bool", "Create the merged-/usr symlinks before unpacking (debootstrap's way) and pick usr-is-merged over usrmerge.", default=True),
+    Setting("packages.priority", "str", "apt: the priority set installed besides Essential packages (`required` is mmdebstrap's minbase).",
+            default="required", choices=("essential", "required", "important")),
+    Setting("packages.base", "list[str]", "dnf: the base package set (names, provides, `@group` ids); a child recipe "
+            "replaces it whole. (apt: unused; `packages.priority` picks the base.)", default=[]),
+    Setting("packages.include", "list[str]", "Packages to install on top of the base set.", default=[], merge=APPEND),
+    Setting("packages.exclude", "list[str]", "Packages that must not be installed (a dependency on one is an error).", default=[], merge=APPEND),
+    Setting("dnf.install_weak_deps", "bool", "dnf: resolve weak dependencies (Recommends, Supplements) too.",
+            default=False),
+    Setting("dnf.nodocs", "bool", "dnf: install with `tsflags=nodocs` (files marked as documentation left out).",
+            default=True),
+    Setting("repositories", "records", "Package repositories, merged by name.", default=[], merge=BY_KEY,
+            record_key="name", fields=REPOSITORY_FIELDS),
+    Setting("files", "records", "Files written into the image after install, merged by path.", default=[], merge=BY_KEY,
+            record_key="path", fields=FILE_FIELDS),
+    Setting("environment", "dict[str,str]", "Environment for package scripts and hooks.", default={}, merge=MERGE),
+    Setting("hooks", "records", "Scripts run after install, in order, merged by name.", default=[], merge=BY_KEY,
+            record_key="name", fields=HOOK_FIELDS),
+    Setting("smoke", "records", "Checks run in the booted template, merged by name.", default=[], merge=BY_KEY,
+            record_key="name", fields=SMOKE_FIELDS),
+    Setting("boot.timeout", "int", "Boot test: seconds for the booted template to reach running (or degraded).",
+            default=60),
+    Setting("boot.allowed_failed", "list[str]", "Boot test: units allowed to fail at boot (shell patterns, "
+            "e.g. `systemd-remount-fs.service`); any other failed unit fails the test.", default=[], merge=APPEND),
+    Setting("image.size", "str", "Size of the sparse build image (K, M, G suffixes).", default="4G"),
+    Setting("format", "str", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
+            "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`) or `all` (both from one build).",
+            default="plain", choices=("plain", "ploop", "all")),
+    Setting("disk.size", "str", "ploop caches: size of the virtual disk (vztt's DISKSPACE); the ext4 inside is "
+            "shrunk to the content plus headroom and grows when a container is created.", default="10G"),
+    Setting("disk.ext4_features", "str", "ploop caches: `safe` leaves out ext4 features old Virtuozzo 7 kernels "
+            "cannot mount (metadata_csum, 64bit); `modern` keeps e2fsprogs' defaults.",
+            default="safe", choices=("safe", "modern")),
+)
+
+BY_NAME: dict[str, Setting] = {s.key: s for s in SETTINGS}
+# Top-level tables that group dotted settings ("packages" holds packages.include, ...).
+GROUPS: frozenset[str] = frozenset(s.key.split(".")[0] for s in SETTINGS if "." in s.key)
+
+
+def reference_markdown() -> str:
+    """The recipe reference, generated from the table (docs/recipes.md)."""
+    out = [
+        "# Recipe settings",
+        "",
+        "Generated from `vztt/recipe/settings.py` by `vztt settings --markdown`; do not edit by hand.",
+        "",
+        "| key | type | default | merge | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def row(s: Setting, prefix: str = "") -> str:
+        default = "" if s.default in (None, [], {}) else f"`{s.default!r}`"
+        extra = ""
+        if s.choices:
+            extra += " One of: " + ", ".join(f"`{c}`" for c in s.choices) + "."
+        if s.pattern_doc:
+            extra += f" {s.pattern_doc[0].upper()}{s.pattern_doc[1:]}."
+        if s.templated:
+            extra += " jinja2-templated."
+        if not s.inherit:
+            extra += " Not inherited."
+        merge = s.merge if not prefix else ""
+        return f"| `{prefix}{s.key}` | {s.toml_type} | {default} | {merge} | {s.doc}{extra} |"
+
+    for s in SETTINGS:
+        out.append(row(s))
+        for f in s.fields:
+            out.append(row(f, prefix=f"{s.key}[]."))
+    out += [
+        "",
+        "Template variables (jinja2, in `files`, templated keys and `.j2` sources): `name`, `distro`, `release`, "
+        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`.",
+        "",
+    ]
+    return "\n".join(out)

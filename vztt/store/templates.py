@@ -1,0 +1,235 @@
+"""The template cache directory and its rules.
+
+Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
+  <name>.plain.tar.lz4            the template (rootfs tarball)
+  <name>.plain.ploopv2.tar.lz4    the same as a Virtuozzo 7 ploop cache (format ploop/all)
+  <name>.manifest.json            what it is: digests, packages, sizes, timings
+  locks/<name>.lock.json          the lock it was (or will be) built from
+  packages/                       the shared content-addressed package cache
+  state/<name>/                   solver state (apt lists), reused between resolves
+  history/<name>/<build id>.*     every promoted build's manifest and lock (vztt diff, vztt status)
+  .work/<name>.<pid>/             a build in progress (scratch; cleaned if its pid died)
+  .locks/<name>.lock              flock held while a build of <name> runs
+
+Promotion is atomic: the new archive and manifest are written under temporary
+names, the current pair is renamed to `-old`, the new pair renamed into place,
+then `-old` removed. The manifest is the commit record: an archive without a
+manifest beside it is not a template, and a crash between renames is repaired
+at the next start (recover()).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+from vztt.base.errors import EnvironmentProblem
+from vztt.base.mounts import force_cleanup
+from vztt.base.paths import default_cache
+from vztt.base.proc import MARK_VARIABLE
+
+OLD = "-old"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    archive: Path
+    manifest: Path
+    data: dict[str, Any]
+
+
+class TemplateCache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_cache()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # paths
+    def archive(self, name: str, fmt: str = "plain") -> Path:
+        from vztt.formats.vzcache import SUFFIX
+        return self.root / f"{name}.{SUFFIX[fmt]}"
+
+    def manifest(self, name: str) -> Path:
+        return self.root / f"{name}.manifest.json"
+
+    def lock_file(self, name: str) -> Path:
+        return self.root / "locks" / f"{name}.lock.json"
+
+    def state_dir(self, name: str) -> Path:
+        return self.root / "state" / name
+
+    @property
+    def packages_dir(self) -> Path:
+        return Path(os.environ.get("VZTT_PACKAGE_CACHE") or self.root / "packages")
+
+    # reading
+    def entry(self, name: str) -> Entry | None:
+        self.recover(name)
+        m = self.manifest(name)
+        try:
+            data = json.loads(m.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        archive = self.root / data["archive"]["file"]
+        if not archive.is_file():
+            return None
+        return Entry(name=name, archive=archive, manifest=m, data=data)
+
+    # history: every promoted build's manifest and lock, for `vztt diff` and `vztt status`
+    def history_dir(self, name: str) -> Path:
+        return self.root / "history" / name
+
+    def record_history(self, name: str, manifest: dict[str, Any], lock: Any) -> None:
+        d = self.history_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        build_id = manifest["build_id"]
+        lock.write(d / f"{build_id}.lock.json")
+        tmp = d / f".{build_id}.manifest.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, d / f"{build_id}.manifest.json")
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Manifests of this template's promoted builds, oldest first."""
+        out = []
+        for p in sorted(self.history_dir(name).glob("*.manifest.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        return out
+
+    # writing
+    def temp_path(self, final: Path) -> Path:
+        return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+    def promote(self, name: str, files: list[tuple[Path, Path]]) -> None:
+        """Move (temp, final) pairs into place; the manifest must be the last pair."""
+        olds = []
+        for _, final in files:
+            if final.exists():
+                old = final.with_name(final.name + OLD)
+                os.replace(final, old)
+                olds.append(old)
+        for tmp, final in files:
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+        for old in olds:
+            old.unlink(missing_ok=True)
+
+    def recover(self, name: str) -> None:
+        """Repair what a crash during promote() left: restore -old when the new pair is incomplete."""
+        manifest = self.manifest(name)
+        old_manifest = manifest.with_name(manifest.name + OLD)
+        olds = list(self.root.glob(f"{name}.*{OLD}"))
+        if not olds:
+            return
+        if not manifest.exists() and old_manifest.exists():
+            for old in olds:
+                os.replace(old, old.with_name(old.name[:-len(OLD)]))
+        else:
+            for old in olds:
+                old.unlink(missing_ok=True)
+
+    # build scratch areas
+    def clean_stale_work(self) -> list[Path]:
+        """Remove work dirs and temp files of builds whose process is gone."""
+        removed = []
+        work = self.root / ".work"
+        for d in work.glob("*.*") if work.is_dir() else []:
+            pid = d.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                _kill_leftover_processes(d.name)
+                force_cleanup(d)
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        for tmp in self.root.glob(".*.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        return removed
+
+    def work_dir(self, name: str) -> Path:
+        d = self.root / ".work" / f"{name}.{os.getpid()}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @contextmanager
+    def building(self, name: str, timeout: float = 0) -> Iterator[None]:
+        """Hold the per-template lock; a second build of the same template waits or is refused."""
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        path = locks / f"{name}.lock"
+        with open(path, "a+") as fh:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        fh.seek(0)
+                        holder = fh.read().strip() or "another process"
+                        raise EnvironmentProblem(f"{name}: template is busy: being built by {holder} (lock {path})") from None
+                    time.sleep(0.2)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+
+
+def _kill_leftover_processes(work_name: str) -> None:
+    """SIGKILL what a killed build left running (apt, dpkg, maintainer scripts): the
+    processes that carry its mark (proc.mark_children). Their mounts and loop device
+    go with the last of them."""
+    mark = f"{MARK_VARIABLE}={work_name}".encode() + b"\0"
+    for _ in range(50):
+        victims = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if mark in (proc / "environ").read_bytes():
+                        victims.append(int(proc.name))
+                except OSError:
+                    continue
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
