@@ -52,7 +52,7 @@ from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeE
 from vztt.base.mounts import Mounts, enter_private_namespace, require_root
 from vztt.base.progress import Progress
 from vztt.formats.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks, read_in_root, remove_in_root, write_in_root
-from vztt.formats.vzcache import FORMATS
+from vztt import formats as formats_registry
 
 LAYOUTS = ("dir", "ext4", "ploop")
 DEFAULT_SIZE = 10 << 30
@@ -459,7 +459,7 @@ def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: 
                        progress: Progress, pulled: dict[str, Any] | None = None) -> CreateResult:
     manifest = entry.data
     archives = manifest.get("archives") or {manifest["archive"].get("format", "plain"): manifest["archive"]}
-    layout, fmt = _layout_for([f for f in FORMATS if f in archives], options.layout)
+    layout, fmt = _layout_for(formats_registry.ordered(list(archives)), options.layout)
     rec = archives[fmt]
     archive = cache.root / rec["file"]
     size = _size_for(options, manifest, layout)
@@ -508,7 +508,7 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
             with progress.step("index") as st:
                 remote = mirror.find_build(source, name, keyring, options.build)
                 st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
-            formats = [f for f in FORMATS if f in remote.build["archives"]]
+            formats = formats_registry.ordered(list(remote.build["archives"]))
             layout, fmt = _layout_for(formats, options.layout)
             pulled = {"mirror": source.label, "build": remote.id, "signer": remote.signer.fingerprint}
             if layout == "ploop":

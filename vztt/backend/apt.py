@@ -30,7 +30,7 @@ from urllib.parse import unquote
 from vztt.backend import Backend, InstalledPackage
 from vztt.base.errors import BuildError, ResolveError
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
-from vztt.base.proc import BASE_ENV, run, summarize
+from vztt.base.proc import TOOL_ENV, run, summarize
 
 # Package scripts must not start anything in the image while we build it.
 POLICY_RC_D = "#!/bin/sh\n# vztt build: no daemon starts during the build\nexit 101\n"
@@ -104,7 +104,7 @@ class AptBackend(Backend):
         return conf
 
     def _env(self, conf: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {**BASE_ENV, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive",
+        return {**TOOL_ENV, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive",
                 "DEBCONF_NONINTERACTIVE_SEEN": "true", **(extra or {})}
 
     # ----------------------------------------------------------------- resolve
@@ -270,7 +270,7 @@ class AptBackend(Backend):
             list(pool.map(lambda p: self._unpack(debs[p.key], root), essential))
         self.log.write(f"# unpacked {len(essential)} Essential packages in {time.monotonic() - t0:.1f} s")
 
-        script_env = {**BASE_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
+        script_env = {**TOOL_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
                       **env}
         # 2. Configure it with the image's own dpkg.
         inside = ["/" + str(debs[p.key].relative_to(root)) for p in essential]

@@ -52,7 +52,7 @@ from typing import Any
 from vztt.backend import Backend, InstalledPackage
 from vztt.base.errors import BuildError, RecipeError, ResolveError, VzttError
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
-from vztt.base.proc import BASE_ENV, run, summarize
+from vztt.base.proc import TOOL_ENV, run, summarize
 
 MIN_RELEASE = 9
 DBPATH = "/var/lib/rpm"
@@ -98,7 +98,7 @@ class DnfBackend(Backend):
         req, res = scratch / "request.json", scratch / "result.json"
         req.write_text(json.dumps(request))
         res.unlink(missing_ok=True)
-        full_env = {**BASE_ENV, **(env or {}), "HOME": str(home), "PYTHONPATH": str(_PACKAGE_ROOT),
+        full_env = {**TOOL_ENV, **(env or {}), "HOME": str(home), "PYTHONPATH": str(_PACKAGE_ROOT),
                     "PYTHONDONTWRITEBYTECODE": "1"}
         proc = run([sys.executable, "-m", "vztt.backend.dnf", op, str(req), str(res)], log=self.log,
                    env=full_env, cwd=scratch, check=False, what=what, error=error)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from vztt.base.errors import BuildError
-from vztt.base.proc import BASE_ENV, Log, run
+from vztt.base.proc import TOOL_ENV, Log, run
 from vztt.recipe.recipe import FileSpec, Hook
 
 MAX_LINKS = 40
@@ -67,10 +67,10 @@ def run_hooks(root: Path, hooks: tuple[Hook, ...], env: dict[str, str], log: Log
         what = f"{recipe_name}: hook {h.name} ({h.where})"
         if h.where == "image":
             run(["chroot", str(root), "/bin/sh", "-e", "-c", h.script], log=log, what=what,
-                env={**BASE_ENV, **env})
+                env={**TOOL_ENV, **env})
         else:
             run(["/bin/sh", "-e", "-c", h.script], log=log, what=what, cwd=root,
-                env={**BASE_ENV, **env, "VZTT_ROOT": str(root)})
+                env={**TOOL_ENV, **env, "VZTT_ROOT": str(root)})
 
 
 def clean_root(root: Path) -> None:

@@ -30,7 +30,8 @@ from vztt.store.packages import PackageCache
 from vztt.base.proc import Log, mark_children
 from vztt.base.progress import Progress
 from vztt.recipe.recipe import Recipe
-from vztt.formats.vzcache import FORMATS, formats_for, pack_ploop
+from vztt import formats as formats_registry
+from vztt.formats.vzcache import pack_ploop
 
 MANIFEST_FORMAT = 1
 
@@ -143,7 +144,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                         f"({s.bytes_downloaded / 1e6:.1f} MB)")
 
             env = {**recipe.environment, "SOURCE_DATE_EPOCH": str(lock.source_date_epoch)}
-            formats = formats_for(options.format or recipe.format)
+            formats = formats_registry.parse(options.format or recipe.format)
             archives: dict[str, dict[str, Any]] = {}
             outputs: list[tuple[Path, Path]] = []          # (temporary, final), promoted together
             with BuildImage(work, recipe.image_size, log) as image:
@@ -221,7 +222,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
                 cache.promote(name, outputs + [(tmp_manifest, manifest_path)])
                 # A format not built this time must not linger beside the new manifest.
-                for fmt in set(FORMATS) - set(formats):
+                for fmt in set(formats_registry.names()) - set(formats):
                     cache.archive(name, fmt).unlink(missing_ok=True)
                 cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))

@@ -855,20 +855,20 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
     it was (exit 5); with several mirrors the next one is tried.
     """
     from vztt.mirror import mirror
-    from vztt.formats.vzcache import formats_for
+    from vztt import formats as formats_registry
     cache = obj.cache
     if offline:
         entry = mirror.offline_entry(cache, name, build_id)
-        doc = {"name": name, "build": mirror.local_build(entry), "offline": True, "manifest": str(entry.manifest),
+        doc = {"name": name, "build": mirror.local_build(entry), "offline": True, "manifest": str(entry.manifest_path),
                "archives": {f: str(cache.root / a["file"]) for f, a in entry.data.get("archives", {}).items()}}
         if as_json:
             _emit(doc)
         else:
-            click.echo(f"{name} {doc['build']}: in the cache ({entry.manifest})")
+            click.echo(f"{name} {doc['build']}: in the cache ({entry.manifest_path})")
         return
     progress = Progress(quiet=as_json)
     result = mirror.pull(cache, name, mirror.mirror_list(mirror_urls), keyrings, build_id,
-                         formats_for(fmt) if fmt else None, progress)
+                         formats_registry.parse(fmt) if fmt else None, progress)
     if as_json:
         _emit(result.as_dict())
         return

@@ -20,6 +20,8 @@ from pathlib import Path
 import lz4.frame
 
 from vztt.base.errors import BuildError
+from vztt.formats import Format, FormatContext, Inspection
+from vztt.store.manifest import ArchiveRecord
 
 CHUNK = 1 << 20
 
@@ -69,3 +71,26 @@ def pack_tree(root: Path, out: Path, source_date_epoch: int, exclude: tuple[str,
 def open_tar_stream(path: Path):  # -> file object of the uncompressed tar
     """The decompressed stream of a .tar.lz4, for tarfile's streaming mode."""
     return lz4.frame.open(path, "rb")
+
+
+class PlainFormat(Format):
+    """The root tree as a reproducible tar, LZ4-compressed: what `vztt create` unpacks."""
+
+    name = "plain"
+    suffix = "plain.tar.lz4"
+    summary = "rootfs .tar.lz4 (vztt create, any host with tar and lz4)"
+
+    def write(self, ctx: FormatContext) -> ArchiveRecord:
+        packed = pack_tree(ctx.tree, ctx.out, ctx.source_date_epoch)
+        return ArchiveRecord(file=self.file_name(ctx.name), format=self.name, sha256=packed.sha256,
+                             size=packed.size, tar_size=packed.tar_size)
+
+    def recognizes(self, path: Path) -> bool:
+        return path.name.endswith(".tar.lz4") and not path.name.endswith(".ploopv2.tar.lz4")
+
+    def inspect(self, path: Path, workdir: Path) -> Inspection:
+        from vztt.formats.vzcache import inspect
+        return inspect(path, workdir)
+
+
+FORMAT = PlainFormat()

@@ -48,7 +48,7 @@ from vztt.store.templates import TemplateCache
 from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RuntimeUnavailable
 from vztt.base.paths import default_dir
 from vztt.store.packages import sha256_file
-from vztt.base.proc import BASE_ENV, Log, mark_children, run
+from vztt.base.proc import TOOL_ENV, Log, mark_children, run
 from vztt.base.progress import Progress
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -344,7 +344,7 @@ def source_date_epoch(deb: Path) -> int:
     the .deb, which Debian's reproducible builds set to the changelog's date.
     The kernel's build timestamp comes from it, not from the clock."""
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=BASE_ENV)
+                            stderr=subprocess.DEVNULL, env=TOOL_ENV)
     assert proc.stdout is not None
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
@@ -432,7 +432,7 @@ def _make_env(epoch: int | None = None) -> dict[str, str]:
     build is reproducible: what it would take from the clock, the user, the
     host and the build counter (.version) is fixed, and the tree's paths are
     relative (an in-tree build), so another directory gives the same bytes."""
-    env = {**BASE_ENV, "KBUILD_BUILD_USER": "vztt", "KBUILD_BUILD_HOST": "vztt", "KBUILD_BUILD_VERSION": "1"}
+    env = {**TOOL_ENV, "KBUILD_BUILD_USER": "vztt", "KBUILD_BUILD_HOST": "vztt", "KBUILD_BUILD_VERSION": "1"}
     if epoch is not None:
         env["KBUILD_BUILD_TIMESTAMP"] = build_timestamp(epoch)
         env["SOURCE_DATE_EPOCH"] = str(epoch)
@@ -739,7 +739,7 @@ def vm_kernel(cache: TemplateCache) -> KernelEntry:
 # --------------------------------------------------------------------------
 
 def _require_tools() -> None:
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool, path=BASE_ENV["PATH"]) is None})
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool, path=TOOL_ENV["PATH"]) is None})
     if missing:
         raise EnvironmentProblem(f"building the kernel needs {', '.join(missing)} "
                                  f"(apt-get install {' '.join(missing)} libelf-dev libssl-dev cpio kmod)")

@@ -58,7 +58,7 @@ from vztt.base import signing
 from vztt.store.templates import Entry, TemplateCache
 from vztt.base.errors import FetchError, PublishRefused, RecipeError
 from vztt.base.progress import Progress
-from vztt.formats.vzcache import FORMATS
+from vztt import formats as formats_registry
 
 T = TypeVar("T")
 
@@ -199,7 +199,7 @@ def parse_index(data: bytes, where: str) -> dict[str, Any]:
             w = f"{where}: {name} build {b['id']}"
             _file_record(b.get("manifest"), f"{w}: manifest")
             archives = b.get("archives")
-            if not isinstance(archives, dict) or not archives or any(f not in FORMATS for f in archives):
+            if not isinstance(archives, dict) or not archives or any(f not in formats_registry.names() for f in archives):
                 raise MirrorError(f"{w}: bad archives")
             for fmt, rec in archives.items():
                 _file_record(rec, f"{w}: {fmt} archive")
@@ -532,7 +532,7 @@ def _publishable(cache: TemplateCache, name: str, allow_untested: bool) -> Entry
         raise RecipeError(f"{name}: not in the cache {cache.root}; build or pull it first")
     result = (entry.data.get("boot_test") or {}).get("result", "skipped")
     if result == "failed":
-        raise PublishRefused(f"{name}: refused: its boot test failed ({entry.manifest})")
+        raise PublishRefused(f"{name}: refused: its boot test failed ({entry.manifest_path})")
     if result != "passed" and not allow_untested:
         raise PublishRefused(f"{name}: refused: its boot test was {result}; run `vztt build {name}` with the test, "
                              f"or publish with --allow-untested")
@@ -595,7 +595,7 @@ def publish(cache: TemplateCache, names: list[str], location: str, options: Publ
             uploaded, sent = [], 0
             paths: dict[str, str] = {}
             with progress.step("upload") as st:
-                for fmt in FORMATS:
+                for fmt in formats_registry.names():
                     a = manifest["archives"].get(fmt)
                     if a is None:
                         continue
@@ -888,8 +888,8 @@ class PullResult:
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "entry"}
         if self.entry is not None:
-            d["manifest"] = str(self.entry.manifest)
-            d["archives"] = {f: str(self.entry.manifest.parent / a["file"])
+            d["manifest"] = str(self.entry.manifest_path)
+            d["archives"] = {f: str(self.entry.manifest_path.parent / a["file"])
                              for f, a in self.entry.data.get("archives", {}).items()}
         return d
 
@@ -960,12 +960,12 @@ def clean_old_parts(cache: TemplateCache, max_age: float = PART_MAX_AGE) -> None
 def wanted_formats(remote: Remote, formats: tuple[str, ...] | None) -> list[str]:
     have = list(remote.build["archives"])
     if not formats:
-        return [f for f in FORMATS if f in have]
+        return formats_registry.ordered(have)
     missing = [f for f in formats if f not in have]
     if missing:
         raise MirrorError(f"{remote.source.label}: {remote.id} has no {', '.join(missing)} archive "
                           f"(formats: {', '.join(have)})")
-    return [f for f in FORMATS if f in formats]
+    return formats_registry.ordered(formats)
 
 
 def download(remote: Remote, cache: TemplateCache, fmt: str) -> Path:
@@ -981,7 +981,6 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
     """The downloaded archives (`parts`, verified) and the build's manifest into the
     cache, with promote's `-old` rule. The manifest keeps only the formats pulled,
     and records where it came from under `pulled`."""
-    from vztt.formats.vzcache import SUFFIX
     rec = remote.build["manifest"]
     data = remote.source.get_small(rec["path"], MAX_MANIFEST)
     if len(data) != rec["size"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
@@ -990,12 +989,12 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
         manifest = json.loads(data)
         ok = (manifest.get("name") == name and build_id(manifest) == remote.id
               and all(manifest["archives"][f]["sha256"] == remote.build["archives"][f]["sha256"]
-                      and manifest["archives"][f]["file"] == f"{name}.{SUFFIX[f]}" for f in parts))
+                      and manifest["archives"][f]["file"] == formats_registry.get(f).file_name(name) for f in parts))
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise MirrorError(f"{remote.source.where(rec['path'])}: the manifest does not describe {name} build {remote.id}")
-    formats = [f for f in FORMATS if f in parts]
+    formats = formats_registry.ordered(list(parts))
     manifest["archives"] = {f: manifest["archives"][f] for f in formats}
     manifest["formats"] = formats
     manifest["archive"] = manifest["archives"][formats[0]]
@@ -1020,7 +1019,7 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
             fh.flush()
             os.fsync(fh.fileno())
         cache.promote(name, pairs + [(tmp_manifest, final_manifest)])
-        for f in set(FORMATS) - set(formats):          # the manifest no longer names them
+        for f in set(formats_registry.names()) - set(formats):          # the manifest no longer names them
             cache.archive(name, f).unlink(missing_ok=True)
     finally:
         for t in temps:
@@ -1097,7 +1096,7 @@ def pull(cache: TemplateCache, name: str, mirrors: list[str], keyrings: tuple[Pa
                     result.bytes_downloaded += size
                 with progress.step("install") as st:
                     result.entry = install(cache, name, remote, parts)
-                    st.note(str(result.entry.manifest))
+                    st.note(str(result.entry.manifest_path))
             result.resumed = source.resumed
             result.seconds = round(time.monotonic() - started, 3)
             return result

@@ -8,8 +8,15 @@ Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
   packages/                       the shared content-addressed package cache
   state/<name>/                   solver state (apt lists), reused between resolves
   history/<name>/<build id>.*     every promoted build's manifest and lock (vztt diff, vztt status)
-  .work/<name>.<pid>/             a build in progress (scratch; cleaned if its pid died)
+  logs/<name>.<kind>.log          the last build/resolve/... log, console logs of boot tests
+  kernel/                         built container kernels (or VZTT_KERNEL_CACHE)
+  .work/<label>.<pid>/            scratch of a run in progress (a build, a boot test, create...;
+                                  cleaned by the next run if its pid died)
+  .containers/                    the container runtime's state (boot tests, vztt run)
+  .downloads/<sha256>.part        pulls in progress (kept across runs for resuming)
   .locks/<name>.lock              flock held while a build of <name> runs
+
+This class is the only owner of that layout: nothing else builds these paths.
 
 Promotion is atomic: the new archive and manifest are written under temporary
 names, the current pair is renamed to `-old`, the new pair renamed into place,
@@ -27,24 +34,31 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 from contextlib import contextmanager
 
+from vztt import __version__
 from vztt.base.errors import EnvironmentProblem
+from vztt.base.files import fsync_dir, temp_name
 from vztt.base.mounts import force_cleanup
 from vztt.base.paths import default_cache
-from vztt.base.proc import MARK_VARIABLE
+from vztt.base.proc import MARK_VARIABLE, Log
+from vztt.store.manifest import Manifest, ManifestError
 
 OLD = "-old"
 
 
 @dataclass(frozen=True)
 class Entry:
+    """A cached template: its manifest (the commit record) and primary archive."""
+
     name: str
     archive: Path
-    manifest: Path
-    data: dict[str, Any]
+    manifest_path: Path
+    manifest: Manifest
+    data: dict[str, Any]          # the manifest as JSON: being replaced by `manifest` in every reader
 
 
 class TemplateCache:
@@ -54,8 +68,8 @@ class TemplateCache:
 
     # paths
     def archive(self, name: str, fmt: str = "plain") -> Path:
-        from vztt.formats.vzcache import SUFFIX
-        return self.root / f"{name}.{SUFFIX[fmt]}"
+        from vztt import formats
+        return self.root / formats.get(fmt).file_name(name)
 
     def manifest(self, name: str) -> Path:
         return self.root / f"{name}.manifest.json"
@@ -67,6 +81,36 @@ class TemplateCache:
         return self.root / "state" / name
 
     @property
+    def logs_dir(self) -> Path:
+        d = self.root / "logs"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def log_path(self, name: str, kind: str) -> Path:
+        """logs/<name>.<kind>.log (kind: build, resolve, console, vm.console, kernel build...)."""
+        return self.logs_dir / f"{name}.{kind}.log"
+
+    def new_log(self, name: str, kind: str) -> Log:
+        """A fresh log for one run: the previous one of this kind is replaced."""
+        path = self.log_path(name, kind)
+        path.write_text(f"# vztt {__version__} {kind} {name} {datetime.now(timezone.utc).isoformat()}\n")
+        return Log(path)
+
+    @property
+    def containers_dir(self) -> Path:
+        """The container runtime's state directory."""
+        return self.root / ".containers"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.root / ".downloads"
+
+    @property
+    def kernel_dir(self) -> Path:
+        """Built container kernels: VZTT_KERNEL_CACHE, else <cache>/kernel."""
+        return Path(os.environ.get("VZTT_KERNEL_CACHE") or self.root / "kernel")
+
+    @property
     def packages_dir(self) -> Path:
         return Path(os.environ.get("VZTT_PACKAGE_CACHE") or self.root / "packages")
 
@@ -75,13 +119,13 @@ class TemplateCache:
         self.recover(name)
         m = self.manifest(name)
         try:
-            data = json.loads(m.read_text())
-        except (FileNotFoundError, ValueError):
+            manifest = Manifest.read(m)
+        except ManifestError:
             return None
-        archive = self.root / data["archive"]["file"]
+        archive = self.root / manifest.archive.file
         if not archive.is_file():
             return None
-        return Entry(name=name, archive=archive, manifest=m, data=data)
+        return Entry(name=name, archive=archive, manifest_path=m, manifest=manifest, data=manifest.to_dict())
 
     # history: every promoted build's manifest and lock, for `vztt diff` and `vztt status`
     def history_dir(self, name: str) -> Path:
@@ -108,7 +152,7 @@ class TemplateCache:
 
     # writing
     def temp_path(self, final: Path) -> Path:
-        return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        return temp_name(final)
 
     def promote(self, name: str, files: list[tuple[Path, Path]]) -> None:
         """Move (temp, final) pairs into place; the manifest must be the last pair."""
@@ -120,7 +164,7 @@ class TemplateCache:
                 olds.append(old)
         for tmp, final in files:
             os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         for old in olds:
             old.unlink(missing_ok=True)
 
@@ -157,10 +201,26 @@ class TemplateCache:
                 removed.append(tmp)
         return removed
 
-    def work_dir(self, name: str) -> Path:
-        d = self.root / ".work" / f"{name}.{os.getpid()}"
-        d.mkdir(parents=True, exist_ok=True)
+    def work_dir(self, label: str) -> Path:
+        """.work/<label>.<pid>, made empty: scratch of this process (label: a template name,
+        `<name>.boot`, `create`, `kernel`...). The pid lets the next run remove it if we die."""
+        d = self.root / ".work" / f"{label}.{os.getpid()}"
+        if d.exists():
+            force_cleanup(d)
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
         return d
+
+    @contextmanager
+    def scratch(self, label: str) -> Iterator[Path]:
+        """work_dir(label) for the duration of a with-block: removed on the way out, with
+        whatever is still mounted below it."""
+        d = self.work_dir(label)
+        try:
+            yield d
+        finally:
+            force_cleanup(d)
+            shutil.rmtree(d, ignore_errors=True)
 
     @contextmanager
     def building(self, name: str, timeout: float = 0) -> Iterator[None]:
@@ -225,11 +285,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
