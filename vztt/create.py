@@ -327,11 +327,7 @@ def finish_ploop(raw: Path, tmp: Path, work: Path, disk_size: int, hostname: str
     ploop.write_image(raw, hds)
     raw.unlink()
     info = ploop.read_image(hds)
-    geo = ploop.disk_geometry(info.disk_sectors)
-    from vztt.formats.vzcache import DESCRIPTOR_ROOT
-    (hdd / ploop.DESCRIPTOR_NAME).write_text(ploop.disk_descriptor_xml(
-        info.disk_sectors, geo.cylinders, geo.heads, geo.sectors, info.cluster_size // ploop.SECTOR,
-        root_element=DESCRIPTOR_ROOT))
+    (hdd / ploop.DESCRIPTOR_NAME).write_text(ploop.descriptor_for(info))
     os.chmod(hds, 0o600)
     if vzpackages is not None:
         (tmp / "templates").mkdir(exist_ok=True)

@@ -60,11 +60,20 @@ class Inspection:
     member_names: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)     # format-specific findings
 
+    notes: list[str] = field(default_factory=list)           # format-specific lines for people
+
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "details"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("details", "notes")}
         d["path"] = str(self.path)
         d.update(self.details)
         return d
+
+    def text_lines(self) -> list[str]:
+        """What `vztt inspect` prints for people."""
+        return [str(self.path), f"  format    {self.format}",
+                f"  members   {self.members} ({self.tar_size / 1e6:.1f} MB of file data)",
+                f"  packages  {self.packages if self.packages is not None else 'unknown'}",
+                *self.notes]
 
 
 class Format(ABC):

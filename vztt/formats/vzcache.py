@@ -30,9 +30,6 @@ from vztt.formats.ploop.image import ImageFormatError
 
 FORMATS = ("plain", "ploop")
 SUFFIX = {"plain": "plain.tar.lz4", "ploop": "plain.ploopv2.tar.lz4"}
-# ploop's own DiskDescriptor root on Virtuozzo 7 and later (older ploop wrote
-# Parallels_disk_image; its reader accepts either).
-DESCRIPTOR_ROOT = "Virtuozzo_disk_image"
 
 
 def formats_for(choice: str) -> tuple[str, ...]:
@@ -73,7 +70,7 @@ def pack_ploop(plain: Path, out: Path, workdir: Path, *, name: str, packages: Se
         info = ploop.read_image(hds)
         members = ploop.cache_members(
             name, image=hds, vzpackages=ploop.vzpackages_text(sorted(packages)),
-            disk_descriptor=_descriptor(info), timestamp=f"{source_date_epoch}\n", mtime=source_date_epoch)
+            disk_descriptor=ploop.descriptor_for(info), timestamp=f"{source_date_epoch}\n", mtime=source_date_epoch)
         digest = _write_tar_lz4(out, members)
         return PloopResult(path=out, sha256=digest, size=out.stat().st_size, disk_size=stats.disk_size,
                            clusters=stats.clusters_written, fs_uuid=fs_uuid)
@@ -97,12 +94,6 @@ def _unpack_own_archive(archive: Path, dest: Path) -> None:
     err = tar.stderr.read().decode(errors="replace").strip()
     if tar.wait() != 0:
         raise BuildError(f"unpack {archive} for the ploop disk: {err.splitlines()[-1] if err else 'tar failed'}")
-
-
-def _descriptor(info: ploop.ImageInfo) -> str:
-    geo = ploop.disk_geometry(info.disk_sectors)
-    return ploop.disk_descriptor_xml(info.disk_sectors, geo.cylinders, geo.heads, geo.sectors,
-                                     info.cluster_size // ploop.SECTOR, root_element=DESCRIPTOR_ROOT)
 
 
 class _HashingWriter(io.RawIOBase):

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from vztt.base.errors import BuildError, VzttError
+from vztt.formats import ImageFormatError
 
 SECTOR = 512
 MiB = 1 << 20
@@ -70,6 +71,9 @@ RESIZE_BLOCKS = min((16 << 40) // FS_BLOCK, 0xFFFFFFFF)
 MIN_FS_BYTES = 288 * MiB
 IMAGE_NAME = "root.hds"
 DESCRIPTOR_NAME = "DiskDescriptor.xml"
+# ploop's own DiskDescriptor root on Virtuozzo 7 and later (older ploop wrote
+# Parallels_disk_image; its reader accepts either).
+DESCRIPTOR_ROOT = "Virtuozzo_disk_image"
 
 # "safe": the feature set of the e2fsprogs 1.42 era that Virtuozzo 7 hosts
 # (3.10 kernels, e2fsprogs 1.42.9 for ploop resize/fsck) handle: no
@@ -91,13 +95,6 @@ _SAFE_MKE2FS_CONF = """\
 	}
 """
 EXT4_PROFILES = ("safe", "modern")
-
-
-class ImageFormatError(VzttError):
-    """A ploop image (or cache member) is malformed."""
-
-    exit_code = 6
-    kind = "format"
 
 
 class _LogLike(Protocol):
@@ -654,10 +651,11 @@ def disk_geometry(disk_size_sectors: int) -> CHS:
 
 
 def descriptor_for(info: "ImageInfo") -> str:
-    """DiskDescriptor.xml for an image, from its header."""
+    """DiskDescriptor.xml for an image, from its header: the one way vztt makes one
+    (template caches and containers' root.hdd alike)."""
     geo = disk_geometry(info.disk_sectors)
     return disk_descriptor_xml(info.disk_sectors, geo.cylinders, geo.heads, geo.sectors,
-                               info.cluster_size // SECTOR)
+                               info.cluster_size // SECTOR, root_element=DESCRIPTOR_ROOT)
 
 
 # --- 4. package list and cache members ---------------------------------------
