@@ -110,7 +110,7 @@ class PulledRecord:
 class Manifest:
     name: str
     build_id: str
-    created: str                   # ISO 8601, UTC
+    created: str                   # ISO 8601, UTC ("" if unknown)
     distro: str
     release: str
     version: str
@@ -197,9 +197,9 @@ class Manifest:
             formats = [str(f) for f in (doc.get("formats") or archives)]
             if not formats or any(f not in archives for f in formats):
                 raise ValueError("formats and archives disagree")
-            created = str(doc["created"])
+            created = str(doc.get("created") or "")
             build_id = doc.get("build_id")
-            if not isinstance(build_id, str) or not build_id:
+            if (not isinstance(build_id, str) or not build_id) and created:
                 # Older manifests: time and primary archive digest (as the mirror index names them).
                 when = datetime.fromisoformat(created).astimezone(timezone.utc)
                 build_id = f"{when:%Y%m%dT%H%M%SZ}-{archives[formats[0]].sha256[:12]}"
@@ -207,7 +207,7 @@ class Manifest:
             packages = [PackageRecord(str(p["name"]), str(p["arch"]), str(p["version"]))
                         for p in doc.get("packages") or []]
             return cls(
-                name=str(doc["name"]), build_id=build_id, created=created,
+                name=str(doc["name"]), build_id=str(build_id or ""), created=created,
                 distro=str(doc.get("distro", "")), release=str(doc.get("release", "")),
                 version=str(doc.get("version", "")), arch=str(doc.get("arch", "")),
                 formats=formats, archives=archives,
