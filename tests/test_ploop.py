@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import ploop_helpers as H  # noqa: E402
 
-from vztt.formats.ploop import image as ploop  # noqa: E402
+from vztt.formats import ploop  # noqa: E402
 from vztt.base.errors import BuildError  # noqa: E402
 
 pytestmark = [

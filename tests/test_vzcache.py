@@ -15,7 +15,7 @@ import lz4.frame
 import pytest
 
 from conftest import BuiltTemplate, leftovers, one_line_error, run_vztt
-from vztt.formats.ploop.image import BALLOON_NAME
+from vztt.formats.ploop import BALLOON_NAME
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -7,6 +7,7 @@ into a mounted root, and removes what its tools leave behind.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,14 @@ class Backend(ABC):
         """What the image's package database says is installed."""
 
 
+# Distro family (recipe.FAMILY) -> the module of its backend and the class in it. A module
+# is imported only when a recipe of its family is used.
+_BACKENDS = {"apt": ("vztt.backend.apt", "AptBackend"), "dnf": ("vztt.backend.dnf", "DnfBackend")}
+
+
 def backend_for(recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log) -> Backend:
-    if recipe.family == "apt":
-        from vztt.backend.apt import AptBackend
-        return AptBackend(recipe, mirrors, state_dir, log)
-    if recipe.family == "dnf":
-        from vztt.backend.dnf import DnfBackend
-        return DnfBackend(recipe, mirrors, state_dir, log)
-    raise RecipeError(f"{recipe.path}: distro: {recipe.distro!r} has no backend yet")
+    if recipe.family not in _BACKENDS:
+        raise RecipeError(f"{recipe.path}: distro: {recipe.distro!r} has no backend yet")
+    module, cls = _BACKENDS[recipe.family]
+    backend: type[Backend] = getattr(importlib.import_module(module), cls)
+    return backend(recipe, mirrors, state_dir, log)

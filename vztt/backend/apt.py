@@ -16,13 +16,14 @@ policy-rc.d that says 101 is in place until the end.
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import hashlib
 import os
 import re
 import shutil
-import subprocess
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote
@@ -30,13 +31,15 @@ from urllib.parse import unquote
 from vztt.backend import Backend, InstalledPackage
 from vztt.base.errors import BuildError, ResolveError
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
-from vztt.base.proc import TOOL_ENV, run, summarize
+from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
 
 # Package scripts must not start anything in the image while we build it.
 POLICY_RC_D = "#!/bin/sh\n# vztt build: no daemon starts during the build\nexit 101\n"
 DPKG_BUILD_CFG = "etc/dpkg/dpkg.cfg.d/zz-vztt-build"
 MERGED_USR_DIRS = {"amd64": ("bin", "sbin", "lib", "lib32", "lib64", "libx32"), "arm64": ("bin", "sbin", "lib")}
 
+# A directory in `tar -x -vv --full-time` output (times in UTC with TZ=UTC).
+_LISTED_DIR = re.compile(r"^d\S* \S+ +\d+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (.*)/$")
 _URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<file>\S+) (?P<size>\d+) SHA256:(?P<sha>[0-9a-f]{64})$")
 
 
@@ -171,8 +174,8 @@ class AptBackend(Backend):
 
     def _known(self, package: str) -> bool:
         conf = self.state_dir / "resolve" / "apt.conf"
-        proc = subprocess.run(["apt-cache", "show", "--no-all-versions", package], env=self._env(conf),
-                              capture_output=True)
+        proc = run(["apt-cache", "show", "--no-all-versions", package], env=self._env(conf), check=False,
+                   what=f"apt-cache show {package}", error=ResolveError)
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
     def _update_failed(self, output: str, urls: dict[str, str]) -> None:
@@ -267,7 +270,8 @@ class AptBackend(Backend):
         # Essential packages do not share files, so they unpack in parallel (tar copes with a
         # directory another tar has just made).
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            list(pool.map(lambda p: self._unpack(debs[p.key], root), essential))
+            listings = list(pool.map(lambda p: self._unpack(debs[p.key], root), essential))
+        _settle_shared_dirs(root, listings)
         self.log.write(f"# unpacked {len(essential)} Essential packages in {time.monotonic() - t0:.1f} s")
 
         script_env = {**TOOL_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
@@ -292,16 +296,30 @@ class AptBackend(Backend):
         self._check_installed(lock, root)
         self._write_sources(root)
 
-    def _unpack(self, deb: Path, root: Path) -> None:
-        deb_tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
-        tar = subprocess.run(["tar", "-x", "-p", "--keep-directory-symlink", "--same-owner", "-C", str(root)],
-                             stdin=deb_tar.stdout, capture_output=True, text=True)
-        assert deb_tar.stdout is not None
-        deb_tar.stdout.close()
-        err = deb_tar.stderr.read().decode(errors="replace") if deb_tar.stderr else ""
+    def _unpack(self, deb: Path, root: Path) -> dict[str, int]:
+        """`dpkg-deb --fsys-tarfile DEB | tar -x` into the image; the directories the
+        package holds (path relative to the root -> mtime), from tar's listing."""
+        what = f"unpack {deb.name}"
+        deb_tar = spawn(["dpkg-deb", "--fsys-tarfile", deb], what=what, stdout=PIPE, stderr=PIPE)
+        try:
+            assert deb_tar.stdout is not None and deb_tar.stderr is not None
+            tar = run(["tar", "-x", "-p", "--keep-directory-symlink", "--same-owner", "-vv", "--full-time",
+                       "-C", root], what=what, env=tool_env(TZ="UTC"), stdin=deb_tar.stdout, check=False)
+            deb_tar.stdout.close()
+            err = deb_tar.stderr.read().decode(errors="replace")
+            deb_tar.stderr.close()
+        except BaseException:
+            kill_tree(deb_tar)
+            raise
         if deb_tar.wait() != 0 or tar.returncode != 0:
-            raise BuildError(f"unpack {deb.name}: {(err + tar.stderr).strip().splitlines()[-1:]}")
+            raise BuildError(f"{what}: {(err + tar.stderr).strip().splitlines()[-1:]}")
+        dirs = {}
+        for m in map(_LISTED_DIR.match, tar.stdout.splitlines()):
+            if m and "\\" not in m[2]:          # a name tar had to escape is left alone
+                name = m[2]                      # "./usr/libexec", or "." for the root
+                rel = "" if name == "." else name.removeprefix("./")
+                dirs[rel] = calendar.timegm(time.strptime(m[1], "%Y-%m-%d %H:%M:%S"))
+        return dirs
 
     def _check_installed(self, lock: Lock, root: Path) -> None:
         have = {(p.name, p.arch): p for p in self.installed(root)}
@@ -321,9 +339,9 @@ class AptBackend(Backend):
         (root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
 
     def installed(self, root: Path) -> list[InstalledPackage]:
-        proc = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
-                               "-f=${db:Status-Abbrev}\t${Package}\t${Architecture}\t${Version}\n"],
-                              capture_output=True, text=True)
+        proc = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
+                    "-f=${db:Status-Abbrev}\t${Package}\t${Architecture}\t${Version}\n"],
+                   check=False, what="dpkg-query in the image")
         out = []
         for line in proc.stdout.splitlines():
             state, name, arch, version = line.split("\t")
@@ -350,3 +368,26 @@ class AptBackend(Backend):
                         child.unlink()
         (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
         (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+
+
+def _settle_shared_dirs(root: Path, listings: list[dict[str, int]]) -> None:
+    """The Essential packages are unpacked side by side, so a directory several of them
+    ship (usr/libexec: coreutils and dpkg) would keep the time of whichever tar finished
+    last. Give it the time of the last of them in lock order, as unpacking them one by
+    one would: the same lock, the same bytes. Paths through a symlink are left alone."""
+    shipped: Counter[str] = Counter()
+    last: dict[str, int] = {}
+    for listing in listings:
+        shipped.update(listing)
+        last.update(listing)
+    for rel, mtime in last.items():
+        if shipped[rel] < 2:
+            continue
+        path = root
+        for part in rel.split("/") if rel else []:
+            path = path / part
+            if path.is_symlink():
+                break
+        else:
+            if path.is_dir():
+                os.utime(path, (mtime, mtime))

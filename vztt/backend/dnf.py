@@ -1,7 +1,7 @@
 """The dnf backend: CentOS Stream, AlmaLinux and Rocky Linux, release 9 and later.
 
 dnf runs from the host (Debian's python3-dnf and rpm), always through its
-Python API, in a worker process of its own (`python -m vztt.backend.dnf`):
+Python API, in a worker process of its own (`python -m vztt.backend._dnf_worker`):
 
 - rpm and the `rpmkeys` process dnf starts to check signatures read their
   database path from `~/.rpmmacros` (Debian's rpm defaults to `~/.rpmdb`), so
@@ -36,16 +36,12 @@ write: such recipes are refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import re
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +57,7 @@ _PLUGINS = ("audit", "dbus_announce", "fapolicyd", "fsverity", "ima", "prioreset
             "systemd_inhibit")
 RPMMACROS = f"%_dbpath {DBPATH}\n" + "".join(f"%__transaction_{p} %{{nil}}\n" for p in _PLUGINS)
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]     # the directory holding the vztt package
-_REPO_NS = "{http://linux.duke.edu/metadata/repo}"
+WORKER = "vztt.backend._dnf_worker"
 
 
 def el_major(recipe_release: str) -> int | None:
@@ -100,7 +96,7 @@ class DnfBackend(Backend):
         res.unlink(missing_ok=True)
         full_env = {**TOOL_ENV, **(env or {}), "HOME": str(home), "PYTHONPATH": str(_PACKAGE_ROOT),
                     "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = run([sys.executable, "-m", "vztt.backend.dnf", op, str(req), str(res)], log=self.log,
+        proc = run([sys.executable, "-m", WORKER, op, str(req), str(res)], log=self.log,
                    env=full_env, cwd=scratch, check=False, what=what, error=error)
         doc = json.loads(res.read_text()) if res.is_file() else None
         if doc and "error" in doc:
@@ -237,254 +233,3 @@ def _tidy_rpmdb(root: Path) -> None:
         f = db.with_name(db.name + suffix)
         if f.exists() and (suffix == "-shm" or f.stat().st_size == 0):
             f.unlink()
-
-
-# ==========================================================================
-# The worker: runs in its own process, with HOME set by the parent.
-# ==========================================================================
-
-class _Fail(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind, self.message = kind, message
-
-
-class _Collect(logging.Handler):
-    """dnf's warnings, kept for error messages (they still reach stderr, the build log)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        sys.stderr.write(record.getMessage() + "\n")
-
-
-def _one_line(text: str, limit: int = 500) -> str:
-    return " | ".join(l.strip() for l in str(text).splitlines() if l.strip())[:limit]
-
-
-def _problems(text: str) -> str:
-    """libsolv's problem report as one line: the reasons, without the headings and bullets."""
-    lines = [l.strip().lstrip("-").strip() for l in text.splitlines()]
-    reasons = [l for l in lines if l and not re.match(r"^Problem( \d+)?: conflicting requests$", l)]
-    return _one_line("\n".join(reasons)) or _one_line(text)
-
-
-def _add_fetched(base: Any, req: dict[str, Any], packages: list[dict[str, Any]]) -> list[Any]:
-    """The fetched package files as dnf package objects of `base`."""
-    import dnf.exceptions
-    try:
-        return list(base.add_remote_rpms([p["path"] for p in packages], strict=True, progress=None))
-    except (IOError, dnf.exceptions.Error) as e:
-        raise _Fail("build", f"{req['recipe']}: cannot read a fetched package: {_one_line(str(e))}") from None
-
-
-def _conf(req: dict[str, Any], installroot: Path, work: Path):  # type: ignore[no-untyped-def]
-    import dnf.conf
-    for d in ("cache", "log", "persist"):
-        (work / d).mkdir(parents=True, exist_ok=True)     # hawkey wants its log directory to exist
-    installroot.mkdir(parents=True, exist_ok=True)
-    conf = dnf.conf.Conf()
-    conf.installroot = str(installroot)
-    conf.cachedir = str(work / "cache")
-    conf.logdir = str(work / "log")
-    conf.persistdir = str(work / "persist")
-    conf.reposdir = []
-    conf.varsdir = []
-    conf.pluginpath = []
-    conf.pluginconfpath = []
-    conf.substitutions["releasever"] = req["releasever"]
-    conf.substitutions["basearch"] = req["arch"]
-    conf.arch = req["arch"]
-    conf.basearch = req["arch"]
-    conf.module_platform_id = req["platform"]
-    conf.gpgcheck = True
-    conf.localpkg_gpgcheck = True
-    conf.install_weak_deps = bool(req["install_weak_deps"])
-    conf.tsflags = ["nodocs"] if req["nodocs"] else []
-    conf.metadata_expire = 0          # check repomd.xml (and its signature) again on every resolve
-    conf.skip_if_unavailable = False
-    conf.best = True
-    conf.assumeyes = True
-    return conf
-
-
-def _repomd_facts(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    stamps = [int(float(e.text)) for e in ET.fromstring(data).iter(f"{_REPO_NS}timestamp") if e.text]
-    return {"sha256": hashlib.sha256(data).hexdigest(), "timestamp": max(stamps, default=0)}
-
-
-def _worker_resolve(req: dict[str, Any]) -> dict[str, Any]:
-    import dnf
-    import dnf.exceptions
-    import hawkey
-
-    state = Path(req["state"])
-    warnings = _Collect()
-    logging.getLogger("dnf").addHandler(warnings)
-    base = dnf.Base(_conf(req, state / "root", state))
-    try:
-        base.conf.excludepkgs = list(req["exclude"])
-        for r in req["repos"]:
-            base.repos.add_new_repo(r["name"], base.conf, baseurl=[r["url"]], gpgcheck=True,
-                                    repo_gpgcheck=bool(r["repo_gpgcheck"]),
-                                    gpgkey=[Path(r["keyring"]).as_uri()], skip_if_unavailable=False)
-        for r in req["repos"]:          # one at a time, so a failure names its repository
-            try:
-                # Expired whatever its age (metadata_expire counts whole seconds): repomd.xml is fetched
-                # and its signature checked again; the rest of the cache is reused if it is unchanged.
-                base.repos[r["name"]]._repo.expire()
-                base.repos[r["name"]].load()
-            except dnf.exceptions.RepoError as e:
-                detail = re.sub(r"^Failed to download metadata for repo '[^']*': ", "", _one_line(str(e)))
-                # dnf logs why each mirror failed (curl's error) before raising a vaguer error
-                why = [l.strip()[2:] for m in warnings.messages
-                       if m.startswith(f"Errors during downloading metadata for repository '{r['name']}'")
-                       for l in m.splitlines()[1:] if l.strip().startswith("- ")]
-                if why and why[0] not in detail:
-                    detail += f": {why[0]}"
-                if "GPG" in detail:
-                    detail += f" (keyring {r['keyring']})"
-                raise _Fail("resolve", f"repository {r['name']} ({r['url']}): {detail}") from None
-        base.fill_sack(load_system_repo=False, load_available_repos=True)
-        specs = req["specs"]
-        try:
-            if any(s.startswith("@") for s in specs):
-                base.read_comps(arch_filter=True)
-            base.install_specs(specs)
-        except dnf.exceptions.MarkingErrors as e:
-            missing = list(e.no_match_pkg_specs) + [f"@{g}" for g in e.no_match_group_specs]
-            if missing:
-                raise _Fail("resolve", f"{req['recipe']}: no package or group matches "
-                                       f"{', '.join(missing)} in the recipe's repositories") from None
-            raise _Fail("resolve", f"{req['recipe']}: {_one_line(str(e))}") from None
-        except dnf.exceptions.Error as e:
-            raise _Fail("resolve", f"{req['recipe']}: {_one_line(str(e))}") from None
-        try:
-            base.resolve(allow_erasing=False)
-        except dnf.exceptions.DepsolveError as e:
-            raise _Fail("resolve", f"{req['recipe']}: cannot resolve the package set: {_problems(str(e))}") from None
-        packages = []
-        for p in base.transaction.install_set:
-            kind, digest = p.chksum if p.chksum else (None, b"")
-            if kind != hawkey.CHKSUM_SHA256:
-                name = hawkey.chksum_name(kind) if kind is not None else "no"
-                raise _Fail("resolve", f"repository {p.reponame}: {p}: {name} checksum in its metadata; "
-                                       "vztt locks sha256 only")
-            if p.baseurl:
-                raise _Fail("resolve", f"repository {p.reponame}: {p}: location below xml:base {p.baseurl} "
-                                       "is not supported")
-            packages.append({"name": p.name, "epoch": p.epoch, "ver": p.version, "rel": p.release, "arch": p.arch,
-                             "size": p.downloadsize, "sha256": digest.hex(), "location": p.location,
-                             "repo": p.reponame})
-        if not packages:
-            raise _Fail("resolve", f"{req['recipe']}: dnf resolved an empty package set")
-        repos = {}
-        for r in req["repos"]:
-            repomd = Path(base.repos[r["name"]]._repo.getCachedir()) / "repodata" / "repomd.xml"
-            repos[r["name"]] = _repomd_facts(repomd)
-        return {"packages": packages, "repos": repos}
-    finally:
-        base.close()
-
-
-def _worker_install(req: dict[str, Any]) -> dict[str, Any]:
-    import dnf
-    import dnf.exceptions
-    import dnf.yum.rpmtrans
-
-    work, root = Path(req["work"]), Path(req["root"])
-    packages = req["packages"]
-
-    # 1. Signatures: each package against a scratch rpmdb that holds only its repository's key.
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    for p in packages:
-        by_key.setdefault(p["keyring"], []).append(p)
-    for i, (keyring, group) in enumerate(sorted(by_key.items())):
-        vroot = work / f"verify-{i}"
-        vroot.mkdir(parents=True, exist_ok=True)
-        imp = subprocess.run(["rpmkeys", "--root", str(vroot), "--import", keyring], capture_output=True, text=True)
-        if imp.returncode != 0:
-            raise _Fail("build", f"rpmkeys --import {keyring}: {_one_line(imp.stderr or imp.stdout)}")
-        vb = dnf.Base(_conf(req, vroot, work / "dnf"))
-        try:
-            vb.fill_sack(load_system_repo=False, load_available_repos=False)
-            objs = _add_fetched(vb, req, group)
-            for po, p in zip(objs, group):
-                code, msg = vb.package_signature_check(po)
-                if code != 0:
-                    msg = _one_line(msg)
-                    if "is not signed" in msg:
-                        why = "the package is not signed"
-                    elif "Public key" in msg and "not installed" in msg:
-                        why = f"signed with a key that is not in keyring {keyring}"
-                    else:
-                        why = f"{msg or 'the signature does not verify'} (keyring {keyring})"
-                    raise _Fail("build", f"{p['nevra']} (repository {p['repository']}): package signature "
-                                         f"check failed: {why}")
-        finally:
-            vb.close()
-
-    # 2. Install into the image, from these files only.
-    class Display(dnf.yum.rpmtrans.TransactionDisplay):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.errors: list[str] = []
-            self.failed: list[str] = []
-
-        def error(self, message: str) -> None:
-            self.errors.append(_one_line(message))
-
-        def scriptout(self, msgs: Any) -> None:
-            text = msgs.decode(errors="replace") if isinstance(msgs, bytes) else str(msgs or "")
-            sys.stderr.write(text)
-            for m in re.finditer(r"%(\w+)\(([^)]+)\) scriptlet failed, ([^\n]+)", text):
-                self.failed.append(f"{m.group(2)}: %{m.group(1)} scriptlet failed, {m.group(3).strip()}")
-
-    b = dnf.Base(_conf(req, root, work / "dnf"))
-    display = Display()
-    try:
-        b.fill_sack(load_system_repo=True, load_available_repos=False)
-        objs = _add_fetched(b, req, packages)
-        for po in objs:
-            b.package_install(po, strict=True)
-        try:
-            b.resolve(allow_erasing=False)
-        except dnf.exceptions.DepsolveError as e:
-            raise _Fail("build", f"{req['recipe']}: the locked packages do not install together: "
-                                 f"{_one_line(str(e))}; re-run `vztt resolve`") from None
-        got = {str(p) for p in b.transaction.install_set}
-        want = {p["nevra"].replace("-0:", "-") for p in packages}
-        if got != want:
-            diff = sorted(got ^ want)
-            raise _Fail("build", f"{req['recipe']}: dnf would install another set than the lock's: "
-                                 f"{', '.join(diff[:5])}")
-        try:
-            b.do_transaction(display=[display])
-        except dnf.exceptions.Error as e:
-            problem = display.failed or display.errors or [_one_line(str(e))]
-            raise _Fail("build", f"{req['recipe']}: rpm transaction failed: {problem[0]}") from None
-        if display.failed or display.errors:
-            raise _Fail("build", f"{req['recipe']}: {(display.failed or display.errors)[0]}")
-    finally:
-        b.close()
-    return {"installed": len(packages)}
-
-
-def _worker_main(argv: list[str]) -> int:
-    op, req_path, res_path = argv
-    req = json.loads(Path(req_path).read_text())
-    try:
-        result = {"resolve": _worker_resolve, "install": _worker_install}[op](req)
-        code = 0
-    except _Fail as e:
-        result, code = {"error": {"kind": e.kind, "message": e.message}}, 1
-    Path(res_path).write_text(json.dumps(result))
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

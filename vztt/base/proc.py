@@ -146,19 +146,21 @@ def spawn(cmd: Sequence[str | os.PathLike[str]], *, what: str, error: type[VzttE
 
 def run(cmd: Sequence[str | os.PathLike[str]], *, log: Log | None = None, what: str,
         error: type[VzttError] = BuildError, env: dict[str, str] | None = None, inherit_env: bool = True,
-        cwd: Path | None = None, input: bytes | str | None = None, check: bool = True,
-        timeout: float | None = None, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
+        cwd: Path | None = None, input: bytes | str | None = None, stdin: IO[Any] | None = None,
+        check: bool = True, timeout: float | None = None,
+        ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
     """Run a command to its end, output captured (text); with `check`, an exit status
     not in `ok` raises `error` with `what` and the telling lines. A timeout kills the
     whole tree and raises `error`. env=None: the caller's environment with TOOL_ENV
-    over it (inherit_env=False: TOOL_ENV alone)."""
+    over it (inherit_env=False: TOOL_ENV alone). Its input: `input`, or the stream
+    `stdin` (another process's output, for a pipeline), else nothing."""
     argv = [str(c) for c in cmd]
     if log:
         log.write("$ " + shlex.join(argv))
     # A session of its own, so that on Ctrl-C, SIGTERM or an error we can stop the whole
     # tree (apt -> dpkg -> maintainer scripts) before unmounting the image under it.
     child = spawn(argv, what=what, error=error, env=env, inherit_env=inherit_env, cwd=cwd,
-                  stdin=PIPE if input is not None else DEVNULL, text=True)
+                  stdin=PIPE if input is not None else (stdin if stdin is not None else DEVNULL), text=True)
     if isinstance(input, bytes):
         input = input.decode()
     try:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from vztt.base.errors import BuildError
+from vztt.base.files import atomic_file
 from vztt.base.proc import TOOL_ENV, Log, run
 from vztt.recipe.recipe import FileSpec, Hook
 
@@ -55,11 +56,10 @@ def write_files(root: Path, files: tuple[FileSpec, ...]) -> None:
             if dest.is_dir() and not dest.is_symlink():
                 raise BuildError(f"files[{f.path}]: a directory is in the way in the image")
             dest.unlink()
-        tmp = dest.with_name(f".{dest.name}.vztt-tmp")
-        tmp.write_bytes(f.content)
-        os.chown(tmp, f.uid, f.gid)
-        os.chmod(tmp, f.mode)
-        os.replace(tmp, dest)
+        # The owner first: chown clears setuid bits, which atomic_file's final chmod sets.
+        with atomic_file(dest, f.mode, fsync=False) as fh:
+            fh.write(f.content)
+            os.fchown(fh.fileno(), f.uid, f.gid)
 
 
 def run_hooks(root: Path, hooks: tuple[Hook, ...], env: dict[str, str], log: Log, recipe_name: str) -> None:

@@ -1,39 +1,35 @@
 """The pipeline, in the order the data flows:
-recipe -> lock -> packages -> image -> archive -> cache.
+recipe -> lock -> packages -> image -> formats -> cache (boot-tested before promote).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from vztt import __version__
-from vztt.boot import test as boottest
-from vztt.formats.plain import pack_tree
-from vztt.store.templates import TemplateCache
-from vztt.build.customize import clean_root, run_hooks, write_files
-from vztt.backend import backend_for, Backend
+from vztt import formats as formats_registry
+from vztt.backend import Backend, InstalledPackage, backend_for
 from vztt.base.errors import ResolveError
-from vztt.build.fetch import Fetcher
-from vztt.build.image import BuildImage
-from vztt.recipe.lock import Lock, LockDiff, diff
-from vztt.recipe.variables import Mirrors
 from vztt.base.mounts import enter_private_namespace, require_root
-from vztt.store.packages import PackageCache
 from vztt.base.proc import Log, mark_children
 from vztt.base.progress import Progress
+from vztt.boot import test as boottest
+from vztt.build.customize import clean_root, run_hooks, write_files
+from vztt.build.fetch import Fetcher
+from vztt.build.image import BuildImage
+from vztt.formats import FormatContext
+from vztt.recipe.lock import Lock, LockDiff, diff
 from vztt.recipe.recipe import Recipe
-from vztt import formats as formats_registry
-from vztt.formats.vzcache import pack_ploop
-
-MANIFEST_FORMAT = 1
+from vztt.recipe.variables import Mirrors
+from vztt.store.manifest import ArchiveRecord, Manifest, PackageRecord
+from vztt.store.packages import PackageCache
+from vztt.store.templates import TemplateCache
 
 
 @dataclass
@@ -42,7 +38,7 @@ class BuildOptions:
     lock_path: Path | None = None   # default: <cache>/locks/<name>.lock.json
     jobs: int = 8                   # parallel downloads
     test: bool = True               # boot-test the packed archive before promote (--no-test)
-    format: str | None = None       # plain | ploop | all; None: the recipe's setting
+    format: str | None = None       # plain | ploop | all (or a list: plain,ploop); None: the recipe's setting
     wait: float = 0                 # seconds to wait for another build of the same template
 
 
@@ -59,7 +55,7 @@ class BuildResult:
     name: str
     archive: Path
     manifest_path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     log: Path
     fetch: dict[str, int] = field(default_factory=dict)    # this build's downloads: cached/downloaded/bytes
 
@@ -68,21 +64,13 @@ def _backend(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, log: Log) -
     return backend_for(recipe, mirrors, cache.state_dir(recipe.name), log)
 
 
-def _log(cache: TemplateCache, name: str, kind: str) -> Log:
-    logs = cache.root / "logs"
-    logs.mkdir(exist_ok=True)
-    path = logs / f"{name}.{kind}.log"
-    path.write_text(f"# vztt {__version__} {kind} {name} {datetime.now(timezone.utc).isoformat()}\n")
-    return Log(path)
-
-
 def resolve(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, lock_path: Path | None = None,
             progress: Progress | None = None, log: Log | None = None) -> ResolveResult:
     """Resolve with the distro's solver and write the lock; report what changed."""
     progress = progress or Progress(quiet=True)
     lock_path = lock_path or cache.lock_file(recipe.name)
     own_log = log is None
-    log = log or _log(cache, recipe.name, "resolve")
+    log = log or cache.new_log(recipe.name, "resolve")
     try:
         with progress.step("resolve") as st:
             previous = None
@@ -114,7 +102,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
     started = time.monotonic()
     name = recipe.name
     with cache.building(name, timeout=options.wait):
-        log = _log(cache, name, "build")
+        log = cache.new_log(name, "build")
         work = cache.work_dir(name)
         # If this process is killed, the next run finds and kills what it left running.
         mark_children(work.name)
@@ -145,8 +133,6 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
 
             env = {**recipe.environment, "SOURCE_DATE_EPOCH": str(lock.source_date_epoch)}
             formats = formats_registry.parse(options.format or recipe.format)
-            archives: dict[str, dict[str, Any]] = {}
-            outputs: list[tuple[Path, Path]] = []          # (temporary, final), promoted together
             with BuildImage(work, recipe.image_size, log) as image:
                 with progress.step("install") as st:
                     image.mount_api()
@@ -161,72 +147,42 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                     image.unmount_api()
                     backend.finish(image.root)
                     clean_root(image.root)
-                    installed = backend.installed(image.root)
+                    installed = _package_records(backend.installed(image.root))
                     used = image.used_bytes()
-                # The plain archive is made whenever a ploop cache is wanted too: the ploop disk
-                # is filled from it (see vzcache.pack_ploop); it is dropped if not asked for.
-                final = cache.archive(name, "plain")
-                plain_tmp = cache.temp_path(final)
-                temps.append(plain_tmp)
-                with progress.step("pack") as st:
-                    packed = pack_tree(image.root, plain_tmp, lock.source_date_epoch)
-                    st.note(f"{packed.tar_size / 1e6:.0f} MB tar -> {packed.size / 1e6:.0f} MB lz4")
-                if "plain" in formats:
-                    archives["plain"] = {"file": final.name, "format": "plain", "sha256": packed.sha256,
-                                         "size": packed.size, "tar_size": packed.tar_size}
-                    outputs.append((plain_tmp, final))
-                if "ploop" in formats:
-                    final = cache.archive(name, "ploop")
-                    tmp = cache.temp_path(final)
-                    temps.append(tmp)
-                    with progress.step("ploop") as st:
-                        pl = pack_ploop(plain_tmp, tmp, work, name=name,
-                                        packages=[(p.name, p.arch, p.version) for p in installed],
-                                        disk_size=recipe.disk_size, ext4_features=recipe.ext4_features,
-                                        source_date_epoch=lock.source_date_epoch, identity=lock.digest, log=log)
-                        st.note(f"{pl.clusters} MiB of {pl.disk_size >> 30} GiB disk -> {pl.size / 1e6:.0f} MB lz4")
-                    archives["ploop"] = {"file": final.name, "format": "ploop", "sha256": pl.sha256, "size": pl.size,
-                                         "disk_size": pl.disk_size, "clusters": pl.clusters,
-                                         "ext4_features": recipe.ext4_features, "fs_uuid": pl.fs_uuid}
-                    outputs.append((tmp, final))
+                # `out` is set for each format by _write_formats.
+                context = FormatContext(name=name, tree=image.root, out=work, work=work,
+                                        source_date_epoch=lock.source_date_epoch, lock_digest=lock.digest,
+                                        packages=installed, settings=recipe.merged, log=log)
+                archives, outputs = _write_formats(formats, context, cache, progress, temps)
             created = datetime.now(timezone.utc).replace(microsecond=0)
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "name": name,
+            manifest = Manifest(
+                name=name,
                 # Sorts by time; names the lock it was built from.
-                "build_id": created.strftime("%Y%m%dT%H%M%SZ") + "-" + lock.digest[7:15],
-                "packages_digest": lock.packages_digest,
-                "vztt_version": __version__,
-                "created": created.isoformat(),
-                "distro": recipe.distro, "release": recipe.release, "version": recipe.version, "arch": recipe.arch,
-                "recipe_digest": recipe.digest(),
-                "lock_digest": lock.digest,
-                "source_date_epoch": lock.source_date_epoch,
-                "formats": list(formats),
-                "archive": archives[formats[0]],       # the primary archive (plain when built)
-                "archives": archives,
-                "image_used_bytes": used,
-                "package_count": len(installed),
-                "packages": [{"name": p.name, "arch": p.arch, "version": p.version} for p in
-                             sorted(installed, key=lambda p: (p.name, p.arch))],
-                "build_seconds": round(time.monotonic() - started, 1),
-                "steps": dict(progress.timings),
-            }
+                build_id=created.strftime("%Y%m%dT%H%M%SZ") + "-" + lock.digest[7:15],
+                created=created.isoformat(),
+                distro=recipe.distro, release=recipe.release, version=recipe.version, arch=recipe.arch,
+                formats=list(formats), archives=archives,    # formats[0]: the primary archive (plain when built)
+                recipe_digest=recipe.digest(), lock_digest=lock.digest, packages_digest=lock.packages_digest,
+                source_date_epoch=lock.source_date_epoch, vztt_version=__version__,
+                packages=installed, package_count=len(installed), image_used_bytes=used,
+                build_seconds=round(time.monotonic() - started, 1), steps=dict(progress.timings),
+            )
             manifest_path = cache.manifest(name)
             tmp_manifest = cache.temp_path(manifest_path)
             temps.append(tmp_manifest)
             # Boot the packed archive; only a template that passes goes on (a failed one stays as -failed).
-            manifest["boot_test"] = boottest.gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
-            manifest["steps"], manifest["build_seconds"] = dict(progress.timings), round(time.monotonic() - started, 1)
+            manifest.boot_test = boottest.gate(recipe, cache, outputs, manifest_path, manifest.to_dict(),
+                                               options.test, progress)
+            manifest.steps, manifest.build_seconds = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
-                tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                manifest.write(tmp_manifest)
                 cache.promote(name, outputs + [(tmp_manifest, manifest_path)])
                 # A format not built this time must not linger beside the new manifest.
                 for fmt in set(formats_registry.names()) - set(formats):
                     cache.archive(name, fmt).unlink(missing_ok=True)
                 cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))
-            manifest["steps"] = dict(progress.timings)
+            manifest.steps = dict(progress.timings)
             return BuildResult(name=name, archive=outputs[0][1], manifest_path=manifest_path, manifest=manifest,
                                log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats))
         finally:
@@ -235,3 +191,32 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 t.unlink(missing_ok=True)
             log.close()
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _package_records(installed: list[InstalledPackage]) -> list[PackageRecord]:
+    return [PackageRecord(p.name, p.arch, p.version) for p in sorted(installed, key=lambda p: (p.name, p.arch))]
+
+
+def _write_formats(wanted: tuple[str, ...], context: FormatContext, cache: TemplateCache, progress: Progress,
+                   temps: list[Path]) -> tuple[dict[str, ArchiveRecord], list[tuple[Path, Path]]]:
+    """Write every wanted format, each as a step of its own, under temporary names (listed
+    in `temps`). The source format (plain) is written first whether wanted or not: the
+    others are made from it; not wanted, it is dropped with the temporary files.
+    Returns the records of the wanted formats and their (temporary, final) pairs."""
+    archives: dict[str, ArchiveRecord] = {}
+    outputs: list[tuple[Path, Path]] = []
+    source = formats_registry.SOURCE
+    for fmt_name in [source, *(f for f in wanted if f != source)]:
+        fmt = formats_registry.get(fmt_name)
+        final = cache.archive(context.name, fmt_name)
+        tmp = cache.temp_path(final)
+        temps.append(tmp)
+        with progress.step(fmt.step) as st:
+            record = fmt.write(dataclasses.replace(context, out=tmp))
+            st.note(fmt.describe(record))
+        if fmt_name == source:
+            context.plain, context.plain_record = tmp, record
+        if fmt_name in wanted:
+            archives[fmt_name] = record
+            outputs.append((tmp, final))
+    return archives, outputs

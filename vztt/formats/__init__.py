@@ -37,8 +37,6 @@ class FormatContext:
 
     name: str                      # template name
     tree: Path                     # the installed root tree (read only for formats)
-    plain: Path                    # the plain archive of `tree`, already written
-    plain_record: ArchiveRecord
     out: Path                      # where to write this format's file (a temporary name; the pipeline promotes)
     work: Path                     # scratch directory for this build
     source_date_epoch: int         # every timestamp a format writes
@@ -46,6 +44,9 @@ class FormatContext:
     packages: Sequence[PackageRecord]   # what the image's package database says is installed
     settings: dict[str, Any]       # the recipe's settings (setting key -> value, templated)
     log: Log | None = None
+    # The plain archive of `tree`, already written (None while it is the one being written).
+    plain: Path | None = None
+    plain_record: ArchiveRecord | None = None
 
 
 @dataclass
@@ -80,9 +81,14 @@ class Format(ABC):
     name: ClassVar[str]            # registry name (`--format NAME`)
     suffix: ClassVar[str]          # the cached file is <template>.<suffix>
     summary: ClassVar[str]         # one line for --help and docs
+    step: ClassVar[str]            # the build step that writes it (shown with its time, kept in the manifest)
 
     def file_name(self, template: str) -> str:
         return f"{template}.{self.suffix}"
+
+    def describe(self, record: ArchiveRecord) -> str:
+        """The build step's line about what was written (sizes)."""
+        return f"{record.size / 1e6:.0f} MB"
 
     @abstractmethod
     def write(self, ctx: FormatContext) -> ArchiveRecord:
@@ -99,6 +105,9 @@ class Format(ABC):
 
 # Registry order is the order formats are written, listed and published in.
 _MODULES = ("plain", "ploop")
+# The format every build writes first, whatever was asked for: the others are made from it
+# (FormatContext.plain). It is dropped after the build if it was not asked for.
+SOURCE = "plain"
 _REGISTRY: dict[str, Format] = {}
 ALL = "all"
 

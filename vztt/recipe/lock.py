@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vztt.base.errors import ResolveError
+from vztt.base.files import atomic_write
 
 FORMAT = 1
 
@@ -114,10 +114,8 @@ class Lock:
             raise ResolveError(f"{path}: no lock file; run `vztt resolve` first") from None
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        """Atomically (base.files.atomic_write): a reader sees the old lock or the new one."""
+        atomic_write(path, self.to_json())
 
 
 @dataclass(frozen=True)

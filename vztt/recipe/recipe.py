@@ -29,7 +29,7 @@ FAMILY = {"debian": "apt", "ubuntu": "apt", "centos-stream": "dnf", "almalinux":
 @dataclass(frozen=True)
 class Repository:
     name: str
-    url: str                 # may hold mirror variables ($DEBIAN_MIRROR); expanded by vztt.mirrors
+    url: str                 # may hold mirror variables ($DEBIAN_MIRROR); expanded by recipe/variables.py
     suite: str
     components: tuple[str, ...]
     keyring: Path
@@ -108,9 +108,6 @@ class Recipe:
     @property
     def deb_arch(self) -> str:
         return DEB_ARCH[self.arch]
-
-    def template_vars(self) -> dict[str, Any]:
-        return _template_vars(self.merged)
 
     def resolve_digest(self) -> str:
         """sha256 over what the solver is given: a lock made from other inputs is stale."""

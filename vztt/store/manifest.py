@@ -197,12 +197,15 @@ class Manifest:
             formats = [str(f) for f in (doc.get("formats") or archives)]
             if not formats or any(f not in archives for f in formats):
                 raise ValueError("formats and archives disagree")
+            # A cache entry needs its archive only (a template put in the cache by hand may say
+            # no more): the rest defaults.
             created = str(doc.get("created") or "")
             build_id = doc.get("build_id")
             if (not isinstance(build_id, str) or not build_id) and created:
                 # Older manifests: time and primary archive digest (as the mirror index names them).
                 when = datetime.fromisoformat(created).astimezone(timezone.utc)
                 build_id = f"{when:%Y%m%dT%H%M%SZ}-{archives[formats[0]].sha256[:12]}"
+            build_id = build_id if isinstance(build_id, str) else ""
             known = {f.name for f in fields(cls)} | {"archive"}
             packages = [PackageRecord(str(p["name"]), str(p["arch"]), str(p["version"]))
                         for p in doc.get("packages") or []]

@@ -10,18 +10,17 @@ again, and dropped if it no longer matches its name.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
 import shutil
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from vztt.base.errors import EnvironmentProblem
+from vztt.base.files import atomic_write, replace_into_place, temp_name
+from vztt.store.locking import wait_for_flock
 
 CHUNK = 1 << 20
 
@@ -70,8 +69,12 @@ class PackageCache:
         if (size is not None and st.st_size != size) or sha256_file(path) != sha256:
             self.drop(sha256)
             return None
-        stamp.write_text(self._stat_key(st))
+        self._write_stamp(sha256, st)
         return path
+
+    def _write_stamp(self, sha256: str, st: os.stat_result) -> None:
+        # Whole or not at all: builds verifying the same file side by side each write it.
+        atomic_write(self._stamp(sha256), self._stat_key(st), fsync=False)
 
     def drop(self, sha256: str) -> None:
         for p in (self.path(sha256), self._stamp(sha256)):
@@ -81,14 +84,13 @@ class PackageCache:
         """Move a file whose digest the caller has just checked into the cache."""
         dest = self.path(sha256)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(verified_file, 0o644)
-        os.replace(verified_file, dest)
-        self._stamp(sha256).write_text(self._stat_key(dest.stat()))
+        replace_into_place(verified_file, dest, perms=0o644)
+        self._write_stamp(sha256, dest.stat())
         return dest
 
     def add_copy(self, sha256: str, source: Path) -> Path | None:
         """Copy a local file in if its digest matches; None if it does not."""
-        tmp = self.tmp / f"{sha256}.copy-{os.getpid()}"
+        tmp = temp_name(self.tmp / sha256)          # tmp/ is emptied by prune
         shutil.copyfile(source, tmp)
         if sha256_file(tmp) != sha256:
             tmp.unlink()
@@ -105,19 +107,9 @@ class PackageCache:
         holders.mkdir(exist_ok=True)
         me = holders / str(os.getpid())
         with open(path, "a+") as fh:
-            deadline = time.monotonic() + timeout
-            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            while True:
-                try:
-                    fcntl.flock(fh, mode | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise EnvironmentProblem(f"package cache {self.root} is in use by {self._holders(holders)}; "
-                                                 "try again later or pass --wait SECONDS") from None
-                    time.sleep(0.2)
+            wait_for_flock(fh, exclusive=exclusive, timeout=timeout, busy=lambda: EnvironmentProblem(
+                f"package cache {self.root} is in use by {self._holders(holders)}; "
+                "try again later or pass --wait SECONDS"))
             me.write_text(" ".join(sys.argv[1:])[:200] or "vztt")
             try:
                 yield

@@ -27,17 +27,14 @@ at the next start (recover()).
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
-from contextlib import contextmanager
 
 from vztt import __version__
 from vztt.base.errors import EnvironmentProblem
@@ -45,6 +42,8 @@ from vztt.base.files import fsync_dir, temp_name
 from vztt.base.mounts import force_cleanup
 from vztt.base.paths import default_cache
 from vztt.base.proc import MARK_VARIABLE, Log
+from vztt.store.locking import wait_for_flock
+from vztt.recipe.lock import Lock
 from vztt.store.manifest import Manifest, ManifestError
 
 OLD = "-old"
@@ -76,6 +75,12 @@ class TemplateCache:
 
     def lock_file(self, name: str) -> Path:
         return self.root / "locks" / f"{name}.lock.json"
+
+    def lock_files(self) -> list[Path]:
+        """Every lock the cache keeps: locks/ and every promoted build's in history/
+        (what `vztt prune` keeps the packages of)."""
+        return (sorted(self.lock_file("*").parent.glob("*.lock.json"))
+                + sorted(self._history_root.glob("*/*.lock.json")))
 
     def state_dir(self, name: str) -> Path:
         return self.root / "state" / name
@@ -128,25 +133,26 @@ class TemplateCache:
         return Entry(name=name, archive=archive, manifest_path=m, manifest=manifest, data=manifest.to_dict())
 
     # history: every promoted build's manifest and lock, for `vztt diff` and `vztt status`
+    @property
+    def _history_root(self) -> Path:
+        return self.root / "history"
+
     def history_dir(self, name: str) -> Path:
-        return self.root / "history" / name
+        return self._history_root / name
 
-    def record_history(self, name: str, manifest: dict[str, Any], lock: Any) -> None:
+    def record_history(self, name: str, manifest: Manifest, lock: Lock) -> None:
+        """Keep a promoted build's manifest and lock, both written atomically."""
         d = self.history_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
-        build_id = manifest["build_id"]
-        lock.write(d / f"{build_id}.lock.json")
-        tmp = d / f".{build_id}.manifest.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, d / f"{build_id}.manifest.json")
+        lock.write(d / f"{manifest.build_id}.lock.json")
+        manifest.write(d / f"{manifest.build_id}.manifest.json")
 
-    def history(self, name: str) -> list[dict[str, Any]]:
-        """Manifests of this template's promoted builds, oldest first."""
+    def history(self, name: str) -> list[Manifest]:
+        """Manifests of this template's promoted builds, oldest first (unreadable ones skipped)."""
         out = []
         for p in sorted(self.history_dir(name).glob("*.manifest.json")):
             try:
-                out.append(json.loads(p.read_text()))
-            except ValueError:
+                out.append(Manifest.read(p))
+            except ManifestError:
                 continue
         return out
 
@@ -186,7 +192,7 @@ class TemplateCache:
     def clean_stale_work(self) -> list[Path]:
         """Remove work dirs and temp files of builds whose process is gone."""
         removed = []
-        work = self.root / ".work"
+        work = self._work_root
         for d in work.glob("*.*") if work.is_dir() else []:
             pid = d.name.rsplit(".", 1)[-1]
             if pid.isdigit() and not pid_alive(int(pid)):
@@ -201,10 +207,14 @@ class TemplateCache:
                 removed.append(tmp)
         return removed
 
+    @property
+    def _work_root(self) -> Path:
+        return self.root / ".work"
+
     def work_dir(self, label: str) -> Path:
         """.work/<label>.<pid>, made empty: scratch of this process (label: a template name,
         `<name>.boot`, `create`, `kernel`...). The pid lets the next run remove it if we die."""
-        d = self.root / ".work" / f"{label}.{os.getpid()}"
+        d = self._work_root / f"{label}.{os.getpid()}"
         if d.exists():
             force_cleanup(d)
             shutil.rmtree(d, ignore_errors=True)
@@ -229,19 +239,11 @@ class TemplateCache:
         locks.mkdir(exist_ok=True)
         path = locks / f"{name}.lock"
         with open(path, "a+") as fh:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= deadline:
-                        fh.seek(0)
-                        holder = fh.read().strip() or "another process"
-                        raise EnvironmentProblem(f"{name}: template is busy: being built by {holder} (lock {path})") from None
-                    time.sleep(0.2)
+            def busy() -> EnvironmentProblem:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                return EnvironmentProblem(f"{name}: template is busy: being built by {holder} (lock {path})")
+            wait_for_flock(fh, exclusive=True, timeout=timeout, busy=busy)
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()}\n")

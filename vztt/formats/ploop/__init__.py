@@ -1,11 +1,41 @@
-"""Virtuozzo 7's template cache: `<name>.plain.ploopv2.tar.lz4`."""
+"""The ploop format: Virtuozzo 7's template cache, `<name>.plain.ploopv2.tar.lz4`.
+
+  image.py       the ploop v2 image: header, BAT, write_image / read_image / read_raw
+  disk.py        the disk inside: ploop's GPT and ext4, made without mounting (make_disk)
+  descriptor.py  DiskDescriptor.xml (descriptor_for: the one builder)
+  cache.py       the cache file: members, package list, reproducible tar.lz4, inspect
+
+This package's names below are its API: callers (the build, `vztt create`)
+import `vztt.formats.ploop` and use `ploop.write_image`, `ploop.IMAGE_NAME`...
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vztt.formats import Format, FormatContext, Inspection
+from vztt.formats import Format, FormatContext, ImageFormatError, Inspection
+from vztt.formats.ploop.cache import (CacheMember, PloopResult, cache_members, inspect, pack_ploop,
+                                      vzpackages_text, write_tar_lz4)
+from vztt.formats.ploop.descriptor import (DESCRIPTOR_NAME, DESCRIPTOR_ROOT, NONE_GUID, TOPDELTA_GUID,
+                                           descriptor_for, disk_descriptor_xml, disk_geometry)
+from vztt.formats.ploop.disk import (BALLOON_NAME, EXT4_PROFILES, FS_BLOCK, MIN_FS_BYTES, PARTITION_START,
+                                     DiskLayout, TreeUsage, e2fsprogs_env, gpt_script, make_disk,
+                                     partition_bounds, tree_usage)
+from vztt.formats.ploop.image import (CHS, CIF_EMPTY, DEFAULT_CLUSTER, HEADER_SIZE, IMAGE_NAME, SECTOR,
+                                      SIGNATURE_DISK_IN_USE, SIGNATURE_V1, SIGNATURE_V2, ImageInfo, ImageStats,
+                                      MiB, convert_to_chs, read_image, read_raw, write_image)
+from vztt.recipe.recipe import parse_size
 from vztt.store.manifest import ArchiveRecord
+
+__all__ = [
+    "BALLOON_NAME", "CHS", "CIF_EMPTY", "CacheMember", "DEFAULT_CLUSTER", "DESCRIPTOR_NAME", "DESCRIPTOR_ROOT",
+    "DiskLayout", "EXT4_PROFILES", "FORMAT", "FS_BLOCK", "HEADER_SIZE", "IMAGE_NAME", "ImageFormatError",
+    "ImageInfo", "ImageStats", "MIN_FS_BYTES", "MiB", "NONE_GUID", "PARTITION_START", "PloopFormat",
+    "PloopResult", "SECTOR", "SIGNATURE_DISK_IN_USE", "SIGNATURE_V1", "SIGNATURE_V2", "TOPDELTA_GUID",
+    "TreeUsage", "cache_members", "convert_to_chs", "descriptor_for", "disk_descriptor_xml", "disk_geometry",
+    "e2fsprogs_env", "gpt_script", "inspect", "make_disk", "pack_ploop", "partition_bounds", "read_image",
+    "read_raw", "tree_usage", "vzpackages_text", "write_image", "write_tar_lz4",
+]
 
 
 class PloopFormat(Format):
@@ -15,22 +45,26 @@ class PloopFormat(Format):
     name = "ploop"
     suffix = "plain.ploopv2.tar.lz4"
     summary = "Virtuozzo 7 ploop v2 cache (.plain.ploopv2.tar.lz4)"
+    step = "ploop"
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
-        from vztt.formats.vzcache import pack_ploop
-        features = str(ctx.settings.get("disk.ext4_features", "safe"))
+        assert ctx.plain is not None, "the ploop disk is filled from the plain archive"
+        features = str(ctx.settings["disk.ext4_features"])
         pl = pack_ploop(ctx.plain, ctx.out, ctx.work, name=ctx.name, packages=[p.row for p in ctx.packages],
-                        disk_size=int(ctx.settings["disk_size"]), ext4_features=features,
+                        disk_size=parse_size(ctx.settings["disk.size"]), ext4_features=features,
                         source_date_epoch=ctx.source_date_epoch, identity=ctx.lock_digest, log=ctx.log)
         return ArchiveRecord(file=self.file_name(ctx.name), format=self.name, sha256=pl.sha256, size=pl.size,
                              details={"disk_size": pl.disk_size, "clusters": pl.clusters,
                                       "ext4_features": features, "fs_uuid": pl.fs_uuid})
 
+    def describe(self, record: ArchiveRecord) -> str:
+        d = record.details
+        return f"{d['clusters']} MiB of {d['disk_size'] >> 30} GiB disk -> {record.size / 1e6:.0f} MB lz4"
+
     def recognizes(self, path: Path) -> bool:
         return path.name.endswith(".ploopv2.tar.lz4")
 
     def inspect(self, path: Path, workdir: Path) -> Inspection:
-        from vztt.formats.vzcache import inspect
         return inspect(path, workdir)
 
 
