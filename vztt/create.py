@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vztt.mirror import mirror
+from vztt.mirror import config as mirror_config
+from vztt.mirror import pull
 
 from vztt.formats.ploop import image as ploop
 from vztt.store.templates import Entry, TemplateCache, pid_alive
@@ -427,7 +428,7 @@ def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
            progress: Progress | None = None) -> CreateResult:
     progress = progress or Progress(quiet=True)
     started = time.monotonic()
-    mirror.check_name(name)
+    mirror_config.check_name(name)
     check_hostname(options.hostname)
     if options.layout is not None and options.layout not in LAYOUTS:
         raise RecipeError(f"--layout {options.layout}: one of {', '.join(LAYOUTS)}")
@@ -438,11 +439,11 @@ def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
     enter_private_namespace()           # loop mounts die with us
     cache.clean_stale_work()
     entry = cache.entry(name)
-    if entry is not None and options.build and mirror.local_build(entry) != options.build:
+    if entry is not None and options.build and pull.local_build(entry) != options.build:
         entry = None
     if entry is None:
         if options.offline:
-            mirror.offline_entry(cache, name, options.build)      # raises: not cached
+            pull.offline_entry(cache, name, options.build)      # raises: not cached
         result = _create_pulling(cache, name, dest, options, progress)
     else:
         result = _create_from_cache(cache, entry, dest, options, progress)
@@ -459,7 +460,7 @@ def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: 
     rec = archives[fmt]
     archive = cache.root / rec["file"]
     size = _size_for(options, manifest, layout)
-    result = CreateResult(name=entry.name, dest=dest, layout=layout, build=mirror.local_build(entry) or "",
+    result = CreateResult(name=entry.name, dest=dest, layout=layout, build=pull.local_build(entry) or "",
                           format=fmt, size=size, hostname=options.hostname, pulled=pulled)
     need = _content_estimate(rec)
     if size is not None and layout == "ext4" and size < need:
@@ -493,16 +494,16 @@ def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: 
 def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
                     progress: Progress) -> CreateResult:
     """Not cached: pull it, streaming into the container for dir and ext4 layouts."""
-    mirrors = mirror.mirror_list(options.mirrors)
-    keyring = mirror.keyring_for(options.keyrings)
-    with cache.building(name, timeout=mirror.LOCK_WAIT):
+    mirrors = mirror_config.mirror_list(options.mirrors)
+    keyring = mirror_config.keyring_for(options.keyrings)
+    with cache.building(name, timeout=pull.LOCK_WAIT):
         entry = cache.entry(name)           # another process may have pulled it while we waited
-        if entry is not None and (not options.build or mirror.local_build(entry) == options.build):
+        if entry is not None and (not options.build or pull.local_build(entry) == options.build):
             return _create_from_cache(cache, entry, dest, options, progress)
 
-        def attempt(source: mirror.Source, _failed: list[str]) -> CreateResult:
+        def attempt(source: pull.Source, _failed: list[str]) -> CreateResult:
             with progress.step("index") as st:
-                remote = mirror.find_build(source, name, keyring, options.build)
+                remote = pull.find_build(source, name, keyring, options.build)
                 st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
             formats = formats_registry.ordered(list(remote.build["archives"]))
             layout, fmt = _layout_for(formats, options.layout)
@@ -510,18 +511,18 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
             if layout == "ploop":
                 # The disk conversion needs the whole archive first: pull, then create from the cache.
                 with progress.step("download") as st:
-                    part = mirror.download(remote, cache, fmt)
+                    part = pull.download(remote, cache, fmt)
                     st.note(f"{fmt}: {remote.build['archives'][fmt]['size'] / 1e6:.1f} MB, sha256 ok")
                 with progress.step("install"):
-                    entry = mirror.install(cache, name, remote, {fmt: part})
+                    entry = pull.install(cache, name, remote, {fmt: part})
                 return _create_from_cache(cache, entry, dest, options, progress, pulled)
             return _stream_create(cache, name, dest, options, progress, remote, layout, pulled)
 
-        return mirror.from_first_mirror(name, mirrors, progress, attempt)
+        return pull.from_first_mirror(name, mirrors, progress, attempt)
 
 
 def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions, progress: Progress,
-                   remote: mirror.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
+                   remote: pull.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
     rec = remote.build["archives"]["plain"]
     size = _size_for(options, {"archives": remote.build["archives"]}, layout)
     result = CreateResult(name=name, dest=dest, layout=layout, build=remote.id, format="plain", size=size,
@@ -531,7 +532,7 @@ def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateO
         raise RecipeError(f"--size {size >> 20} MiB is too small for {name} (about {need >> 20} MiB of files)")
     check_space(dest.parent, need, f"a {layout} container of {name}")
     check_space(cache.root, rec["size"], f"the {name} archive in the cache")
-    part = mirror.part_path(cache, rec["sha256"])
+    part = pull.part_path(cache, rec["sha256"])
     chunks = remote.source.chunks(rec["path"], part, rec["size"], rec["sha256"])
     try:
         with making(dest) as tmp, work_dir(cache) as work:
@@ -550,7 +551,7 @@ def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateO
                 st.note(f"{rec['size'] / 1e6:.1f} MB, {result.members} members, sha256 ok"
                         + (f", resumed {remote.source.resumed}x" if remote.source.resumed else ""))
             with progress.step("install"):        # the verified archive into the cache; then DEST goes in place
-                mirror.install(cache, name, remote, {"plain": part})
+                pull.install(cache, name, remote, {"plain": part})
     finally:
         chunks.close()
     return result
