@@ -20,7 +20,7 @@ from conftest import REPO, BuiltTemplate, one_line_error, run_vztt
 from mirrorkit import (DAV_ENV, NAME, CuttingProxy, Keys, copy_mirror, keys, sign, snapshot, temp_files,
                        tiny_template, web)
 from nginx import DAV_PASSWORD, DAV_USER, Nginx
-from vztt.mirror import mirror as mirror_mod
+from vztt.mirror import index as mirror_mod
 from vztt.base.errors import EXIT_CODES
 
 __all__ = ["keys", "web"]      # module fixtures, imported

@@ -12,7 +12,7 @@ only when complete; removed on any failure):
 Every layout gets a fresh filesystem UUID (ext4, ploop), an empty
 /etc/machine-id (systemd makes one at first boot) and, with --hostname,
 /etc/hostname and a 127.0.1.1 line in /etc/hosts. Archives are unpacked
-through vztt.safetar's guard, and the archive's sha256 is checked against
+through formats.safetar's guard, and the archive's sha256 is checked against
 the manifest (or the signed index) on the way.
 
 A template missing from the cache is pulled first. For dir and ext4 the
@@ -21,14 +21,8 @@ would), while it is written to the cache and hashed: the container is put in
 place, and the archive promoted into the cache, only after size and sha256
 matched the signed index.
 
-Resizing a ploop disk without the ploop kernel module: the image is expanded
-to a sparse raw disk (only its allocated clusters are written), the GPT is
-rewritten for the new size (new disk and partition GUIDs, partition 1 from
-1 MiB to one cluster before the end, as ploop lays it out), the filesystem is
-checked (e2fsck -f) and resized with resize2fs to fill the partition, given
-a new UUID with tune2fs, personalized through a loop mount at the partition's
-offset, and converted back into a ploop v2 image with a new
-DiskDescriptor.xml. Debian's `ploop check` and `qemu-img` accept the result.
+A ploop layout from a ploop cache is resized and personalized without the ploop
+kernel module (formats/ploop/resize.py).
 """
 
 from __future__ import annotations
@@ -37,29 +31,33 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vztt.mirror import mirror
-
-from vztt.formats.ploop import image as ploop
-from vztt.store.templates import Entry, TemplateCache, pid_alive
-from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
-from vztt.base.mounts import Mounts, enter_private_namespace, require_root
-from vztt.base.progress import Progress
-from vztt.formats.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks, read_in_root, remove_in_root, write_in_root
 from vztt import formats as formats_registry
+from vztt.base import proc
+from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
+from vztt.base.mounts import Mounts, enter_private_namespace, force_cleanup, require_root
+from vztt.base.progress import Progress
+from vztt.formats.ploop import image as ploop
+from vztt.formats.ploop import resize
+from vztt.formats.safetar import (Limits, UnsafeArchive, extract_lz4, file_chunks, read_in_root, remove_in_root,
+                                  write_in_root)
+from vztt.mirror import config as mirror_config
+from vztt.mirror import pull
+from vztt.store.manifest import ArchiveRecord, Manifest
+from vztt.store.templates import Entry, TemplateCache, pid_alive
 
 LAYOUTS = ("dir", "ext4", "ploop")
 DEFAULT_SIZE = 10 << 30
 HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 MiB = 1 << 20
 SLACK = 64 * MiB              # beyond the estimate, in every free-space check
-TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+# The tools each layout runs (and the Debian package of each): checked before anything is made.
+LAYOUT_TOOLS = {"dir": (), "ext4": (("mkfs.ext4", "e2fsprogs"), ("e2fsck", "e2fsprogs")), "ploop": resize.TOOLS}
 
 
 class CreateError(BuildError):
@@ -104,18 +102,6 @@ class CreateResult:
 # Small helpers
 # --------------------------------------------------------------------------
 
-def _run(argv: list[str], what: str, ok: tuple[int, ...] = (0,), input: str | None = None) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=TOOL_ENV, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise EnvironmentProblem(f"{what}: {argv[0]} is not installed") from None
-    if proc.returncode not in ok:
-        lines = [l.strip() for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
-        raise CreateError(f"{what}: {' | '.join(lines[-2:])[:400] or f'exit status {proc.returncode}'}")
-    return proc.stdout
-
-
 def _free(path: Path) -> int:
     p = path
     while not p.exists():
@@ -135,7 +121,7 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def check_hostname(hostname: str | None) -> None:
+def validate_hostname(hostname: str | None) -> None:
     if hostname is not None and not HOSTNAME_RE.fullmatch(hostname):
         raise RecipeError(f"--hostname {hostname!r}: not a valid host name (letters, digits, '-', dots between labels)")
 
@@ -185,11 +171,10 @@ def making(dest: Path) -> Iterator[Path]:
 def _remove(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
-    from vztt.base.mounts import force_cleanup
     force_cleanup(path)
     shutil.rmtree(path, ignore_errors=True)
     if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True)
+        proc.run(["rm", "-rf", "--one-file-system", "--", path], what=f"{path}: rm", inherit_env=False, check=False)
 
 
 def _clean_stale(parent: Path, name: str) -> None:
@@ -200,36 +185,23 @@ def _clean_stale(parent: Path, name: str) -> None:
             _remove(p)
 
 
-@contextlib.contextmanager
-def work_dir(cache: TemplateCache) -> Iterator[Path]:
-    """Scratch space under <cache>/.work (cleaned by the next vztt run if we are killed)."""
-    d = cache.root / ".work" / f"create.{os.getpid()}"
-    _remove(d)
-    d.mkdir(parents=True)
-    try:
-        yield d
-    finally:
-        _remove(d)
-
-
 # --------------------------------------------------------------------------
 # Unpacking a plain archive into a root (dir, ext4 image, scratch tree for ploop)
 # --------------------------------------------------------------------------
 
-def plain_limits(archive_rec: dict[str, Any], where: Path) -> Limits:
-    tar_size = archive_rec.get("tar_size")
-    bound = int(tar_size) if tar_size else max(_free(where) - SLACK, 0)
+def plain_limits(rec: ArchiveRecord, where: Path) -> Limits:
+    bound = rec.tar_size if rec.tar_size else max(_free(where) - SLACK, 0)
     return Limits(max_bytes=bound)
 
 
-def unpack_plain(chunks: Any, root: Path, rec: dict[str, Any], what: str, verified_source: bool = False) -> int:
+def unpack_plain(chunks: Any, root: Path, rec: ArchiveRecord, what: str, verified_source: bool = False) -> int:
     """Unpack, check the sha256 of what was read against `rec` (the manifest's or index's
     record); a `verified_source` (a mirror download) checks size and sha256 itself."""
     os.chmod(root, 0o755)
     res = extract_lz4(chunks, root, plain_limits(rec, root), what=what, hash_input=not verified_source)
-    if res.size != rec["size"] or (not verified_source and res.sha256 != rec["sha256"]):
+    if res.size != rec.size or (not verified_source and res.sha256 != rec.sha256):
         raise FetchError(f"{what}: sha256 {res.sha256[:16]}... ({res.size} bytes) does not match the "
-                         f"{rec['sha256'][:16]}... ({rec['size']} bytes) it should be; pull it again")
+                         f"{rec.sha256[:16]}... ({rec.size} bytes) it should be; pull it again")
     return res.stats.members
 
 
@@ -240,7 +212,8 @@ def ext4_image(tmp: Path, work: Path, size: int) -> Iterator[tuple[Path, str]]:
     fs_uuid = str(uuid.uuid4())
     with open(img, "wb") as fh:
         fh.truncate(size)
-    _run(["mkfs.ext4", "-q", "-F", "-U", fs_uuid, "-E", "lazy_itable_init=1,nodiscard", str(img)], "mkfs.ext4")
+    proc.run(["mkfs.ext4", "-q", "-F", "-U", fs_uuid, "-E", "lazy_itable_init=1,nodiscard", img], what="mkfs.ext4",
+             error=CreateError, inherit_env=False)
     mounts = Mounts()
     mnt = work / "mnt"
     try:
@@ -251,95 +224,19 @@ def ext4_image(tmp: Path, work: Path, size: int) -> Iterator[tuple[Path, str]]:
         yield mnt, fs_uuid
     finally:
         mounts.unmount_all()
-    _run(["e2fsck", "-fn", str(img)], f"{img}: e2fsck")
+    proc.run(["e2fsck", "-fn", img], what=f"{img}: e2fsck", error=CreateError, inherit_env=False)
 
 
 # --------------------------------------------------------------------------
-# ploop
+# ploop (the disk work itself: formats/ploop/resize.py)
 # --------------------------------------------------------------------------
-
-def ploop_partition(disk_size: int) -> tuple[int, int]:
-    """(last sector, bytes) of partition 1 on a ploop disk of `disk_size`, as ploop lays it out."""
-    block = ploop.DEFAULT_CLUSTER // ploop.SECTOR
-    end_excl = (disk_size // ploop.SECTOR - block) // block * block
-    if end_excl <= ploop.PARTITION_START + block:
-        raise CreateError(f"a ploop disk of {disk_size} bytes is too small")
-    return end_excl - 1, (end_excl - ploop.PARTITION_START) * ploop.SECTOR
-
-
-@contextlib.contextmanager
-def partition_device(raw: Path, disk_size: int) -> Iterator[str]:
-    """Partition 1 of a raw ploop disk as a loop device, for e2fsprogs and mount.
-    (resize2fs on `file?offset=` sizes the file as if the filesystem started at 0.)
-    A killed run leaves it to the next run's stale-work cleanup, which detaches
-    loop devices backed by files under <cache>/.work."""
-    _, part_bytes = ploop_partition(disk_size)
-    dev = _run(["losetup", "--find", "--show", "--offset", str(ploop.PARTITION_START * ploop.SECTOR),
-                "--sizelimit", str(part_bytes), str(raw)], f"{raw}: losetup").strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "--detach", dev], capture_output=True)
-
-
-def resize_raw(raw: Path, disk_size: int) -> None:
-    """Grow (or shrink) a raw ploop disk to `disk_size`: GPT rewritten (new GUIDs),
-    ext4 checked and resized to fill partition 1."""
-    part_end, part_bytes = ploop_partition(disk_size)
-    blocks = str(part_bytes // ploop.FS_BLOCK)
-    current = os.stat(raw).st_size
-    if disk_size < current:                   # shrink the filesystem while the old partition still holds it
-        with partition_device(raw, current) as dev:
-            _run(["e2fsck", "-f", "-y", dev], f"{raw}: e2fsck", ok=(0, 1))
-            _run(["resize2fs", dev, blocks], f"{raw}: resize2fs (shrink to {disk_size >> 20} MiB)")
-    with open(raw, "r+b") as fh:
-        fh.truncate(disk_size)
-    script = ploop._gpt_script(str(uuid.uuid4()), str(uuid.uuid4()), part_end)
-    _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "--wipe", "never", "--wipe-partitions", "never",
-          str(raw)], f"{raw}: sfdisk", input=script)
-    if disk_size >= current:
-        with partition_device(raw, disk_size) as dev:
-            _run(["e2fsck", "-f", "-y", dev], f"{raw}: e2fsck", ok=(0, 1))
-            _run(["resize2fs", dev, blocks], f"{raw}: resize2fs")
-
-
-def personalize_partition(raw: Path, work: Path, disk_size: int, fs_uuid: str, hostname: str | None) -> None:
-    """A new filesystem UUID, then machine-id and host name, through a mount of partition 1."""
-    with partition_device(raw, disk_size) as dev:
-        _run(["tune2fs", "-U", fs_uuid, dev], f"{raw}: tune2fs -U")
-        mounts = Mounts()
-        try:
-            try:
-                mounts.mount(dev, work / "mnt", fstype="ext4", options="noatime")
-            except BuildError as e:
-                raise CreateError(str(e)) from None
-            personalize(work / "mnt", hostname)
-        finally:
-            mounts.unmount_all()
-
-
-def finish_ploop(raw: Path, tmp: Path, work: Path, disk_size: int, hostname: str | None,
-                 vzpackages: bytes | None) -> None:
-    """raw disk (resized, personalized) -> DEST/root.hdd/{root.hds, DiskDescriptor.xml}."""
-    hdd = tmp / "root.hdd"
-    hdd.mkdir(exist_ok=True)
-    hds = hdd / ploop.IMAGE_NAME
-    ploop.write_image(raw, hds)
-    raw.unlink()
-    info = ploop.read_image(hds)
-    (hdd / ploop.DESCRIPTOR_NAME).write_text(ploop.descriptor_for(info))
-    os.chmod(hds, 0o600)
-    if vzpackages is not None:
-        (tmp / "templates").mkdir(exist_ok=True)
-        (tmp / "templates" / "vzpackages").write_bytes(vzpackages)
-
 
 def _ploop_member(path: str, kind: str) -> bool:
     return (path in (ploop.IMAGE_NAME, ploop.DESCRIPTOR_NAME, "templates") and kind == ("dir" if path == "templates" else "file")) \
         or (path.startswith("templates/") and path.count("/") <= 2 and kind in ("file", "dir"))
 
 
-def ploop_from_ploop_cache(archive: Path, rec: dict[str, Any], tmp: Path, work: Path, size: int,
+def ploop_from_ploop_cache(archive: Path, rec: ArchiveRecord, tmp: Path, work: Path, size: int,
                            hostname: str | None, progress: Progress) -> tuple[str, int]:
     cache_dir = work / "cache"
     cache_dir.mkdir()
@@ -347,7 +244,7 @@ def ploop_from_ploop_cache(archive: Path, rec: dict[str, Any], tmp: Path, work: 
         limits = Limits(max_bytes=max(_free(work) - SLACK, 0), max_members=64,
                         types=frozenset({"file", "dir"}), allow=_ploop_member)
         res = extract_lz4(file_chunks(archive), cache_dir, limits, what=str(archive))
-        if res.size != rec["size"] or res.sha256 != rec["sha256"]:
+        if res.size != rec.size or res.sha256 != rec.sha256:
             raise FetchError(f"{archive}: sha256 does not match the manifest; pull it again")
         hds = cache_dir / ploop.IMAGE_NAME
         if not hds.is_file():
@@ -360,18 +257,19 @@ def ploop_from_ploop_cache(archive: Path, rec: dict[str, Any], tmp: Path, work: 
         check_space(work, info.clusters_allocated * info.cluster_size * 2, "resizing the ploop disk")
         ploop.read_raw(hds, raw)
         hds.unlink()
-        resize_raw(raw, size)
+        resize.resize_raw(raw, size, CreateError)
         st.note(f"{info.disk_size >> 20} MiB -> {size >> 20} MiB disk, filesystem resized to fill it")
     with progress.step("personalize"):
-        personalize_partition(raw, work, size, fs_uuid, hostname)
+        with resize.mounted_partition(raw, work / "mnt", size, fs_uuid, CreateError) as root:
+            personalize(root, hostname)
     with progress.step("image") as st:
         vzpackages = cache_dir / "templates" / "vzpackages"
-        finish_ploop(raw, tmp, work, size, hostname, vzpackages.read_bytes() if vzpackages.is_file() else None)
+        resize.write_private_area(raw, tmp, vzpackages.read_bytes() if vzpackages.is_file() else None)
         st.note("root.hdd/root.hds, DiskDescriptor.xml")
     return fs_uuid, res.stats.members
 
 
-def ploop_from_plain(archive: Path, rec: dict[str, Any], manifest: dict[str, Any], tmp: Path, work: Path,
+def ploop_from_plain(archive: Path, rec: ArchiveRecord, manifest: Manifest, tmp: Path, work: Path,
                      size: int, hostname: str | None, progress: Progress) -> tuple[str, int]:
     tree = work / "tree"
     tree.mkdir()
@@ -382,15 +280,13 @@ def ploop_from_plain(archive: Path, rec: dict[str, Any], manifest: dict[str, Any
     fs_uuid = str(uuid.uuid4())
     raw = work / "disk.raw"
     with progress.step("disk") as st:
-        layout = ploop.make_disk(tree, raw, size, ext4_features="safe", uuid=fs_uuid)
+        ploop.make_disk(tree, raw, size, ext4_features="safe", uuid=fs_uuid)
         shutil.rmtree(tree)
-        with partition_device(raw, size) as dev:
-            _run(["e2fsck", "-f", "-y", dev], f"{raw}: e2fsck", ok=(0, 1))
-            _run(["resize2fs", dev, str(layout.partition_size // ploop.FS_BLOCK)], f"{raw}: resize2fs")
+        resize.fill_partition(raw, size, CreateError)
         st.note(f"ext4 filling a {size >> 20} MiB disk")
     with progress.step("image"):
-        pkgs = [(p["name"], p["arch"], p["version"]) for p in manifest.get("packages", [])]
-        finish_ploop(raw, tmp, work, size, hostname, ploop.vzpackages_text(pkgs).encode() if pkgs else None)
+        pkgs = manifest.package_rows()
+        resize.write_private_area(raw, tmp, ploop.vzpackages_text(pkgs).encode() if pkgs else None)
     return fs_uuid, members
 
 
@@ -404,6 +300,8 @@ def _layout_for(formats: list[str], layout: str | None) -> tuple[str, str]:
         layout = "ploop" if "ploop" in formats else "ext4"
     if layout not in LAYOUTS:
         raise RecipeError(f"--layout {layout}: one of {', '.join(LAYOUTS)}")
+    for tool, package in LAYOUT_TOOLS[layout]:
+        proc.require_tool(tool, package, why=f"vztt create --layout {layout}")
     if layout == "ploop":
         return layout, "ploop" if "ploop" in formats else "plain"
     if "plain" not in formats:
@@ -412,23 +310,30 @@ def _layout_for(formats: list[str], layout: str | None) -> tuple[str, str]:
     return layout, "plain"
 
 
-def _size_for(options: CreateOptions, manifest: dict[str, Any], layout: str) -> int | None:
+def _size_for(options: CreateOptions, archives: dict[str, ArchiveRecord], layout: str) -> int | None:
     if layout == "dir":
         return None
-    size = options.size or (manifest.get("archives", {}).get("ploop", {}).get("disk_size")) or DEFAULT_SIZE
+    ploop_rec = archives.get("ploop")
+    size = options.size or (ploop_rec.details.get("disk_size") if ploop_rec else None) or DEFAULT_SIZE
     return _round_up(int(size), MiB)
 
 
-def _content_estimate(rec: dict[str, Any]) -> int:
-    return int(rec.get("tar_size") or rec["size"] * 3) * 11 // 10
+def _content_estimate(rec: ArchiveRecord) -> int:
+    return int(rec.tar_size or rec.size * 3) * 11 // 10
+
+
+def _index_records(name: str, remote: pull.Remote) -> dict[str, ArchiveRecord]:
+    """The archives of a build on a mirror, as the manifest will record them."""
+    return {fmt: ArchiveRecord.from_json({**rec, "file": formats_registry.get(fmt).file_name(name)}, fmt)
+            for fmt, rec in remote.build["archives"].items()}
 
 
 def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
            progress: Progress | None = None) -> CreateResult:
     progress = progress or Progress(quiet=True)
     started = time.monotonic()
-    mirror.check_name(name)
-    check_hostname(options.hostname)
+    mirror_config.check_name(name)
+    validate_hostname(options.hostname)
     if options.layout is not None and options.layout not in LAYOUTS:
         raise RecipeError(f"--layout {options.layout}: one of {', '.join(LAYOUTS)}")
     dest = Path(dest).absolute()
@@ -438,11 +343,11 @@ def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
     enter_private_namespace()           # loop mounts die with us
     cache.clean_stale_work()
     entry = cache.entry(name)
-    if entry is not None and options.build and mirror.local_build(entry) != options.build:
+    if entry is not None and options.build and pull.local_build(entry) != options.build:
         entry = None
     if entry is None:
         if options.offline:
-            mirror.offline_entry(cache, name, options.build)      # raises: not cached
+            pull.offline_entry(cache, name, options.build)      # raises: not cached
         result = _create_pulling(cache, name, dest, options, progress)
     else:
         result = _create_from_cache(cache, entry, dest, options, progress)
@@ -453,19 +358,18 @@ def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
 
 def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: CreateOptions,
                        progress: Progress, pulled: dict[str, Any] | None = None) -> CreateResult:
-    manifest = entry.data
-    archives = manifest.get("archives") or {manifest["archive"].get("format", "plain"): manifest["archive"]}
-    layout, fmt = _layout_for(formats_registry.ordered(list(archives)), options.layout)
-    rec = archives[fmt]
-    archive = cache.root / rec["file"]
-    size = _size_for(options, manifest, layout)
-    result = CreateResult(name=entry.name, dest=dest, layout=layout, build=mirror.local_build(entry) or "",
+    manifest = entry.manifest
+    layout, fmt = _layout_for(formats_registry.ordered(list(manifest.archives)), options.layout)
+    rec = manifest.archives[fmt]
+    archive = cache.root / rec.file
+    size = _size_for(options, manifest.archives, layout)
+    result = CreateResult(name=entry.name, dest=dest, layout=layout, build=pull.local_build(entry) or "",
                           format=fmt, size=size, hostname=options.hostname, pulled=pulled)
     need = _content_estimate(rec)
     if size is not None and layout == "ext4" and size < need:
         raise RecipeError(f"--size {size >> 20} MiB is too small for {entry.name} (about {need >> 20} MiB of files)")
-    check_space(dest.parent, need if fmt == "plain" else rec["size"] * 4, f"a {layout} container of {entry.name}")
-    with making(dest) as tmp, work_dir(cache) as work:
+    check_space(dest.parent, need if fmt == "plain" else rec.size * 4, f"a {layout} container of {entry.name}")
+    with making(dest) as tmp, cache.scratch("create") as work:
         if layout == "dir":
             with progress.step("unpack") as st:
                 result.members = unpack_plain(file_chunks(archive), tmp, rec, str(archive))
@@ -493,16 +397,16 @@ def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: 
 def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
                     progress: Progress) -> CreateResult:
     """Not cached: pull it, streaming into the container for dir and ext4 layouts."""
-    mirrors = mirror.mirror_list(options.mirrors)
-    keyring = mirror.keyring_for(options.keyrings)
-    with cache.building(name, timeout=mirror.LOCK_WAIT):
+    mirrors = mirror_config.mirror_list(options.mirrors)
+    keyring = mirror_config.keyring_for(options.keyrings)
+    with cache.building(name, timeout=pull.LOCK_WAIT):
         entry = cache.entry(name)           # another process may have pulled it while we waited
-        if entry is not None and (not options.build or mirror.local_build(entry) == options.build):
+        if entry is not None and (not options.build or pull.local_build(entry) == options.build):
             return _create_from_cache(cache, entry, dest, options, progress)
 
-        def attempt(source: mirror.Source, _failed: list[str]) -> CreateResult:
+        def attempt(source: pull.Source, _failed: list[str]) -> CreateResult:
             with progress.step("index") as st:
-                remote = mirror.find_build(source, name, keyring, options.build)
+                remote = pull.find_build(source, name, keyring, options.build)
                 st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
             formats = formats_registry.ordered(list(remote.build["archives"]))
             layout, fmt = _layout_for(formats, options.layout)
@@ -510,47 +414,50 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
             if layout == "ploop":
                 # The disk conversion needs the whole archive first: pull, then create from the cache.
                 with progress.step("download") as st:
-                    part = mirror.download(remote, cache, fmt)
+                    part = pull.download(remote, cache, fmt)
                     st.note(f"{fmt}: {remote.build['archives'][fmt]['size'] / 1e6:.1f} MB, sha256 ok")
                 with progress.step("install"):
-                    entry = mirror.install(cache, name, remote, {fmt: part})
+                    entry = pull.install(cache, name, remote, {fmt: part})
                 return _create_from_cache(cache, entry, dest, options, progress, pulled)
             return _stream_create(cache, name, dest, options, progress, remote, layout, pulled)
 
-        return mirror.from_first_mirror(name, mirrors, progress, attempt)
+        return pull.from_first_mirror(name, mirrors, progress, attempt)
 
 
 def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions, progress: Progress,
-                   remote: mirror.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
-    rec = remote.build["archives"]["plain"]
-    size = _size_for(options, {"archives": remote.build["archives"]}, layout)
+                   remote: pull.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
+    records = _index_records(name, remote)
+    rec = records["plain"]
+    path = remote.build["archives"]["plain"]["path"]
+    where = remote.source.where(path)
+    size = _size_for(options, records, layout)
     result = CreateResult(name=name, dest=dest, layout=layout, build=remote.id, format="plain", size=size,
                           hostname=options.hostname, pulled=pulled)
     need = _content_estimate(rec)
     if size is not None and size < need:
         raise RecipeError(f"--size {size >> 20} MiB is too small for {name} (about {need >> 20} MiB of files)")
     check_space(dest.parent, need, f"a {layout} container of {name}")
-    check_space(cache.root, rec["size"], f"the {name} archive in the cache")
-    part = mirror.part_path(cache, rec["sha256"])
-    chunks = remote.source.chunks(rec["path"], part, rec["size"], rec["sha256"])
+    check_space(cache.root, rec.size, f"the {name} archive in the cache")
+    part = pull.part_path(cache, rec.sha256)
+    chunks = remote.source.chunks(path, part, rec.size, rec.sha256)
     try:
-        with making(dest) as tmp, work_dir(cache) as work:
+        with making(dest) as tmp, cache.scratch("create") as work:
             with progress.step("pull+unpack") as st:
                 if layout == "dir":
-                    result.members = unpack_plain(chunks, tmp, rec, remote.source.where(rec["path"]), True)
+                    result.members = unpack_plain(chunks, tmp, rec, where, True)
                     personalize(tmp, options.hostname)
                 else:
                     assert size is not None
                     with ext4_image(tmp, work, size) as (mnt, fs_uuid):
-                        result.members = unpack_plain(chunks, mnt, rec, remote.source.where(rec["path"]), True)
+                        result.members = unpack_plain(chunks, mnt, rec, where, True)
                         personalize(mnt, options.hostname)
                     result.fs_uuid = fs_uuid
                 if chunks.gi_frame is not None:          # the download's own size and sha256 check never ran
-                    raise FetchError(f"{remote.source.where(rec['path'])}: the download did not complete")
-                st.note(f"{rec['size'] / 1e6:.1f} MB, {result.members} members, sha256 ok"
+                    raise FetchError(f"{where}: the download did not complete")
+                st.note(f"{rec.size / 1e6:.1f} MB, {result.members} members, sha256 ok"
                         + (f", resumed {remote.source.resumed}x" if remote.source.resumed else ""))
             with progress.step("install"):        # the verified archive into the cache; then DEST goes in place
-                mirror.install(cache, name, remote, {"plain": part})
+                pull.install(cache, name, remote, {"plain": part})
     finally:
         chunks.close()
     return result

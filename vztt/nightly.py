@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from vztt.build import pipeline as build_mod
-from vztt.store.templates import TemplateCache
 from vztt.base.errors import RecipeError
-from vztt.recipe.lock import Lock
-from vztt.recipe.variables import Mirrors
 from vztt.base.progress import Progress
+from vztt.build import pipeline as build_mod
+from vztt.recipe.lock import Lock
 from vztt.recipe.recipe import Recipe
+from vztt.recipe.variables import Mirrors
+from vztt.store.manifest import Manifest
+from vztt.store.templates import TemplateCache
 
 CURRENT, OUTDATED, NEW = "current", "outdated", "not built"
 
@@ -53,10 +54,13 @@ class Status:
                 "changes": [{"name": c.name, "arch": c.arch, "old": c.old, "new": c.new} for c in self.changes]}
 
 
-def package_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> list[Change]:
-    """Packages added, removed and changed between two manifest-style package lists."""
-    before = {(p["name"], p["arch"]): p["version"] for p in old}
-    after = {(p["name"], p["arch"]): p["version"] for p in new}
+Row = tuple[str, str, str]       # (name, arch, version), as Manifest.package_rows() gives them
+
+
+def package_changes(old: list[Row], new: list[Row]) -> list[Change]:
+    """Packages added, removed and changed between two package lists."""
+    before = {(name, arch): version for name, arch, version in old}
+    after = {(name, arch): version for name, arch, version in new}
     out = []
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):
@@ -64,27 +68,23 @@ def package_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> lis
     return out
 
 
-def _lock_packages(lock: Lock) -> list[dict[str, str]]:
-    return [{"name": p.name, "arch": p.arch, "version": p.version} for p in lock.packages]
+def _lock_packages(lock: Lock) -> list[Row]:
+    return [(p.name, p.arch, p.version) for p in lock.packages]
 
 
 def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Progress) -> Status:
     """Resolve afresh (into a scratch lock, the real one is left alone) and compare."""
-    scratch = cache.root / ".work" / f"status-{recipe.name}.{os.getpid()}.lock.json"
-    scratch.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fresh = build_mod.resolve(recipe, cache, mirrors, scratch, progress).lock
-    finally:
-        scratch.unlink(missing_ok=True)
+    with cache.scratch(f"status-{recipe.name}") as scratch:
+        fresh = build_mod.resolve(recipe, cache, mirrors, scratch / "lock.json", progress).lock
     entry = cache.entry(recipe.name)
     if entry is None:
         return Status(recipe.name, NEW, ["no cached template"], lock=fresh)
-    m = entry.data
+    m = entry.manifest
     reasons = []
-    if m.get("recipe_digest") != recipe.digest():
+    if m.recipe_digest != recipe.digest():
         reasons.append("recipe changed")
-    changes = package_changes(m.get("packages", []), _lock_packages(fresh))
-    if m.get("packages_digest") != fresh.packages_digest:
+    changes = package_changes(m.package_rows(), _lock_packages(fresh))
+    if m.packages_digest != fresh.packages_digest:
         reasons.append(f"{len(changes)} package(s) changed" if changes else "package files changed (same versions)")
     return Status(recipe.name, OUTDATED if reasons else CURRENT, reasons, changes, fresh)
 
@@ -104,14 +104,16 @@ def update(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Pro
 
 def diff(cache: TemplateCache, name: str) -> dict[str, Any]:
     """The newest promoted build against the one before it."""
-    history = cache.history(name)
+    # cache.history gives Manifests (dicts from an older store: read as Manifests here).
+    history = [m if isinstance(m, Manifest) else Manifest.from_dict(m, f"{cache.history_dir(name)}: {name}")
+               for m in cache.history(name)]
     if len(history) < 2:
         raise RecipeError(f"{name}: {len(history)} build(s) in {cache.history_dir(name)}; diff needs two")
     old, new = history[-2], history[-1]
-    changes = package_changes(old.get("packages", []), new.get("packages", []))
-    sizes = {fmt: {"old": old.get("archives", {}).get(fmt, {}).get("size"), "new": a.get("size")}
-             for fmt, a in new.get("archives", {}).items()}
-    return {"name": name, "old": old["build_id"], "new": new["build_id"],
+    changes = package_changes(old.package_rows(), new.package_rows())
+    sizes = {fmt: {"old": old.archives[fmt].size if fmt in old.archives else None, "new": a.size}
+             for fmt, a in new.archives.items()}
+    return {"name": name, "old": old.build_id, "new": new.build_id,
             "added": [c.__dict__ for c in changes if c.old is None],
             "removed": [c.__dict__ for c in changes if c.new is None],
             "upgraded": [c.__dict__ for c in changes if c.old is not None and c.new is not None],

@@ -758,7 +758,7 @@ def prune(obj: Context, wait: float, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------
-# Template mirrors: publish, pull, create (vztt/mirror.py, vztt/create.py)
+# Template mirrors: publish, pull, create (vztt/mirror/, vztt/create.py)
 # --------------------------------------------------------------------------
 
 def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -813,7 +813,7 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
     --keyring key) before it is re-signed. Exit 11: a template failed its boot
     test, or skipped it without --allow-untested; nothing was uploaded.
     """
-    from vztt.mirror import mirror
+    from vztt.mirror import publish as mirror
     progress = Progress(quiet=as_json)
     result = mirror.publish(obj.cache, list(names), dest, mirror.PublishOptions(
         sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings), progress)
@@ -854,20 +854,20 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
     a bad signature, a wrong sha256 or a truncated download leaves the cache as
     it was (exit 5); with several mirrors the next one is tried.
     """
-    from vztt.mirror import mirror
+    from vztt.mirror import config, pull as mirror
     from vztt import formats as formats_registry
     cache = obj.cache
     if offline:
         entry = mirror.offline_entry(cache, name, build_id)
         doc = {"name": name, "build": mirror.local_build(entry), "offline": True, "manifest": str(entry.manifest_path),
-               "archives": {f: str(cache.root / a["file"]) for f, a in entry.data.get("archives", {}).items()}}
+               "archives": {f: str(cache.root / a.file) for f, a in entry.manifest.archives.items()}}
         if as_json:
             _emit(doc)
         else:
             click.echo(f"{name} {doc['build']}: in the cache ({entry.manifest_path})")
         return
     progress = Progress(quiet=as_json)
-    result = mirror.pull(cache, name, mirror.mirror_list(mirror_urls), keyrings, build_id,
+    result = mirror.pull(cache, name, config.mirror_list(mirror_urls), keyrings, build_id,
                          formats_registry.parse(fmt) if fmt else None, progress)
     if as_json:
         _emit(result.as_dict())
