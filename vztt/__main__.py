@@ -1,3 +1,3 @@
-from vztt.cli.main import main
+from vztt.cli import main
 
 main()

@@ -1,0 +1,134 @@
+"""The nightly job: `vztt status`, `update`, `diff`, `matrix`, `prune`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from vztt.base.progress import Progress
+from vztt.cli.build import build_report
+from vztt.cli.main import (Context, FormatList, each_template, emit, guarded, json_option, main, mirror_option,
+                           selected, selection)
+
+
+@main.command()
+@selection
+@mirror_option
+@json_option
+@click.pass_obj
+@guarded
+def status(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, as_json: bool) -> None:
+    """Is each template up to date? Resolves afresh (the lock file is left alone) and compares.
+
+    Exit status 2 when any template would change (as `vzpkg status`), 0 when all are current.
+    """
+    from vztt import nightly
+    mirrors, progress = obj.mirrors(), Progress(quiet=True)
+    results = each_template(selected(obj, names, all_, shard_spec), as_json,
+                    lambda n: nightly.status(obj.store.load(n), obj.cache, mirrors, progress))
+    if as_json:
+        emit([r.as_dict() for r in results])
+    else:
+        for r in results:
+            click.echo(f"{r.name}: {r.state}" + (f" ({'; '.join(r.reasons)})" if r.reasons else ""))
+            for c in r.changes:
+                click.echo(f"  {c.line()}")
+    if any(r.state != nightly.CURRENT for r in results):
+        sys.exit(2)
+
+
+@main.command()
+@selection
+@click.option("--format", "fmt", type=FormatList(), help="As for `vztt build`.")
+@click.option("--no-test", is_flag=True, help="Promote without the boot test.")
+@click.option("--wait", type=click.FloatRange(0), default=0, metavar="SECONDS", help="As for `vztt build`.")
+@mirror_option
+@json_option
+@click.pass_obj
+@guarded
+def update(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, fmt: str | None,
+           no_test: bool, wait: float, as_json: bool) -> None:
+    """Re-resolve, then rebuild, boot-test and promote only the templates that changed.
+
+    Says why each rebuild happens (recipe changed, packages changed, not built yet).
+    """
+    from vztt.build import pipeline
+    from vztt import nightly
+    mirrors, progress = obj.mirrors(), Progress(quiet=as_json)
+    options = pipeline.BuildOptions(format=fmt, test=not no_test, wait=wait)
+
+    def one(name: str) -> dict[str, Any]:
+        st, result = nightly.update(obj.store.load(name), obj.cache, mirrors, progress, options)
+        if not as_json:
+            why = "; ".join(st.reasons)
+            click.echo(f"{name}: {'rebuilt (' + why + ')' if result else 'up to date'}")
+            for c in st.changes:
+                click.echo(f"  {c.line()}")
+        return {**st.as_dict(), "rebuilt": result is not None,
+                "build": build_report(obj, result) if result else None}
+
+    results = each_template(selected(obj, names, all_, shard_spec), as_json, one)
+    if as_json:
+        emit(results)
+
+
+@main.command("diff")
+@click.argument("name")
+@json_option
+@click.pass_obj
+@guarded
+def diff_cmd(obj: Context, name: str, as_json: bool) -> None:
+    """The newest build of NAME against the one before it: packages added, removed, upgraded; sizes."""
+    from vztt import nightly
+    d = nightly.diff(obj.cache, name)
+    if as_json:
+        emit(d)
+        return
+    click.echo(f"{name}: {d['old']} -> {d['new']}")
+    for line in d["lines"] or ["no package changes"]:
+        click.echo(f"  {line}")
+    for fmt, size in d["sizes"].items():
+        if size["old"] is not None and size["new"] is not None:
+            click.echo(f"  {fmt} archive: {size['old'] / 1e6:.1f} MB -> {size['new'] / 1e6:.1f} MB "
+                       f"({(size['new'] - size['old']) / 1e6:+.1f} MB)")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["github", "gitlab", "json"]), default="json", show_default=True,
+              help="github: JSON for `strategy.matrix` (also written to $GITHUB_OUTPUT as `matrix`); "
+                   "gitlab: a child pipeline with one job per template; json: a list of names.")
+@click.pass_obj
+@guarded
+def matrix(obj: Context, fmt: str) -> None:
+    """The CI matrix: one job per buildable template."""
+    from vztt import nightly
+    text = nightly.matrix(obj.store.names(), fmt)
+    if fmt == "github":
+        nightly.write_github_output("matrix", text)
+    click.echo(text)
+
+
+@main.command()
+@click.option("--wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Wait this long for running builds to finish with the package cache.")
+@json_option
+@click.pass_obj
+@guarded
+def prune(obj: Context, wait: float, as_json: bool) -> None:
+    """Remove packages no lock in the cache refers to (locks/ and history/)."""
+    from vztt.recipe.lock import Lock
+    from vztt.store.packages import PackageCache
+    cache = obj.cache
+    keep: set[str] = set()
+    # TODO(integrator): a TemplateCache method for every lock file (locks/ and history/), not these paths.
+    for path in list((cache.root / "locks").glob("*.lock.json")) + list((cache.root / "history").glob("*/*.lock.json")):
+        keep |= {p.sha256 for p in Lock.read(path).packages}
+    packages = PackageCache(cache.packages_dir)
+    with packages.locked(exclusive=True, timeout=wait):
+        files, size = packages.prune(keep)
+    if as_json:
+        emit({"removed_files": files, "removed_bytes": size, "kept": len(keep)})
+    else:
+        click.echo(f"removed {files} packages ({size / 1e6:.1f} MB); {len(keep)} referenced packages kept")
