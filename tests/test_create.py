@@ -109,7 +109,7 @@ def ploop_cache(debian12: BuiltTemplate, tmp_path_factory: pytest.TempPathFactor
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from vztt.formats.vzcache import pack_ploop\n"
+        "from vztt.formats.ploop import pack_ploop\n"
         "a = json.loads(sys.argv[1])\n"
         "pl = pack_ploop(Path(a['plain']), Path(a['out']), Path(a['work']), name=a['name'], "
         "packages=[tuple(p) for p in a['packages']], disk_size=a['disk_size'], ext4_features='safe', "

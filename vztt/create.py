@@ -42,10 +42,10 @@ from vztt.base import proc
 from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
 from vztt.base.mounts import Mounts, enter_private_namespace, force_cleanup, require_root
 from vztt.base.progress import Progress
-from vztt.formats.ploop import image as ploop
+from vztt.base.inroot import read_in_root, remove_in_root, write_in_root
+from vztt.formats import ploop
 from vztt.formats.ploop import resize
-from vztt.formats.safetar import (Limits, UnsafeArchive, extract_lz4, file_chunks, read_in_root, remove_in_root,
-                                  write_in_root)
+from vztt.formats.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks
 from vztt.mirror import config as mirror_config
 from vztt.mirror import pull
 from vztt.store.manifest import ArchiveRecord, Manifest

@@ -104,9 +104,7 @@ def update(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Pro
 
 def diff(cache: TemplateCache, name: str) -> dict[str, Any]:
     """The newest promoted build against the one before it."""
-    # cache.history gives Manifests (dicts from an older store: read as Manifests here).
-    history = [m if isinstance(m, Manifest) else Manifest.from_dict(m, f"{cache.history_dir(name)}: {name}")
-               for m in cache.history(name)]
+    history = cache.history(name)
     if len(history) < 2:
         raise RecipeError(f"{name}: {len(history)} build(s) in {cache.history_dir(name)}; diff needs two")
     old, new = history[-2], history[-1]

@@ -34,30 +34,27 @@ def _with_build_options(fn: F) -> F:
     return fn
 
 
-# BuildResult.manifest is still the manifest as a dict (build/pipeline.py); these
-# two read it by key until it is a store.manifest.Manifest.
 def build_report(obj: Context, result: Any) -> dict[str, Any]:
     """What --json says about one build (also `vztt update`'s `build`)."""
     m = result.manifest
     return {"name": result.name, "archive": str(result.archive), "manifest": str(result.manifest_path),
-            "log": str(result.log), "sha256": m["archive"]["sha256"], "size": m["archive"]["size"],
-            "archives": {k: str(obj.cache.root / a["file"]) for k, a in m["archives"].items()},
-            "fetch": result.fetch, "boot_test": m.get("boot_test"), "build_id": m.get("build_id"),
-            **{k: m[k] for k in ("lock_digest", "recipe_digest", "package_count", "steps", "build_seconds")}}
+            "log": str(result.log), "sha256": m.archive.sha256, "size": m.archive.size,
+            "archives": {k: str(obj.cache.path(a)) for k, a in m.archives.items()},
+            "fetch": result.fetch, "boot_test": m.boot_test, "build_id": m.build_id,
+            "lock_digest": m.lock_digest, "recipe_digest": m.recipe_digest, "package_count": m.package_count,
+            "steps": m.steps, "build_seconds": m.build_seconds}
 
 
 def _print_build(obj: Context, result: Any) -> None:
     m = result.manifest
-    for fmt_name, a in m["archives"].items():
-        click.echo(f"{obj.cache.root / a['file']}")
-        extra = (f"{a['tar_size'] / 1e6:.1f} MB uncompressed" if fmt_name == "plain"
-                 else f"ploop disk {a['disk_size'] >> 30} GiB, {a['clusters']} clusters")
-        click.echo(f"  size      {a['size'] / 1e6:.1f} MB ({extra})")
-        click.echo(f"  sha256    {a['sha256']}")
+    for fmt_name, a in m.archives.items():
+        click.echo(f"{obj.cache.path(a)}")
+        click.echo(f"  size      {a.size / 1e6:.1f} MB ({formats.get(fmt_name).describe(a)})")
+        click.echo(f"  sha256    {a.sha256}")
     click.echo(f"  manifest  {result.manifest_path}")
-    click.echo(f"  packages  {m['package_count']}   lock {m['lock_digest'][:19]}...")
-    click.echo(f"  boot test {_boot_test_line(m.get('boot_test') or {})}")
-    click.echo(f"  took      {m['build_seconds']} s")
+    click.echo(f"  packages  {m.package_count}   lock {m.lock_digest[:19]}...")
+    click.echo(f"  boot test {_boot_test_line(m.boot_test)}")
+    click.echo(f"  took      {m.build_seconds} s")
 
 
 def _boot_test_line(record: dict[str, Any]) -> str:

@@ -53,9 +53,9 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
     --keyring key) before it is re-signed. Exit 11: a template failed its boot
     test, or skipped it without --allow-untested; nothing was uploaded.
     """
-    from vztt.mirror import mirror
+    from vztt.mirror import publish as publishing
     progress = Progress(quiet=as_json)
-    result = mirror.publish(obj.cache, list(names), dest, mirror.PublishOptions(
+    result = publishing.publish(obj.cache, list(names), dest, publishing.PublishOptions(
         sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings), progress)
     if as_json:
         emit(result.as_dict())
@@ -95,20 +95,20 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
     a bad signature, a wrong sha256 or a truncated download leaves the cache as
     it was (exit 5); with several mirrors the next one is tried.
     """
-    from vztt.mirror import mirror
+    from vztt.mirror import config, pull as pulling
     cache = obj.cache
     if offline:
-        entry = mirror.offline_entry(cache, name, build_id)
+        entry = pulling.offline_entry(cache, name, build_id)
         doc = {"name": name, "build": entry.manifest.local_build, "offline": True,
                "manifest": str(entry.manifest_path),
-               "archives": {f: str(cache.root / a.file) for f, a in entry.manifest.archives.items()}}
+               "archives": {f: str(cache.path(a)) for f, a in entry.manifest.archives.items()}}
         if as_json:
             emit(doc)
         else:
             click.echo(f"{name} {doc['build']}: in the cache ({entry.manifest_path})")
         return
     progress = Progress(quiet=as_json)
-    result = mirror.pull(cache, name, mirror.mirror_list(mirror_urls), keyrings, build_id,
+    result = pulling.pull(cache, name, config.mirror_list(mirror_urls), keyrings, build_id,
                          formats.parse(fmt) if fmt else None, progress)
     if as_json:
         emit(result.as_dict())

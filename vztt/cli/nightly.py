@@ -122,8 +122,7 @@ def prune(obj: Context, wait: float, as_json: bool) -> None:
     from vztt.store.packages import PackageCache
     cache = obj.cache
     keep: set[str] = set()
-    # TODO(integrator): a TemplateCache method for every lock file (locks/ and history/), not these paths.
-    for path in list((cache.root / "locks").glob("*.lock.json")) + list((cache.root / "history").glob("*/*.lock.json")):
+    for path in cache.lock_files():
         keep |= {p.sha256 for p in Lock.read(path).packages}
     packages = PackageCache(cache.packages_dir)
     with packages.locked(exclusive=True, timeout=wait):

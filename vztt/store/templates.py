@@ -44,7 +44,7 @@ from vztt.base.paths import default_cache
 from vztt.base.proc import MARK_VARIABLE, Log
 from vztt.store.locking import wait_for_flock
 from vztt.recipe.lock import Lock
-from vztt.store.manifest import Manifest, ManifestError
+from vztt.store.manifest import ArchiveRecord, Manifest, ManifestError
 
 OLD = "-old"
 
@@ -72,6 +72,10 @@ class TemplateCache:
 
     def manifest(self, name: str) -> Path:
         return self.root / f"{name}.manifest.json"
+
+    def path(self, record: ArchiveRecord) -> Path:
+        """Where the file a manifest's archive record names is in this cache."""
+        return self.root / record.file
 
     def lock_file(self, name: str) -> Path:
         return self.root / "locks" / f"{name}.lock.json"

@@ -24,9 +24,9 @@ from typing import Iterator
 from vztt.base import proc
 from vztt.base.errors import BuildError, VzttError
 from vztt.base.mounts import Mounts
-from vztt.formats.ploop import image as ploop
-# INTEGRATOR: B1 makes this public as formats.ploop.disk.gpt_script; import that name instead.
-from vztt.formats.ploop.image import _gpt_script as gpt_script
+from vztt.formats.ploop.disk import FS_BLOCK, PARTITION_START, gpt_script, partition_bounds
+from vztt.formats.ploop.descriptor import DESCRIPTOR_NAME, descriptor_for
+from vztt.formats.ploop.image import IMAGE_NAME, SECTOR, read_image, write_image
 
 # The tools this module runs, and the Debian package of each (for require_tool).
 TOOLS = (("losetup", "mount"), ("sfdisk", "fdisk"), ("e2fsck", "e2fsprogs"), ("resize2fs", "e2fsprogs"),
@@ -35,11 +35,10 @@ TOOLS = (("losetup", "mount"), ("sfdisk", "fdisk"), ("e2fsck", "e2fsprogs"), ("r
 
 def ploop_partition(disk_size: int, error: type[VzttError] = BuildError) -> tuple[int, int]:
     """(last sector, bytes) of partition 1 on a ploop disk of `disk_size`, as ploop lays it out."""
-    block = ploop.DEFAULT_CLUSTER // ploop.SECTOR
-    end_excl = (disk_size // ploop.SECTOR - block) // block * block
-    if end_excl <= ploop.PARTITION_START + block:
+    bounds = partition_bounds(disk_size)
+    if bounds is None:
         raise error(f"a ploop disk of {disk_size} bytes is too small")
-    return end_excl - 1, (end_excl - ploop.PARTITION_START) * ploop.SECTOR
+    return bounds
 
 
 @contextlib.contextmanager
@@ -49,7 +48,7 @@ def partition_device(raw: Path, disk_size: int, error: type[VzttError] = BuildEr
     A killed run leaves it to the next run's stale-work cleanup, which detaches
     loop devices backed by files under <cache>/.work."""
     _, part_bytes = ploop_partition(disk_size, error)
-    dev = proc.run(["losetup", "--find", "--show", "--offset", str(ploop.PARTITION_START * ploop.SECTOR),
+    dev = proc.run(["losetup", "--find", "--show", "--offset", str(PARTITION_START * SECTOR),
                     "--sizelimit", str(part_bytes), raw], what=f"{raw}: losetup", error=error,
                    inherit_env=False).stdout.strip()
     try:
@@ -65,7 +64,7 @@ def fill_partition(raw: Path, disk_size: int, error: type[VzttError] = BuildErro
     _, part_bytes = ploop_partition(disk_size, error)
     with partition_device(raw, partition_of or disk_size, error) as dev:
         proc.run(["e2fsck", "-f", "-y", dev], what=f"{raw}: e2fsck", error=error, inherit_env=False, ok=(0, 1))
-        proc.run(["resize2fs", dev, str(part_bytes // ploop.FS_BLOCK)], what=f"{raw}: {what}", error=error,
+        proc.run(["resize2fs", dev, str(part_bytes // FS_BLOCK)], what=f"{raw}: {what}", error=error,
                  inherit_env=False)
 
 
@@ -109,11 +108,11 @@ def write_private_area(raw: Path, dest: Path, vzpackages: bytes | None) -> None:
     and dest/templates/vzpackages: a container's private area as Virtuozzo 7 keeps it."""
     hdd = dest / "root.hdd"
     hdd.mkdir(exist_ok=True)
-    hds = hdd / ploop.IMAGE_NAME
-    ploop.write_image(raw, hds)
+    hds = hdd / IMAGE_NAME
+    write_image(raw, hds)
     raw.unlink()
-    info = ploop.read_image(hds)
-    (hdd / ploop.DESCRIPTOR_NAME).write_text(ploop.descriptor_for(info))
+    info = read_image(hds)
+    (hdd / DESCRIPTOR_NAME).write_text(descriptor_for(info))
     os.chmod(hds, 0o600)
     if vzpackages is not None:
         (dest / "templates").mkdir(exist_ok=True)
