@@ -255,12 +255,12 @@ def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: b
     vm=True: a qemu VM with vztt's kernel instead (vztt.runtime.vm, the same interface);
     `tree` is then a scratch copy that the VM's disk is made from."""
     if vm:
-        from vztt.kernel.build import kernel_cache, vm_kernel
+        from vztt.kernel.build import KVM_PROBE, vm_kernel
         from vztt.boot.runtime.vm import VM
         box = VM(tree, cache.root / ".work" / f"{recipe.name}.vm.{os.getpid()}", vm_kernel(cache).bzimage,
                  name=container_name(recipe.name, purpose), hostname=recipe.hostname, osrelease=osrelease(recipe),
                  console_log=console_log_path(cache, recipe.name, vm_purpose(purpose)),
-                 probe_cache=kernel_cache(cache) / "kvm-probe.json")
+                 probe_cache=cache.kernel_dir / KVM_PROBE)
     else:
         box = Container(tree, containers_dir(cache), name=container_name(recipe.name, purpose),
                         hostname=recipe.hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
