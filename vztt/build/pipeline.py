@@ -16,6 +16,7 @@ from typing import Any
 
 from vztt import __version__
 from vztt.boot import test as boottest
+from vztt.build.gate import gate
 from vztt.formats.plain import pack_tree
 from vztt.store.templates import TemplateCache
 from vztt.build.customize import clean_root, run_hooks, write_files
@@ -216,7 +217,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             tmp_manifest = cache.temp_path(manifest_path)
             temps.append(tmp_manifest)
             # Boot the packed archive; only a template that passes goes on (a failed one stays as -failed).
-            manifest["boot_test"] = boottest.gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
+            manifest["boot_test"] = gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
             manifest["steps"], manifest["build_seconds"] = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
                 tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
