@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 
 from conftest import PACKAGE_CACHE, RECIPES, REPO, BuiltTemplate, Result, leftovers, one_line_error, run_vztt
-from vztt.boot import test as boottest
+from vztt.boot import checks as bootchecks, report as bootreport, test as boottest
 from vztt.formats.plain import pack_tree
 from vztt.base.errors import EXIT_CODES
 from vztt.recipe.recipe import RecipeStore
 from vztt.boot.runtime import BootError, CheckFailed, RuntimeUnavailable
+from vztt.store.templates import TemplateCache
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting containers needs root")
 
@@ -71,7 +72,7 @@ def nothing_left(cache: Path, name: str) -> list[str]:
     """Everything a boot test may leave: mounts, loop devices, scratch and temp
     files (conftest.leftovers), runtime state, processes, cgroups."""
     found = leftovers(cache)
-    containers = cache / boottest.CONTAINERS
+    containers = TemplateCache(cache).containers_dir
     if containers.is_dir():
         found += [str(p) for p in containers.iterdir()]
     found += [f"process {p}" for p in processes_of(name)]
@@ -175,7 +176,7 @@ def test_boot_settings_are_inherited(recipes: Path, tmp_path: Path) -> None:
     assert boottest.allowed_failed(leaf) == ["a.service", "b-*.service"]
     assert boottest.boot_timeout(leaf) == 5
     assert boottest.boot_timeout(RecipeStore(d).load("debian-12-x86_64-minimal")) == 60
-    ok, detail, _ = boottest.check_failed_units(None, ["a.service", "b-x.service"], boottest.allowed_failed(leaf))  # type: ignore[arg-type]
+    ok, detail, _ = bootchecks.check_failed_units(None, ["a.service", "b-x.service"], boottest.allowed_failed(leaf))  # type: ignore[arg-type]
     assert ok and "a.service" in detail
     (d / "leaf.toml").write_text('extends = "mid"\nrelease = "bookworm"\nversion = "12"\n[boot]\ntimeout = "soon"\n')
     r = run_vztt("show", "leaf", recipes=d)
@@ -183,16 +184,16 @@ def test_boot_settings_are_inherited(recipes: Path, tmp_path: Path) -> None:
 
 
 def test_report_table_and_junit(tmp_path: Path) -> None:
-    report = boottest.Report(name="t", archive="/x/t.plain.tar.lz4", hostname="h", started="2026-01-01T00:00:00+00:00")
-    report.checks = [boottest.Check("boot", "passed", 1.5, "running in 1.50 s"),
-                     boottest.Check("smoke:x", "failed", 0.1, "exit status 3, expected 0", "bad \x1b[1moutput\x00\n"),
-                     boottest.Check("poweroff")]
+    report = bootreport.Report(name="t", archive="/x/t.plain.tar.lz4", hostname="h", started="2026-01-01T00:00:00+00:00")
+    report.checks = [bootreport.Check("boot", "passed", 1.5, "running in 1.50 s"),
+                     bootreport.Check("smoke:x", "failed", 0.1, "exit status 3, expected 0", "bad \x1b[1moutput\x00\n"),
+                     bootreport.Check("poweroff")]
     report.error_kind, report.error = "check", "1 of 3 checks failed"
-    table = boottest.format_table(report)
+    table = bootreport.format_table(report)
     assert re.search(r"^smoke:x\s+FAIL\s+0\.10\s+exit status 3", table, re.M)
     assert "    | bad" in table and re.search(r"^poweroff\s+-", table, re.M)
     path = tmp_path / "out.xml"
-    boottest.write_junit(report, path)
+    bootreport.write_junit(report, path)
     assert junit_cases(path) == {"boot": "passed", "smoke:x": "failed", "poweroff": "skipped"}
     suite = ET.parse(path).getroot().find("testsuite")
     assert suite is not None and (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
@@ -281,7 +282,7 @@ def _start_test(cache: Path, name: str) -> subprocess.Popen[str]:
 def _wait_for_boot(proc: subprocess.Popen[str], cache: Path) -> None:
     """Until the container runs (its state file is there), plus a moment."""
     deadline = time.monotonic() + 60
-    while not list((cache / boottest.CONTAINERS).glob("*.json")):
+    while not list(TemplateCache(cache).containers_dir.glob("*.json")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -321,7 +322,7 @@ def test_killed_test_is_cleaned_up_by_the_next_run(debian12: BuiltTemplate) -> N
         proc.wait()
     # What the killed run left: its state, scratch directory and cgroups (its
     # mounts went with its mount namespace, its processes with their parent).
-    assert list((debian12.cache / boottest.CONTAINERS).glob("*.json"))
+    assert list(TemplateCache(debian12.cache).containers_dir.glob("*.json"))
     assert any(".boot." in p for p in leftovers(debian12.cache))
     assert processes_of(debian12.name, settle=10) == []
     r = run_vztt("test", debian12.name, cache=debian12.cache, timeout=300)

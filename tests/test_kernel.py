@@ -20,6 +20,9 @@ import pytest
 
 from conftest import REPO, one_line_error, run_vztt
 from vztt.kernel import build as kernel
+from vztt.kernel import kconfig as kernel_config
+from vztt.kernel import series as kernel_series
+from vztt.kernel import source as kernel_source
 
 KERNEL = REPO / "kernel"
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel tests use the host's apt as root")
@@ -56,7 +59,7 @@ def copy_kernel_dir(tmp_path: Path) -> Path:
 # -- kernel/ itself: fast -----------------------------------------------------------
 
 def test_series_starts_with_our_patch() -> None:
-    patches = kernel.read_series(KERNEL)
+    patches = kernel_series.read_series(KERNEL)
     assert patches[0].name == "virt_osrelease.patch"
     assert patches[0].files() == ["init/Kconfig", "kernel/utsname_sysctl.c"]
     text = patches[0].path.read_text()
@@ -66,7 +69,7 @@ def test_series_starts_with_our_patch() -> None:
 
 
 def test_fragment_has_what_a_template_needs() -> None:
-    options = kernel.parse_config((KERNEL / kernel.FRAGMENT).read_text())
+    options = kernel_config.parse_config((KERNEL / kernel_series.FRAGMENT).read_text())
     wanted = ["VIRTIO_PCI", "VIRTIO_MMIO", "VIRTIO_BLK", "VIRTIO_NET", "VIRTIO_CONSOLE", "EXT4_FS", "TMPFS",
               "DEVTMPFS", "OVERLAY_FS", "UTS_NS", "IPC_NS", "PID_NS", "NET_NS", "USER_NS", "CGROUPS", "MEMCG",
               "CGROUP_PIDS", "SECCOMP", "SECCOMP_FILTER", "VIRT_OSRELEASE", "ACPI", "BASE_FULL", "FILE_LOCKING",
@@ -77,15 +80,15 @@ def test_fragment_has_what_a_template_needs() -> None:
 
 def test_digests_follow_the_series_and_the_fragment(tmp_path: Path) -> None:
     kdir = copy_kernel_dir(tmp_path)
-    series, fragment = kernel.series_digest(kdir), kernel.fragment_digest(kdir)
-    assert (series, fragment) == (kernel.series_digest(KERNEL), kernel.fragment_digest(KERNEL))
+    series, fragment = kernel_series.series_digest(kdir), kernel_series.fragment_digest(kdir)
+    assert (series, fragment) == (kernel_series.series_digest(KERNEL), kernel_series.fragment_digest(KERNEL))
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", series) and re.fullmatch(r"sha256:[0-9a-f]{64}", fragment)
     with open(kdir / "patches" / "virt_osrelease.patch", "a") as f:
         f.write("\n")
-    assert kernel.series_digest(kdir) != series and kernel.fragment_digest(kdir) == fragment
-    with open(kdir / kernel.FRAGMENT, "a") as f:
+    assert kernel_series.series_digest(kdir) != series and kernel_series.fragment_digest(kdir) == fragment
+    with open(kdir / kernel_series.FRAGMENT, "a") as f:
         f.write("CONFIG_IKCONFIG=y\n")
-    assert kernel.fragment_digest(kdir) != fragment
+    assert kernel_series.fragment_digest(kdir) != fragment
     name = kernel.entry_name("6.1.192-2", series, fragment)
     assert name == f"6.1.192-2-s{series[7:19]}-f{fragment[7:19]}"
 
@@ -94,14 +97,14 @@ def test_series_names_a_missing_patch(tmp_path: Path) -> None:
     kdir = copy_kernel_dir(tmp_path)
     (kdir / "series").write_text("virt_osrelease.patch\nnot-there.patch -p1\n")
     with pytest.raises(kernel.BuildError, match=r"series:2: .*not-there.patch does not exist"):
-        kernel.read_series(kdir)
+        kernel_series.read_series(kdir)
 
 
 def test_dropped_options_are_found() -> None:
-    fragment = kernel.parse_config("CONFIG_VIRTIO_PCI=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=8\n"
+    fragment = kernel_config.parse_config("CONFIG_VIRTIO_PCI=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=8\n"
                                    'CONFIG_LOCALVERSION="-vztt"\n')
-    final = kernel.parse_config("# CONFIG_VIRTIO_PCI is not set\nCONFIG_NR_CPUS=8\nCONFIG_LOCALVERSION=\"-vztt\"\n")
-    options = {o.name: o for o in kernel.compare_options(fragment, final)}
+    final = kernel_config.parse_config("# CONFIG_VIRTIO_PCI is not set\nCONFIG_NR_CPUS=8\nCONFIG_LOCALVERSION=\"-vztt\"\n")
+    options = {o.name: o for o in kernel_config.compare_options(fragment, final)}
     assert not options["CONFIG_VIRTIO_PCI"].survived and options["CONFIG_VIRTIO_PCI"].got == "n"
     assert options["CONFIG_MODULES"].survived           # unset and absent are the same
     assert options["CONFIG_NR_CPUS"].survived and options["CONFIG_LOCALVERSION"].survived
@@ -122,9 +125,9 @@ def test_a_failing_hunk_is_reported_with_its_file_and_header(tmp_path: Path) -> 
     (tree / "dir" / "file.c").write_text("\n".join(lines[:28] + ["changed"] + lines[29:]) + "\n")
     patch = tmp_path / "broken.patch"
     patch.write_text(diff)
-    result = kernel.apply_patch(tree, kernel.Patch("broken.patch", patch))
+    result = kernel_series.apply_patch(tree, kernel_series.Patch("broken.patch", patch))
     assert not result.ok
-    header = kernel.hunk_headers(diff)["dir/file.c"][1]
+    header = kernel_series.hunk_headers(diff)["dir/file.c"][1]
     assert result.problems == [f"dir/file.c: hunk #2 ({header}) FAILED at line 29"], result.problems
     assert result.files == ["dir/file.c"]
 
@@ -143,7 +146,7 @@ def test_kernel_check_passes(tmp_path: Path) -> None:
     assert doc["ok"] and doc["config_checked"] and doc["dropped"] == []
     assert [p["name"] for p in doc["patches"]] == ["virt_osrelease.patch"] and doc["patches"][0]["ok"]
     assert doc["source"]["package"] == "linux-source-6.1"
-    assert doc["source"]["version"] == kernel.source_package().version
+    assert doc["source"]["version"] == kernel_source.source_package().version
     assert not (tmp_path / "cache" / ".work").exists() or not list((tmp_path / "cache" / ".work").iterdir())
 
 
@@ -157,7 +160,7 @@ def test_a_broken_patch_is_reported_with_its_file_and_hunk(tmp_path: Path) -> No
     context = " #else\n #define proc_do_uts_string NULL\n"
     assert text.count(context) == 1
     patch.write_text(text.replace(context, " #else\n #define proc_do_uts_string NOTHING\n"))
-    hunk = kernel.hunk_headers(patch.read_text())["kernel/utsname_sysctl.c"][1]
+    hunk = kernel_series.hunk_headers(patch.read_text())["kernel/utsname_sysctl.c"][1]
 
     result = run_vztt("kernel", "--kernel-dir", kdir, "check", "--patches-only", cache=tmp_path / "cache")
     assert result.returncode == 6, result.stderr
@@ -173,7 +176,7 @@ def test_a_broken_patch_is_reported_with_its_file_and_hunk(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_an_option_that_drops_is_reported_with_its_menu(tmp_path: Path) -> None:
     kdir = copy_kernel_dir(tmp_path)
-    fragment = kdir / kernel.FRAGMENT
+    fragment = kdir / kernel_series.FRAGMENT
     fragment.write_text("".join(l for l in fragment.read_text().splitlines(keepends=True)
                                 if not l.startswith("CONFIG_VIRTIO_MENU=")))
     result = run_vztt("kernel", "--kernel-dir", kdir, "check", "--json", cache=tmp_path / "cache")
@@ -196,8 +199,8 @@ def test_second_build_builds_nothing(built_kernel: Path, tmp_path: Path) -> None
     text = run_vztt("kernel", "build", cache=tmp_path / "cache", env=kernel_env(built_kernel))
     assert text.returncode == 0 and "nothing to build" in text.stdout, text.stdout + text.stderr
     assert Path(doc["path"]).parent == built_kernel
-    assert Path(doc["path"]).name == kernel.entry_name(doc["source"]["version"], kernel.series_digest(KERNEL),
-                                                       kernel.fragment_digest(KERNEL))
+    assert Path(doc["path"]).name == kernel.entry_name(doc["source"]["version"], kernel_series.series_digest(KERNEL),
+                                                       kernel_series.fragment_digest(KERNEL))
     assert not (tmp_path / "cache" / ".work").exists()
 
 
@@ -209,24 +212,24 @@ def test_info_says_version_digests_and_options(built_kernel: Path, tmp_path: Pat
     assert result.returncode == 0, result.stderr
     doc = result.json()
     assert doc["built"] is True
-    upstream = kernel.source_package().version.split("-")[0]
+    upstream = kernel_source.source_package().version.split("-")[0]
     assert doc["kernelrelease"] == f"{upstream}-vztt"
-    assert doc["series_digest"] == kernel.series_digest(KERNEL) == doc["wanted"]["series_digest"]
-    assert doc["fragment_digest"] == kernel.fragment_digest(KERNEL)
+    assert doc["series_digest"] == kernel_series.series_digest(KERNEL) == doc["wanted"]["series_digest"]
+    assert doc["fragment_digest"] == kernel_series.fragment_digest(KERNEL)
     assert doc["patches"] == ["virt_osrelease.patch"]
-    fragment = kernel.parse_config((KERNEL / kernel.FRAGMENT).read_text())
+    fragment = kernel_config.parse_config((KERNEL / kernel_series.FRAGMENT).read_text())
     assert [o["name"] for o in doc["options"]] == list(fragment)
     assert all(o["survived"] for o in doc["options"]) and doc["dropped"] == []
     assert 1e6 < doc["bzImage"]["size"] < 8e6
-    config = kernel.parse_config((Path(doc["path"]) / "config").read_text())
+    config = kernel_config.parse_config((Path(doc["path"]) / "config").read_text())
     assert config["CONFIG_VIRT_OSRELEASE"] == "y" and config.get("CONFIG_MODULES", "n") == "n"
     info = json.loads((Path(doc["path"]) / "info.json").read_text())
     assert info["compile_seconds"] > 0 and info["jobs"] >= 1
     # Reproducible: the build's timestamp is the source package's date, not the clock's.
     deb = next((built_kernel / "source").glob("linux-source-6.1_*.deb"))
-    epoch = kernel.source_date_epoch(deb)
+    epoch = kernel_source.source_date_epoch(deb)
     assert info["source_date_epoch"] == epoch
-    assert doc["version_string"] == f"{upstream}-vztt (vztt@vztt) #1 SMP {kernel.build_timestamp(epoch)}"
+    assert doc["version_string"] == f"{upstream}-vztt (vztt@vztt) #1 SMP {kernel_config.build_timestamp(epoch)}"
     assert doc["version_string"] == kernel.bzimage_version(Path(doc["bzimage_path"]))
 
     text = run_vztt("kernel", "info", cache=tmp_path / "cache", env=kernel_env(built_kernel))
@@ -245,8 +248,8 @@ def test_bzimage_version_reads_the_setup_header(tmp_path: Path) -> None:
     (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + bytes(0x800))
     with pytest.raises(kernel.BuildError, match=r"vmlinux: not a bzImage"):
         kernel.bzimage_version(tmp_path / "vmlinux")
-    assert kernel.build_timestamp(1794824260) == "Mon Nov 16 10:17:40 UTC 2026"
-    assert kernel.build_timestamp(1700000000) == "Tue Nov 14 22:13:20 UTC 2023"
+    assert kernel_config.build_timestamp(1794824260) == "Mon Nov 16 10:17:40 UTC 2026"
+    assert kernel_config.build_timestamp(1700000000) == "Tue Nov 14 22:13:20 UTC 2023"
 
 
 def test_an_entry_of_an_older_build_format_is_not_used(tmp_path: Path) -> None:
@@ -267,7 +270,7 @@ def test_vm_runtime_wants_a_built_kernel(tmp_path: Path, monkeypatch: pytest.Mon
     from vztt.store.templates import TemplateCache
     from vztt.base.errors import RuntimeUnavailable
     monkeypatch.setenv("VZTT_KERNEL_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr(kernel, "source_package", lambda log=None: kernel.SourcePackage(
+    monkeypatch.setattr(kernel, "source_package", lambda log=None: kernel_source.SourcePackage(
         "linux-source-6.1", "6.1.1-1", "", 0))
     with pytest.raises(RuntimeUnavailable, match=r"run `vztt kernel build` first"):
         kernel.vm_kernel(TemplateCache(tmp_path / "cache"))

@@ -22,9 +22,8 @@ import pytest
 
 from conftest import PACKAGE_CACHE, REPO, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
 from test_kernel import built_kernel, kernel_env  # noqa: F401  (the session's kernel fixture)
-from vztt.boot import test as boottest
 from vztt.store.templates import TemplateCache
-from vztt.boot.runtime import vm
+from vztt.boot.runtime import OSRELEASE_SYSCTL, guest, vm
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting templates needs root")
 OSRELEASE = "2.6.32-vztt"
@@ -113,7 +112,7 @@ def recipes_with(tmp_path: Path, name: str, extra: str) -> Path:
 
 # -- fast: the guest's scripts, the TSC ---------------------------------------------------
 
-@pytest.mark.parametrize("script", [vm.AGENT, vm.INIT.replace("RELEASE", "2.6.32")])
+@pytest.mark.parametrize("script", [guest.AGENT, guest.INIT.replace("RELEASE", "2.6.32")])
 def test_guest_scripts_are_valid_sh(script: str, tmp_path: Path) -> None:
     path = tmp_path / "script"
     path.write_text(script)
@@ -230,7 +229,7 @@ def test_container_on_a_kernel_without_the_patch_notes_osrelease(debian12: Built
     """The container runtime on a host kernel without kernel.virt_osrelease:
     noted on the console, the osrelease check says it was not applied, and the
     test passes."""
-    if Path(boottest.OSRELEASE_SYSCTL).exists():
+    if Path(OSRELEASE_SYSCTL).exists():
         pytest.skip("this host's kernel has kernel.virt_osrelease")
     recipes = recipes_with(tmp_path, debian12.name, f'osrelease = "{OSRELEASE}"\n')
     result = run_vztt("test", debian12.name, "--json", cache=debian12.cache, recipes=recipes)

@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 from vztt.base.errors import BuildError, EnvironmentProblem, VzttError
 
@@ -116,14 +116,14 @@ def kill_tree(child: subprocess.Popen[str]) -> None:
     child.wait()
 
 
-def _environment(env: dict[str, str] | None, inherit: bool) -> dict[str, str]:
+def _environment(env: dict[str, str] | None, inherit: bool, mark: bool = True) -> dict[str, str]:
     if env is not None:
         full = dict(env)
     elif inherit:
         full = {**os.environ, **TOOL_ENV}
     else:
         full = dict(TOOL_ENV)
-    if _mark:
+    if _mark and mark:
         full[MARK_VARIABLE] = _mark
     return full
 
@@ -132,14 +132,18 @@ def spawn(cmd: Sequence[str | os.PathLike[str]], *, what: str, error: type[VzttE
           env: dict[str, str] | None = None, inherit_env: bool = False, cwd: Path | None = None,
           stdin: int | IO[Any] | None = DEVNULL, stdout: int | IO[Any] | None = PIPE,
           stderr: int | IO[Any] | None = PIPE, text: bool = False, pass_fds: Sequence[int] = (),
-          new_session: bool = True) -> subprocess.Popen[Any]:
+          new_session: bool = True, preexec_fn: Callable[[], None] | None = None,
+          mark: bool = True) -> subprocess.Popen[Any]:
     """Start a program whose streams the caller drives; `error` if it is not installed.
-    The caller waits for it (or kill_tree()s it) on every path out."""
+    The caller waits for it (or kill_tree()s it) on every path out. `preexec_fn` runs in
+    the child before exec (the VM runtime's parent-death signal); mark=False leaves out
+    the build mark, for a process whose environment must be exactly `env` (what runs
+    inside a container: boot.runtime's EXEC_ENV)."""
     argv = [str(c) for c in cmd]
     try:
-        return subprocess.Popen(argv, env=_environment(env, inherit_env), cwd=cwd, stdin=stdin, stdout=stdout,
+        return subprocess.Popen(argv, env=_environment(env, inherit_env, mark), cwd=cwd, stdin=stdin, stdout=stdout,
                                 stderr=stderr, text=text, errors="replace" if text else None,
-                                pass_fds=tuple(pass_fds), start_new_session=new_session)
+                                pass_fds=tuple(pass_fds), start_new_session=new_session, preexec_fn=preexec_fn)
     except FileNotFoundError:
         raise error(f"{what}: {argv[0]} is not installed") from None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from vztt import __version__
 from vztt import formats as formats_registry
 from vztt.backend import Backend, InstalledPackage, backend_for
+from vztt.build.gate import gate
 from vztt.base.errors import ResolveError
 from vztt.base.mounts import enter_private_namespace, require_root
 from vztt.base.proc import Log, mark_children
@@ -171,8 +172,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             tmp_manifest = cache.temp_path(manifest_path)
             temps.append(tmp_manifest)
             # Boot the packed archive; only a template that passes goes on (a failed one stays as -failed).
-            manifest.boot_test = boottest.gate(recipe, cache, outputs, manifest_path, manifest.to_dict(),
-                                               options.test, progress)
+            manifest.boot_test = gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
             manifest.steps, manifest.build_seconds = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
                 manifest.write(tmp_manifest)

@@ -56,18 +56,18 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: boo
     ext4 disk made from the archive, through a guest agent on virtio-serial;
     console log <cache>/logs/NAME.vm.console.log. VZTT_VM_ACCEL=kvm|tcg|auto.
     """
-    from vztt.boot import test as boottest
+    from vztt.boot import report as bootreport, test as boottest
     recipe, cache, archive = _ready_to_boot(obj, name, "vztt test")
     progress = Progress(quiet=as_json)
     progress.say(f"testing {archive}" + (" in a VM" if vm else ""))
     report = boottest.boot_test(recipe, cache, archive, progress, vm=vm)
     if junit:
-        boottest.write_junit(report, junit)
+        bootreport.write_junit(report, junit)
     error = report.exception()
     if as_json:
         emit_report(report.as_dict(), error)
         return
-    click.echo(boottest.format_table(report), nl=False)
+    click.echo(bootreport.format_table(report), nl=False)
     if error is not None:
         raise error
 

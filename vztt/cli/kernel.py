@@ -98,7 +98,7 @@ def kernel_build(obj: Context, jobs: int | None, allow_dropped: bool, as_json: b
 def kernel_info(obj: Context, as_json: bool) -> None:
     """The kernel for kernel/ as it is now: version, digests, and each option
     of the fragment with what olddefconfig made of it (dropped ones marked)."""
-    from vztt.kernel import build as kernel
+    from vztt.kernel import build as kernel, source as kernel_source
     entry, wanted = kernel.current(obj.cache, obj.kernel_dir)
     doc = {"kernel_dir": str(obj.kernel_dir), "built": entry is not None, "wanted": wanted,
            **({**entry.info, "path": str(entry.path), "bzimage_path": str(entry.bzimage),
@@ -108,7 +108,7 @@ def kernel_info(obj: Context, as_json: bool) -> None:
         return
     source = wanted.get("source") or {}
     click.echo(f"kernel/      {obj.kernel_dir}")
-    click.echo(f"source       {source.get('package', kernel.SOURCE_PACKAGE)} {source.get('version', '?')}"
+    click.echo(f"source       {source.get('package', kernel_source.SOURCE_PACKAGE)} {source.get('version', '?')}"
                + (f"  ({wanted['source_error']})" if "source_error" in wanted else ""))
     click.echo(f"series       {wanted['series_digest']}")
     click.echo(f"fragment     {wanted['fragment_digest']}")

@@ -1,7 +1,10 @@
 """A small container runtime to boot templates with their own init (systemd)
-as PID 1 and run checks in them. See container.py."""
+as PID 1 and run checks in them (container.py), and the same interface for a
+qemu VM with vztt's kernel (vm.py)."""
 
 from vztt.base.errors import BootError, CheckFailed, RuntimeUnavailable
-from .container import Container, cleanup_stale
+from ._linux import OSRELEASE_SYSCTL
+from .container import Container
+from .stale import cleanup_stale
 
-__all__ = ["BootError", "CheckFailed", "Container", "RuntimeUnavailable", "cleanup_stale"]
+__all__ = ["BootError", "CheckFailed", "Container", "OSRELEASE_SYSCTL", "RuntimeUnavailable", "cleanup_stale"]

@@ -44,29 +44,23 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
 from vztt.base.errors import BootError, RuntimeUnavailable, VzttError
+from vztt.base.proc import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired, kill_tree, run, spawn
 from . import _linux, cgroup
-
-
-
+from .console import ConsoleLog, start_console
+from .host import EXEC_ENV, require, signals_deferred, write_into
+from .stale import cleanup_stale, teardown
 
 CONTAINER = "vztt"   # the value of $container and /run/systemd/container
 STAGE = Path(__file__).with_name("_stage.py")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
-EXEC_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "SYSTEMD_PAGER": "",
-}
 TIMED_OUT = 124      # exec's status for a command killed at its timeout, as timeout(1)
 SETUP_TIMEOUT = 30.0  # for the stage to set up the mounts and exec init
 
@@ -105,9 +99,9 @@ class Container:
         self.boot_seconds: float | None = None  # start to running/degraded
         self._state_file: Path | None = None
         self._lock = None                   # open state file, flock'ed while we live
-        self._stage: subprocess.Popen | None = None
+        self._stage: Popen | None = None
         self._pidfd: int | None = None
-        self._console: _ConsoleLog | None = None
+        self._console: ConsoleLog | None = None
         self._started_at = 0.0
         self._closed = False
 
@@ -166,10 +160,10 @@ class Container:
         self._closed = True
         if self._lock is None:
             return  # we never claimed the name: nothing here is ours
-        with _signals_deferred():
-            problems = _teardown(self._record(), self.state_dir)
+        with signals_deferred():
+            problems = teardown(self._record(), self.state_dir)
             if self._stage is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                with contextlib.suppress(TimeoutExpired):
                     self._stage.wait(timeout=5)
             if self._pidfd is not None:
                 os.close(self._pidfd)
@@ -200,24 +194,22 @@ class Container:
         # _stage.py puts itself in the container's cgroups, then execs nsenter.
         procs = [str(p) for p in cgroup.procs_files(self.cgroups.dirs)]
         command = [_python(), "-E", "-s", str(STAGE), "enter", *procs, "--",
-                   _tool("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
+                   require("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
                    "--net", "--pid", "--cgroup", "--root", "--wd", "--", *argv]
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=EXEC_ENV, start_new_session=True)
+        # The command's environment is EXEC_ENV exactly: no build mark inside.
+        proc = spawn(command, what=f"exec in container {self.name}", error=RuntimeUnavailable, env=EXEC_ENV,
+                     mark=False, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT)
         try:
             out, _ = proc.communicate(timeout=timeout)
             status = proc.returncode
-        except subprocess.TimeoutExpired:
+        except TimeoutExpired:
             # nsenter forks the command into the pid namespace; the process
-            # group reaches both.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            # group (its own session) reaches both.
+            kill_tree(proc)
             out, _ = proc.communicate()
             status = TIMED_OUT
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             raise
         return status, out.decode("utf-8", "replace")
 
@@ -261,7 +253,7 @@ class Container:
         try:
             self._stage.wait(timeout=timeout)
             return True
-        except subprocess.TimeoutExpired:
+        except TimeoutExpired:
             cgroup.kill(self.cgroups.dirs)
             self._stage.wait(timeout=10)
             return False
@@ -303,11 +295,8 @@ class Container:
         self.scratch.mkdir()
         if not self.overlay:
             self.root.mkdir()
-            copy = subprocess.run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", str(self.root)],
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
-            if copy.returncode != 0:
-                raise RuntimeUnavailable(f"cannot copy {self.tree}: "
-                                         + " ".join(copy.stderr.split()[-20:]))
+            run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", self.root], what=f"cannot copy {self.tree}",
+                error=RuntimeUnavailable)
             return
         dirs = {"lowerdir": self.tree, "upperdir": self.scratch / "upper",
                 "workdir": self.scratch / "work"}
@@ -324,19 +313,11 @@ class Container:
             raise RuntimeUnavailable(f"cannot mount overlayfs over {self.tree}: {e.strerror}") from None
 
     def _write_hostname(self) -> None:
-        path = self.root / "etc/hostname"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)  # never write through a symlink to the host
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with open(fd, "w") as f:
-            f.write(self.hostname + "\n")
+        write_into(self.root, "/etc/hostname", self.hostname + "\n", 0o644)
 
     def _boot(self) -> None:
-        self.console_log.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.console_log, "wb")
-        master, slave = os.openpty()
-        self._console = _ConsoleLog(master, slave, log)
-        self._console.start()
+        self._console = start_console(self.console_log)
+        slave = self._console.slave
         status_read, status_write = os.pipe()
         config = {
             "root": str(self.root), "hostname": self.hostname, "container": CONTAINER,
@@ -347,10 +328,11 @@ class Container:
         }
         self._started_at = time.monotonic()
         try:
-            self._stage = subprocess.Popen(
-                [_python(), "-E", "-s", str(STAGE), "boot", json.dumps(config)],
-                stdin=slave, stdout=slave, stderr=slave, pass_fds=[status_write],
-                start_new_session=True, env={"PATH": EXEC_ENV["PATH"]})
+            # Init gets config["env"] from the stage, which itself runs with PATH alone.
+            self._stage = spawn([_python(), "-E", "-s", STAGE, "boot", json.dumps(config)],
+                                what=f"container {self.name}", error=RuntimeUnavailable,
+                                env={"PATH": EXEC_ENV["PATH"]}, mark=False,
+                                stdin=slave, stdout=slave, stderr=slave, pass_fds=[status_write])
         finally:
             os.close(status_write)
         try:
@@ -371,7 +353,7 @@ class Container:
                 raise BootError(f"container {self.name} did not boot: {line[7:]}; "
                                 f"console log: {self.console_log}")
         if self.init_pid is None or self._pidfd is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            with contextlib.suppress(TimeoutExpired):
                 self._stage.wait(timeout=5)  # init is gone: let its parent report how
             raise BootError(f"container {self.name} did not boot: {self._exit_story()}; "
                             f"console log: {self.console_log}")
@@ -387,83 +369,7 @@ class Container:
         return f"init exited with status {status}"
 
 
-def cleanup_stale(state_dir: str | os.PathLike) -> list[str]:
-    """Remove what runs whose owner died left in state_dir: processes, mounts,
-    cgroups, scratch trees, state files. A run is stale when nobody holds the
-    lock on its state file (the owner holds it while alive; the kernel drops
-    it when the owner dies, however it dies). Returns the names cleaned up;
-    RuntimeUnavailable if something could not be removed."""
-    state_dir = Path(state_dir).resolve()
-    cleaned, problems = [], []
-    for partial in state_dir.glob(".*.json.*"):  # its owner was killed inside _claim
-        with contextlib.suppress(FileNotFoundError, BlockingIOError), open(partial) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            partial.unlink()
-    for state_file in sorted(state_dir.glob("*.json")):
-        try:
-            lock = open(state_file)
-        except FileNotFoundError:
-            continue  # cleaned by someone else meanwhile
-        with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # alive
-            if not state_file.exists():
-                continue  # cleaned by someone else before we got the lock
-            try:
-                record = json.load(lock)
-            except ValueError:
-                problems.append(f"unreadable state file {state_file}")
-                continue
-            found = _teardown(record, state_dir)
-            if found:
-                problems.extend(found)
-            else:
-                state_file.unlink(missing_ok=True)
-                cleaned.append(record["name"])
-    if problems:
-        raise RuntimeUnavailable("cannot clean up earlier container runs: " + "; ".join(problems))
-    return cleaned
-
-
 # -- helpers -----------------------------------------------------------------
-
-def _teardown(record: dict, state_dir: Path) -> list[str]:
-    """Kill, unmount, remove cgroups and scratch of one run; returns problems."""
-    problems = []
-    dirs = [Path(d) for d in record["cgroups"]]
-    if dirs and not cgroup.kill(dirs):
-        problems.append(f"processes survive SIGKILL in {dirs[0]}")
-    scratch = Path(record["scratch"])
-    if scratch.parent != state_dir:  # never rm -rf outside the state dir
-        return problems + [f"scratch {scratch} is not in {state_dir}"]
-    left = _unmount_under(scratch)
-    problems += [f"cannot unmount {point}" for point in left]
-    problems += cgroup.remove(dirs)
-    if not left and scratch.exists():
-        try:
-            shutil.rmtree(scratch)
-        except OSError as e:
-            problems.append(f"cannot remove {scratch}: {e.strerror}")
-    return problems
-
-
-def _unmount_under(top: Path) -> list[str]:
-    """Unmount everything at or below `top` on the host, last mounted first;
-    returns what is still mounted."""
-    def mounted() -> list[str]:
-        return [point for point, _, _ in _linux.mountinfo()
-                if point == str(top) or point.startswith(f"{top}/")]
-
-    for point in reversed(mounted()):
-        try:
-            _linux.umount2(point)
-        except OSError:
-            with contextlib.suppress(OSError):
-                _linux.umount2(point, _linux.MNT_DETACH)  # busy: detach, freed when unused
-    return mounted()
-
 
 def _check_host(overlay: bool) -> None:
     if os.geteuid() != 0:
@@ -475,15 +381,7 @@ def _check_host(overlay: bool) -> None:
         raise RuntimeUnavailable("no cgroup2 hierarchy is mounted")
     if overlay and "overlay" not in Path("/proc/filesystems").read_text().split():
         raise RuntimeUnavailable("the kernel has no overlayfs (modprobe overlay?)")
-    _tool("nsenter")
-
-
-def _tool(name: str, package: str = "util-linux") -> str:
-    """The program's path on the runtimes' PATH; RuntimeUnavailable naming its package if missing."""
-    path = shutil.which(name, path=EXEC_ENV["PATH"])
-    if path is None:
-        raise RuntimeUnavailable(f"{name} is missing (apt-get install {package})")
-    return path
+    require("nsenter")
 
 
 def _python() -> str:
@@ -502,57 +400,3 @@ def _read_all(fd: int, timeout: float) -> str:
         if not chunk:
             return data.decode("utf-8", "replace")
         data += chunk
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT and SIGTERM until the block is done (cleanup must finish);
-    they are delivered, as usual, right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-class _ConsoleLog(threading.Thread):
-    """Copies the console pty's output to a file until stopped. We keep the
-    slave open too, so reads never fail between the container's opens."""
-
-    def __init__(self, master: int, slave: int, log):
-        super().__init__(name="vztt-console", daemon=True)
-        self.master, self.slave, self.log = master, slave, log
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        # Signals for the main thread only: see _signals_deferred.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        pending = b""
-        with self.log as log:
-            while True:
-                stopping = self._stop_event.is_set()
-                try:
-                    ready = select.select([self.master], [], [], 0 if stopping else 0.2)[0]
-                    data = os.read(self.master, 65536) if ready else b""
-                except OSError:  # EIO if no slave is open (we keep one: should not happen)
-                    data = b""
-                    time.sleep(0 if stopping else 0.05)
-                if not data:
-                    if stopping:
-                        log.write(pending)
-                        return
-                    continue
-                # Lines end in \r\n on a tty; keep a trailing \r for the next read.
-                data = pending + data
-                pending = b"\r" if data.endswith(b"\r") else b""
-                log.write(data[:len(data) - len(pending)].replace(b"\r\n", b"\n"))
-                log.flush()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-        os.close(self.master)
-        os.close(self.slave)

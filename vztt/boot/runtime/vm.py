@@ -8,10 +8,11 @@ commands in it through a guest agent, power it off, leave nothing behind.
 
 The interface is runtime.Container's, so the boot test's checks run unchanged.
 
-- The disk: the tree (a scratch copy: it is changed) gets /etc/hostname, the
-  agent and its unit (and, with `osrelease`, an init wrapper); `mkfs.ext4 -d`
-  then makes an ext4 image of it in the scratch directory, without mounting
-  anything or using a loop device. It is the guest's virtio-blk root.
+- The disk (guest.py): the tree (a scratch copy: it is changed) gets
+  /etc/hostname, the agent and its unit (and, with `osrelease`, an init
+  wrapper); `mkfs.ext4 -d` then makes an ext4 image of it in the scratch
+  directory, without mounting anything or using a loop device. It is the
+  guest's virtio-blk root.
 - The machine: qemu's microvm (virtio-mmio devices, described by ACPI, which
   also powers it off), the kernel given with -kernel (no initramfs, no
   modules), the serial console written to the console log, -no-reboot so
@@ -22,7 +23,7 @@ The interface is runtime.Container's, so the boot test's checks run unchanged.
   `H`, and runs each request `X <id> <timeout> <base64 arg>...` under
   timeout(1), answering `R <id> <status> <base64 output>`; `P <id>` powers
   off. So the checks are the container's, command for command.
-- Acceleration: KVM when a probe shows that it runs our kernel (a boot to
+- Acceleration (accel.py): KVM when a probe shows that it runs our kernel (a boot to
   the root-mount panic within PROBE_TIMEOUT; remembered per host boot), TCG
   otherwise. VZTT_VM_ACCEL=kvm|tcg|auto overrides. Under TCG every time
   bound a caller gives is TCG_SLOWDOWN times longer, and the guest kernel
@@ -44,113 +45,26 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
-import json
-import math
-import mmap
 import os
-import platform
 import re
 import select
-import shlex
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 from vztt.base.errors import BootError, RuntimeUnavailable
+from vztt.base.proc import PIPE, Popen, TimeoutExpired, kill_tree, spawn
 from vztt.recipe.settings import OSRELEASE_PATTERN, OSRELEASE_WORDS
-from . import _linux
-from .container import _signals_deferred, _tool
+from .accel import die_with_parent, host_tsc_khz, kvm_usable
+from .guest import INIT_PATH, PORT_NAME, UNIT_NAME, make_disk, prepare_tree
+from .host import require, signals_deferred
 
 QEMU = "qemu-system-x86_64"
-PORT_NAME = "org.vztt.agent"
-AGENT_PATH = "/usr/lib/vztt/agent"
-INIT_PATH = "/usr/lib/vztt/init"
-UNIT_NAME = "vztt-agent.service"
-PROBE_TIMEOUT = 5.0          # seconds for a KVM guest to reach its root-mount panic
-START_TIMEOUT = 10.0         # seconds for qemu to start (or fail to)
 REPLY_GRACE = 15.0           # beyond a command's own timeout (timeout -k 5, transfer)
 TIMED_OUT = 124              # as timeout(1), and as Container.exec
 TCG_CPU = "max"
 TCG_SLOWDOWN = 3.0           # under TCG every time bound a caller gives is this many times longer
 OSRELEASE = re.compile(OSRELEASE_PATTERN)
-EXEC_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "
-            "TERM=dumb SYSTEMD_PAGER=")
-
-AGENT = r"""#!/bin/sh
-# vztt's guest agent: written by vztt into a scratch disk, never part of a template.
-# Runs the host's commands and answers over the virtio-serial port PORT_NAME:
-#   host:  X <id> <timeout> <base64 arg>...   run argv for at most <timeout> seconds ("-": "")
-#          P <id>                             power off
-#   guest: H <protocol>                        ready
-#          R <id> <exit status> <base64 of stdout and stderr>
-#          P <id>                              powering off
-port=
-for p in /sys/class/virtio-ports/*; do
-  [ "$(cat "$p/name" 2>/dev/null)" = PORT_NAME ] && port=/dev/${p##*/}
-done
-if [ -z "$port" ]; then
-  echo "vztt-agent: no virtio-serial port PORT_NAME" >&2
-  exit 1
-fi
-set -f   # requests are split into words below: no globbing
-out=/run/vztt-agent.out
-exec 3<>"$port"
-echo "H 1" >&3
-while IFS= read -r line <&3; do
-  set -- $line
-  [ $# -ge 2 ] || continue
-  op=$1 id=$2
-  shift 2
-  case $op in
-  X)
-    t=$1
-    shift
-    n=$#
-    while [ "$n" -gt 0 ]; do
-      a=.
-      [ "$1" = - ] || a=$(printf %s "$1" | base64 -d; echo .)
-      shift
-      set -- "$@" "${a%.}"
-      n=$((n - 1))
-    done
-    timeout -k 5 "$t" "$@" >"$out" 2>&1 </dev/null
-    status=$?
-    { printf 'R %s %s ' "$id" "$status"; base64 -w0 "$out"; echo; } >&3
-    ;;
-  P)
-    echo "P $id" >&3
-    systemctl --no-block poweroff
-    ;;
-  esac
-done
-""".replace("PORT_NAME", PORT_NAME)
-
-UNIT = f"""[Unit]
-Description=vztt guest agent: the boot test's commands, over virtio-serial
-
-[Service]
-Type=simple
-ExecStart={AGENT_PATH}
-Environment={EXEC_ENV}
-StandardOutput=journal+console
-StandardError=journal+console
-"""
-
-INIT = """#!/bin/sh
-# vztt: run the booted system in a UTS namespace of its own whose release is the
-# recipe's osrelease (kernel.virt_osrelease: the initial namespace keeps the real one).
-mount -t proc proc /proc
-exec unshare --uts /bin/sh -c '
-if ! echo "$1" > /proc/sys/kernel/virt_osrelease; then
-  echo "vztt-init: cannot set kernel.virt_osrelease to $1" >&2
-fi
-umount /proc
-exec /sbin/init
-' vztt-init RELEASE
-"""
 
 
 def check_osrelease(value: str) -> str:
@@ -187,7 +101,7 @@ class VM:
         self.note = ""                     # one line: machine and accelerator, for reports
         self.boot_seconds: float | None = None
         self.disk_seconds: float | None = None
-        self._qemu: subprocess.Popen[bytes] | None = None
+        self._qemu: Popen[bytes] | None = None
         self._buffer = b""
         self._next_id = 0
         self._started_at = 0.0
@@ -205,8 +119,8 @@ class VM:
         """Make the disk and start qemu; returns once qemu runs (the guest boots
         on: wait_running waits for it). BootError if qemu stops at once;
         RuntimeUnavailable if this host cannot run it."""
-        qemu = _tool(QEMU, "qemu-system-x86")
-        _tool("mkfs.ext4", "e2fsprogs")
+        qemu = require(QEMU, "qemu-system-x86")
+        require("mkfs.ext4", "e2fsprogs")
         if not self.kernel.is_file():
             raise RuntimeUnavailable(f"no kernel at {self.kernel} (`vztt kernel build`)")
         if not self.tree.is_dir():
@@ -215,8 +129,8 @@ class VM:
             if self.scratch.exists():
                 shutil.rmtree(self.scratch)
             self.scratch.mkdir(parents=True)
-            self._prepare_tree()
-            self._make_disk()
+            prepare_tree(self.tree, self.hostname, self.osrelease)
+            self.disk_seconds = make_disk(self.tree, self.disk)
             self.accel, why = self._choose_accel(qemu)
             self.slowdown = TCG_SLOWDOWN if self.accel == "tcg" else 1.0
             self.note = f"qemu microvm, {self.accel}" + (f"; {why}" if why else "")
@@ -231,11 +145,10 @@ class VM:
         if self._closed:
             return
         self._closed = True
-        with _signals_deferred():   # a second Ctrl-C waits until qemu is gone and the disk removed
+        with signals_deferred():   # a second Ctrl-C waits until qemu is gone and the disk removed
             if self._qemu is not None:
                 if self._qemu.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self._qemu.pid, signal.SIGKILL)
+                    kill_tree(self._qemu)
                 self._qemu.wait()
                 for stream in (self._qemu.stdin, self._qemu.stdout):
                     with contextlib.suppress(OSError):
@@ -318,42 +231,11 @@ class VM:
         try:
             self._qemu.wait(timeout=timeout)
             return True
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._qemu.pid, signal.SIGKILL)
-            self._qemu.wait()
+        except TimeoutExpired:
+            kill_tree(self._qemu)
             return False
 
     # -- the steps ----------------------------------------------------------
-
-    def _prepare_tree(self) -> None:
-        def write(path: str, text: str, mode: int) -> None:
-            target = self.tree / path.lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.unlink(missing_ok=True)  # never write through a symlink out of the tree
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-            with open(fd, "w") as f:
-                f.write(text)
-            os.chmod(target, mode)
-
-        write("/etc/hostname", self.hostname + "\n", 0o644)
-        write(AGENT_PATH, AGENT, 0o755)
-        write(f"/etc/systemd/system/{UNIT_NAME}", UNIT, 0o644)
-        if self.osrelease:
-            write(INIT_PATH, INIT.replace("RELEASE", shlex.quote(self.osrelease)), 0o755)
-
-    def _make_disk(self) -> None:
-        """ext4 from the tree with mkfs.ext4 -d: room for the content twice over,
-        sparse; inode tables written now rather than by the guest."""
-        started = time.monotonic()
-        used = _tree_bytes(self.tree)
-        size_mb = max(1024, math.ceil(used * 2 / 2**20) + 512)
-        proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "vztt-root", "-d", str(self.tree),
-                               "-E", "lazy_itable_init=0,lazy_journal_init=0", str(self.disk), f"{size_mb}M"],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeUnavailable(f"mkfs.ext4 -d {self.tree}: " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
-        self.disk_seconds = time.monotonic() - started
 
     def _cmdline(self) -> str:
         words = ["console=ttyS0", "root=/dev/vda", "rootfstype=ext4", "rw", "panic=-1",
@@ -402,14 +284,14 @@ class VM:
         stderr = open(self.scratch / "qemu.stderr", "wb")
         self._started_at = time.monotonic()
         try:
-            self._qemu = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                          start_new_session=True, preexec_fn=_die_with_parent)
+            self._qemu = spawn(command, what=f"starting {QEMU}", error=RuntimeUnavailable, stdin=PIPE,
+                               stdout=PIPE, stderr=stderr, preexec_fn=die_with_parent)
         except OSError as e:
             raise RuntimeUnavailable(f"cannot start {qemu}: {e.strerror}") from None
         finally:
             stderr.close()
         # qemu refuses bad options or a missing accelerator at once.
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        with contextlib.suppress(TimeoutExpired):
             self._qemu.wait(timeout=0.5)
         if self._qemu.poll() is not None:
             raise RuntimeUnavailable(f"{QEMU} exited at once with status {self._qemu.returncode}: "
@@ -467,131 +349,11 @@ class VM:
         return " | ".join(_tail(self.scratch / "qemu.stderr", 600).strip().splitlines()[-3:])
 
 
-# -- KVM ----------------------------------------------------------------------
-
-def kvm_usable(qemu: str, kernel: Path, cache: Path | None = None) -> tuple[bool, str]:
-    """Whether KVM runs this kernel here: /dev/kvm must open, and a guest with
-    no root must reach its panic (and qemu exit, -no-reboot) within
-    PROBE_TIMEOUT. Some hosts' /dev/kvm runs only special guests and hangs on
-    ours. The answer is kept in `cache` for this boot of the host."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        os.close(fd)
-    except OSError as e:
-        return False, f"/dev/kvm: {e.strerror}"
-    boot_id = _read("/proc/sys/kernel/random/boot_id").strip()
-    key = {"boot_id": boot_id, "kernel": str(kernel), "mtime": kernel.stat().st_mtime_ns}
-    if cache is not None:
-        with contextlib.suppress(OSError, ValueError):
-            known = json.loads(cache.read_text())
-            if known.get("key") == key:
-                return bool(known["usable"]), str(known["reason"])
-    command = [qemu, "-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
-               "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
-               "-append", "console=ttyS0 panic=-1 root=/dev/vztt-kvm-probe"]
-    started = time.monotonic()
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_die_with_parent)
-    try:
-        out, _ = proc.communicate(timeout=PROBE_TIMEOUT)
-        text = out.decode("utf-8", "replace")
-        if "Linux version" in text and "Kernel panic" in text:
-            usable, reason = True, f"probe booted in {time.monotonic() - started:.1f} s"
-        else:
-            usable, reason = False, f"probe: qemu exited with status {proc.returncode}: " + \
-                " | ".join(text.strip().splitlines()[-2:])[:200]
-    except subprocess.TimeoutExpired:
-        usable, reason = False, f"a KVM guest did not boot within {PROBE_TIMEOUT:g} s"
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-    if cache is not None:
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "usable": usable, "reason": reason}) + "\n")
-            os.replace(tmp, cache)
-    return usable, reason
-
-
-# -- the TSC ------------------------------------------------------------------------
-
-_RDTSC = bytes([0x0F, 0x31,              # rdtsc
-                0x48, 0xC1, 0xE2, 0x20,  # shl rdx, 32
-                0x48, 0x09, 0xD0,        # or rax, rdx
-                0xC3])                   # ret
-
-
-def host_tsc_khz(seconds: float = 0.2) -> int | None:
-    """The rate of this host's time stamp counter in kHz, measured against
-    CLOCK_MONOTONIC (to about 0.01 %), or None if it cannot be (not x86_64, no
-    constant TSC, executable memory refused). TCG guests read this counter."""
-    if platform.machine() != "x86_64" or "constant_tsc" not in _read("/proc/cpuinfo"):
-        return None
-    try:
-        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, ValueError):
-        return None
-    try:
-        page.write(_RDTSC)
-        (ns0, ticks0), (ns1, ticks1) = _tsc_samples(page, seconds)
-    finally:
-        with contextlib.suppress(BufferError):
-            page.close()
-    khz = round((ticks1 - ticks0) * 1_000_000 / (ns1 - ns0))
-    return khz if 100_000 <= khz <= 10_000_000 else None
-
-
-def _tsc_samples(page: mmap.mmap, seconds: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Two (ns, ticks) pairs `seconds` apart, each the closest of a few reads,
-    calling the rdtsc code in `page` (references to it end with this call)."""
-    rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
-
-    def sample() -> tuple[int, int]:
-        best = (1 << 62, 0, 0)
-        for _ in range(7):
-            before = time.monotonic_ns()
-            ticks = rdtsc()
-            after = time.monotonic_ns()
-            if after - before < best[0]:
-                best = (after - before, (before + after) // 2, ticks)
-        return best[1], best[2]
-
-    first = sample()
-    time.sleep(seconds)
-    return first, sample()
-
-
 # -- helpers -----------------------------------------------------------------------
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the thread that started us ends."""
-    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 def _opt(path: Path) -> str:
     """A path inside a qemu option value: commas doubled."""
     return str(path).replace(",", ",,")
-
-
-def _tree_bytes(tree: Path) -> int:
-    total = 0
-    for parent, dirs, files in os.walk(tree):
-        for name in files + dirs:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(parent, name)).st_blocks * 512 + 256
-    return total
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
 
 
 def _tail(path: Path, chars: int) -> str:
