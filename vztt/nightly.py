@@ -20,7 +20,6 @@ from vztt.build import pipeline as build_mod
 from vztt.recipe.lock import Lock
 from vztt.recipe.recipe import Recipe
 from vztt.recipe.variables import Mirrors
-from vztt.store.manifest import Manifest
 from vztt.store.templates import TemplateCache
 
 CURRENT, OUTDATED, NEW = "current", "outdated", "not built"

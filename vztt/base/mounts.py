@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 from pathlib import Path
 
+from vztt.base import proc
 from vztt.base.errors import BuildError, EnvironmentProblem
 
 CLONE_NEWNS = 0x00020000
@@ -31,7 +31,8 @@ def enter_private_namespace() -> bool:
     if libc.unshare(CLONE_NEWNS) != 0:
         return False
     # Without this, mount events would still propagate back to the host.
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    proc.run(["mount", "--make-rprivate", "/"], what="mount --make-rprivate /", error=EnvironmentProblem,
+             inherit_env=False)
     _private = True
     return True
 
@@ -69,9 +70,9 @@ def loops_backed_by(directory: Path) -> list[str]:
 def force_cleanup(directory: Path) -> None:
     """Unmount and detach whatever a dead build left below `directory`."""
     for point in mounted_below(directory):
-        subprocess.run(["umount", "-l", point], capture_output=True)
+        proc.run(["umount", "-l", point], what=f"umount {point}", check=False, inherit_env=False)
     for dev in loops_backed_by(directory):
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        proc.run(["losetup", "-d", dev], what=f"losetup -d {dev}", check=False, inherit_env=False)
 
 
 class Mounts:
@@ -91,18 +92,18 @@ class Mounts:
         if options:
             cmd += ["-o", options]
         cmd += [source, str(target)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BuildError(f"mount {source} on {target}: {proc.stderr.strip()}")
+        done = proc.run(cmd, what=f"mount {source} on {target}", check=False, inherit_env=False)
+        if done.returncode != 0:
+            raise BuildError(f"mount {source} on {target}: {done.stderr.strip()}")
         self.points.append(target)
 
     def unmount(self, target: Path) -> None:
         if target in self.points:
             self.points.remove(target)
-        proc = subprocess.run(["umount", str(target)], capture_output=True, text=True)
-        if proc.returncode != 0:
+        done = proc.run(["umount", str(target)], what=f"umount {target}", check=False, inherit_env=False)
+        if done.returncode != 0:
             # Busy: a stray process in the chroot. Detach lazily so the image can go.
-            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+            proc.run(["umount", "-l", str(target)], what=f"umount -l {target}", check=False, inherit_env=False)
 
     def unmount_all(self) -> None:
         for target in reversed(list(self.points)):

@@ -128,6 +128,10 @@ def _environment(env: dict[str, str] | None, inherit: bool, mark: bool = True) -
     return full
 
 
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
 def spawn(cmd: Sequence[str | os.PathLike[str]], *, what: str, error: type[VzttError] = BuildError,
           env: dict[str, str] | None = None, inherit_env: bool = False, cwd: Path | None = None,
           stdin: int | IO[Any] | None = DEVNULL, stdout: int | IO[Any] | None = PIPE,
@@ -151,32 +155,35 @@ def spawn(cmd: Sequence[str | os.PathLike[str]], *, what: str, error: type[VzttE
 def run(cmd: Sequence[str | os.PathLike[str]], *, log: Log | None = None, what: str,
         error: type[VzttError] = BuildError, env: dict[str, str] | None = None, inherit_env: bool = True,
         cwd: Path | None = None, input: bytes | str | None = None, stdin: IO[Any] | None = None,
-        check: bool = True, timeout: float | None = None,
-        ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run a command to its end, output captured (text); with `check`, an exit status
-    not in `ok` raises `error` with `what` and the telling lines. A timeout kills the
-    whole tree and raises `error`. env=None: the caller's environment with TOOL_ENV
-    over it (inherit_env=False: TOOL_ENV alone). Its input: `input`, or the stream
-    `stdin` (another process's output, for a pipeline), else nothing."""
+        check: bool = True, timeout: float | None = None, ok: Sequence[int] = (0,),
+        binary: bool = False, timeout_hint: str = "") -> subprocess.CompletedProcess[Any]:
+    """Run a command to its end, output captured (text; bytes with `binary`); with
+    `check`, an exit status not in `ok` raises `error` with `what` and the telling
+    lines. A timeout kills the whole tree and raises `error`. env=None: the caller's
+    environment with TOOL_ENV over it (inherit_env=False: TOOL_ENV alone). Its input:
+    `input`, or the stream `stdin` (another process's output, for a pipeline), else
+    nothing."""
     argv = [str(c) for c in cmd]
     if log:
         log.write("$ " + shlex.join(argv))
     # A session of its own, so that on Ctrl-C, SIGTERM or an error we can stop the whole
     # tree (apt -> dpkg -> maintainer scripts) before unmounting the image under it.
     child = spawn(argv, what=what, error=error, env=env, inherit_env=inherit_env, cwd=cwd,
-                  stdin=PIPE if input is not None else (stdin if stdin is not None else DEVNULL), text=True)
-    if isinstance(input, bytes):
+                  stdin=PIPE if input is not None else (stdin if stdin is not None else DEVNULL), text=not binary)
+    if isinstance(input, bytes) and not binary:
         input = input.decode()
+    elif isinstance(input, str) and binary:
+        input = input.encode()
     try:
         stdout, stderr = child.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(child)
-        raise error(f"{what}: {argv[0]} did not finish within {timeout:.0f} s") from None
+        raise error(f"{what}: {Path(argv[0]).name} did not finish within {timeout:.0f} s{timeout_hint}") from None
     except BaseException:
         kill_tree(child)
         raise
     proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
-    output = (proc.stdout or "") + (proc.stderr or "")
+    output = (_text(proc.stdout) if not binary else "") + _text(proc.stderr)
     if log and output:
         log.write(output)
     if check and proc.returncode not in ok:

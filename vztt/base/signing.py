@@ -15,13 +15,12 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vztt.base.errors import EnvironmentProblem, FetchError, VzttError
+from vztt.base import proc
+from vztt.base.errors import FetchError, VzttError
 
 TIMEOUT = 120
 
@@ -46,10 +45,7 @@ class Verified:
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/bin/{name}") if os.path.exists(p)), None)
-    if path is None:
-        raise EnvironmentProblem(f"{name} is not installed (Debian package {'gpgv' if name == 'gpgv' else 'gpg'})")
-    return path
+    return proc.require_tool(name, "gpgv" if name == "gpgv" else "gpg")
 
 
 def _gpg_env() -> dict[str, str]:
@@ -111,19 +107,15 @@ def verify(data: bytes, signature: bytes, keyring: bytes, what: str) -> Verified
         (home / "trusted.gpg").write_bytes(keyring)
         (home / "data").write_bytes(data)
         (home / "data.sig").write_bytes(signature)
-        try:
-            proc = subprocess.run([_tool("gpgv"), "--homedir", str(home), "--keyring", str(home / "trusted.gpg"),
-                                   "--status-fd", "1", str(home / "data.sig"), str(home / "data")],
-                                  capture_output=True, text=True, errors="replace", env=_gpg_env(), timeout=TIMEOUT,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise SignatureError(f"{what}: gpgv took more than {TIMEOUT} s") from None
-    status = [l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("[GNUPG:] ")]
+        done = proc.run([_tool("gpgv"), "--homedir", home, "--keyring", home / "trusted.gpg", "--status-fd", "1",
+                         home / "data.sig", home / "data"], what=what, error=SignatureError, env=_gpg_env(),
+                        timeout=TIMEOUT, check=False)
+    status = [l.split()[1:] for l in done.stdout.splitlines() if l.startswith("[GNUPG:] ")]
     kinds = {s[0] for s in status if s}
     good = [s for s in status if s and s[0] == "GOODSIG"]
     valid = [s for s in status if s and s[0] == "VALIDSIG"]
     bad = kinds & {"BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG", "EXPSIG", "NO_PUBKEY", "NODATA", "UNEXPECTED"}
-    if proc.returncode != 0 or bad or not good or not valid or len(good) != len(valid):
+    if done.returncode != 0 or bad or not good or not valid or len(good) != len(valid):
         if "BADSIG" in kinds:
             why = "bad signature: the file was changed after it was signed"
         elif "NO_PUBKEY" in kinds or "ERRSIG" in kinds:
@@ -134,8 +126,8 @@ def verify(data: bytes, signature: bytes, keyring: bytes, what: str) -> Verified
         elif "NODATA" in kinds:
             why = "the signature file holds no OpenPGP signature"
         else:
-            lines = [l for l in proc.stderr.splitlines() if l.strip()]
-            why = lines[-1].strip() if lines else f"gpgv exit status {proc.returncode}"
+            lines = [l for l in done.stderr.splitlines() if l.strip()]
+            why = lines[-1].strip() if lines else f"gpgv exit status {done.returncode}"
         raise SignatureError(f"{what}: {why}")
     fingerprint = valid[0][10] if len(valid[0]) > 10 else valid[0][1]    # the primary key
     return Verified(fingerprint=fingerprint.upper(), signer=" ".join(good[0][2:]))
@@ -150,15 +142,12 @@ def _gpg(args: list[str], *, input: bytes | None = None, what: str) -> bytes:
     passfile = os.environ.get("VZTT_SIGN_PASSPHRASE_FILE")
     if passfile:
         cmd += ["--pinentry-mode", "loopback", "--passphrase-file", passfile]
-    try:
-        proc = subprocess.run(cmd + args, input=input, capture_output=True, env=_gpg_env(), timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise SigningError(f"{what}: gpg took more than {TIMEOUT} s (waiting for a passphrase? "
-                           "set VZTT_SIGN_PASSPHRASE_FILE)") from None
-    if proc.returncode != 0:
-        lines = [l for l in proc.stderr.decode(errors="replace").splitlines() if l.strip()]
-        raise SigningError(f"{what}: {lines[-1].strip() if lines else f'gpg exit status {proc.returncode}'}")
-    return proc.stdout
+    done = proc.run(cmd + args, input=input, what=what, error=SigningError, env=_gpg_env(), timeout=TIMEOUT,
+                    check=False, binary=True, timeout_hint=" (waiting for a passphrase? set VZTT_SIGN_PASSPHRASE_FILE)")
+    if done.returncode != 0:
+        lines = [l for l in done.stderr.decode(errors="replace").splitlines() if l.strip()]
+        raise SigningError(f"{what}: {lines[-1].strip() if lines else f'gpg exit status {done.returncode}'}")
+    return done.stdout
 
 
 def secret_key_fingerprint(key: str) -> str:

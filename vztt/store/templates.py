@@ -57,7 +57,6 @@ class Entry:
     archive: Path
     manifest_path: Path
     manifest: Manifest
-    data: dict[str, Any]          # the manifest as JSON: being replaced by `manifest` in every reader
 
 
 class TemplateCache:
@@ -134,7 +133,7 @@ class TemplateCache:
         archive = self.root / manifest.archive.file
         if not archive.is_file():
             return None
-        return Entry(name=name, archive=archive, manifest_path=m, manifest=manifest, data=manifest.to_dict())
+        return Entry(name=name, archive=archive, manifest_path=m, manifest=manifest)
 
     # history: every promoted build's manifest and lock, for `vztt diff` and `vztt status`
     @property
