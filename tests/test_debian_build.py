@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BuiltTemplate, leftovers, one_line_error, run_vztt
-from vztt.build.customize import path_in_root
+from vztt.builder.customize import path_in_root
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

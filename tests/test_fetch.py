@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vztt.base.errors import FetchError
-from vztt.build.fetch import Download, Fetcher
+from vztt.builder.fetch import Download, Fetcher
 from vztt.store.packages import PackageCache
 
 

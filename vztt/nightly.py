@@ -16,7 +16,7 @@ from typing import Any
 
 from vztt.base.errors import RecipeError
 from vztt.base.progress import Progress
-from vztt.build import pipeline as build_mod
+from vztt.builder import pipeline as build_mod
 from vztt.recipe.lock import Lock
 from vztt.recipe.recipe import Recipe
 from vztt.recipe.variables import Mirrors

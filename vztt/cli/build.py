@@ -87,7 +87,7 @@ def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | No
                  a template that fails stays as <file>-failed, with its report
       promote    atomically replace the cached template (the old one stays until then)
     """
-    from vztt.build import pipeline
+    from vztt.builder import pipeline
     chosen = selected(obj, names, all_, shard_spec)
     if lock_path and len(chosen) > 1:
         raise click.UsageError("--lock names one lock file: build one template with it")

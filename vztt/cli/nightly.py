@@ -54,7 +54,7 @@ def update(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | N
 
     Says why each rebuild happens (recipe changed, packages changed, not built yet).
     """
-    from vztt.build import pipeline
+    from vztt.builder import pipeline
     from vztt import nightly
     mirrors, progress = obj.mirrors(), Progress(quiet=as_json)
     options = pipeline.BuildOptions(format=fmt, test=not no_test, wait=wait)

@@ -91,7 +91,7 @@ def resolve(obj: Context, name: str, lock_path: Path | None, as_json: bool) -> N
 
     Prints what changed against the previous lock: + added, - removed, ~ changed.
     """
-    from vztt.build import pipeline
+    from vztt.builder import pipeline
     recipe = obj.store.load(name)
     result = pipeline.resolve(recipe, obj.cache, obj.mirrors(), lock_path, Progress(quiet=as_json))
     if as_json:

@@ -254,7 +254,7 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
     temps: list[Path] = []
     try:
         for f in formats:
-            final = cache.archive(name, f)
+            final = cache.file(formats_registry.get(f).file_name(name))
             tmp = cache.temp_path(final)
             temps.append(tmp)
             os.replace(parts[f], tmp)
@@ -266,7 +266,7 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
         manifest.write(tmp_manifest)
         cache.promote(name, pairs + [(tmp_manifest, final_manifest)])
         for f in set(formats_registry.names()) - set(formats):          # the manifest no longer names them
-            cache.archive(name, f).unlink(missing_ok=True)
+            cache.file(formats_registry.get(f).file_name(name)).unlink(missing_ok=True)
     finally:
         for t in temps:
             t.unlink(missing_ok=True)

@@ -65,9 +65,10 @@ class TemplateCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # paths
-    def archive(self, name: str, fmt: str = "plain") -> Path:
-        from vztt import formats
-        return self.root / formats.get(fmt).file_name(name)
+    def file(self, file_name: str) -> Path:
+        """A template file of the cache by its name (a format's file_name(): the store
+        does not know the formats)."""
+        return self.root / file_name
 
     def manifest(self, name: str) -> Path:
         return self.root / f"{name}.manifest.json"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vztt.base.files import replace_into_place
+from vztt import formats
 from vztt.base.progress import Progress
 from vztt.boot.report import SKIPPED, format_table, manifest_record
 from vztt.boot.runtime import RuntimeUnavailable
@@ -42,7 +43,7 @@ def gate(recipe: Recipe, cache: TemplateCache, outputs: list[tuple[Path, Path]],
     if not test:
         remove_failed(cache, manifest_path)   # superseded by what is promoted now
         return {"result": SKIPPED}
-    plain = cache.archive(recipe.name, "plain")
+    plain = cache.file(formats.get("plain").file_name(recipe.name))
     tested = next((tmp for tmp, final in outputs if final == plain), None)
     if tested is None:
         # A ploop-only build: the runtime boots a root tree, and the ploop

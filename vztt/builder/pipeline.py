@@ -15,15 +15,15 @@ from pathlib import Path
 from vztt import __version__
 from vztt import formats as formats_registry
 from vztt.backend import Backend, InstalledPackage, backend_for
-from vztt.build.gate import gate
+from vztt.builder.gate import gate
 from vztt.base.errors import ResolveError
 from vztt.base.mounts import enter_private_namespace, require_root
 from vztt.base.proc import Log, mark_children
 from vztt.base.progress import Progress
 from vztt.boot import test as boottest
-from vztt.build.customize import clean_root, run_hooks, write_files
-from vztt.build.fetch import Fetcher
-from vztt.build.image import BuildImage
+from vztt.builder.customize import clean_root, run_hooks, write_files
+from vztt.builder.fetch import Fetcher
+from vztt.builder.image import BuildImage
 from vztt.formats import FormatContext
 from vztt.recipe.lock import Lock, LockDiff, diff
 from vztt.recipe.recipe import Recipe
@@ -179,7 +179,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 cache.promote(name, outputs + [(tmp_manifest, manifest_path)])
                 # A format not built this time must not linger beside the new manifest.
                 for fmt in set(formats_registry.names()) - set(formats):
-                    cache.archive(name, fmt).unlink(missing_ok=True)
+                    cache.file(formats_registry.get(fmt).file_name(name)).unlink(missing_ok=True)
                 cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))
             manifest.steps = dict(progress.timings)
@@ -208,7 +208,7 @@ def _write_formats(wanted: tuple[str, ...], context: FormatContext, cache: Templ
     source = formats_registry.SOURCE
     for fmt_name in [source, *(f for f in wanted if f != source)]:
         fmt = formats_registry.get(fmt_name)
-        final = cache.archive(context.name, fmt_name)
+        final = cache.file(formats_registry.get(fmt_name).file_name(context.name))
         tmp = cache.temp_path(final)
         temps.append(tmp)
         with progress.step(fmt.step) as st:
