@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from vztt.base.errors import FetchError
-from vztt.builder.fetch import Download, Fetcher
+from vztt.builder.fetch import Fetcher
+from vztt.store.packages import Download
 from vztt.store.packages import PackageCache
 
 

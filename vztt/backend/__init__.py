@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vztt.base.errors import RecipeError
-from vztt.builder.fetch import Download
+from vztt.store.packages import Download
 from vztt.recipe.lock import Lock
 from vztt.recipe.variables import Mirrors
 from vztt.base.proc import Log

@@ -18,15 +18,7 @@ from urllib.parse import unquote, urlparse
 
 from vztt.base.errors import FetchError
 from vztt.base.http import HttpClient, PartFile
-from vztt.store.packages import PackageCache
-
-
-@dataclass(frozen=True)
-class Download:
-    label: str       # what the user knows it as (package name and version)
-    url: str
-    sha256: str
-    size: int
+from vztt.store.packages import Download, PackageCache
 
 
 @dataclass

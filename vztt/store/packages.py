@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +32,17 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Download:
+    """A package file to bring into the cache: where from, and what it must hash to
+    (a backend says, builder.fetch does it)."""
+
+    label: str       # what the user knows it as (package name and version)
+    url: str
+    sha256: str
+    size: int
 
 
 class PackageCache:
