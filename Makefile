@@ -18,7 +18,8 @@ APT_PACKAGES := \
 	rpm createrepo-c busybox-static \
 	ploop qemu-utils fdisk gdisk \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
-	nginx curl
+	nginx curl \
+	python3-yaml python3-xmltodict python3-attr rsync chromium fonts-dejavu-core
 
 DEMO ?= debian-12-x86_64-minimal
 
@@ -46,17 +47,32 @@ demo: setup
 	@echo
 	@$(VZTT) list
 
-# The workflow linter (check-jsonschema, from PyPI: not packaged in Debian 12) for the tests only.
+# For the tests only, from PyPI (not packaged in Debian 12): the workflow linter
+# (check-jsonschema) and the reference SBOM validators (spdx-tools,
+# cyclonedx-python-lib), pinned with their dependencies in tests/requirements-sbom.txt.
 TEST_STAMP := $(VENV)/.test-deps-stamp
-$(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q 'check-jsonschema>=0.27'
+$(TEST_STAMP): $(STAMP) tests/requirements-sbom.txt
+	$(PY) -m pip install -q 'check-jsonschema>=0.27' -r tests/requirements-sbom.txt
 	@touch $@
 
-test: setup $(TEST_STAMP)
+# gitlab-ci-local runs .gitlab-ci.yml in the tests: 4.73.0 with its whole dependency tree
+# pinned by tests/tools/package-lock.json (npm ci). It needs Node.js >= 20.19, which Debian 12's
+# nodejs (18) is not: the machine's own Node.js is used, and checked here.
+NODE_TOOLS := tests/tools
+GCL := $(NODE_TOOLS)/node_modules/.bin/gitlab-ci-local
+$(GCL): $(NODE_TOOLS)/package.json $(NODE_TOOLS)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null \
+	  || { echo "the tests need Node.js >= 20.19 and npm (for gitlab-ci-local); install them first"; exit 1; }
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a==20&&b>=19)?0:1)' \
+	  || { echo "gitlab-ci-local 4.73.0 needs Node.js >= 20.19 (this machine has $$(node --version))"; exit 1; }
+	npm ci --prefix $(NODE_TOOLS) --no-audit --no-fund
+	@touch $@
+
+test: setup $(TEST_STAMP) $(GCL)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.
-test-fast: setup $(TEST_STAMP)
+test-fast: setup $(TEST_STAMP) $(GCL)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not network" tests
 
 bench: setup
