@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aptrepo import GpgKey, make_gpg_key  # noqa: E402
 from conftest import RECIPES, Result, leftovers, one_line_error, run_vztt  # noqa: E402
 from minidist import read_archive  # noqa: E402
+from sbomcheck import problems  # noqa: E402
 from rpmrepo import (  # noqa: E402
     RpmPackage,
     RpmRepo,
@@ -218,6 +219,15 @@ def test_build_from_signed_fixture(setup: Setup) -> None:
     manifest = json.loads((setup.cache / f"{NAME}.manifest.json").read_text())
     assert {(p["name"], p["version"], p["arch"]) for p in manifest["packages"]} == \
         {(p["name"], p["version"], p["arch"]) for p in lock["packages"]}
+
+    # Its SBOMs (issue 20): valid for the reference validators; rpm's epoch is a purl qualifier,
+    # the License tag and the source rpm come from the image's rpm database.
+    assert [problems(setup.cache / f"{NAME}.{s}") for s in ("spdx.json", "cdx.json")] == [[], []]
+    bom = {c["name"]: c for c in json.loads((setup.cache / f"{NAME}.cdx.json").read_text())["components"]}
+    assert bom["libfix"]["purl"] == "pkg:rpm/almalinux/libfix@1.0-1.el9?arch=x86_64&distro=almalinux-9&epoch=1"
+    assert bom["libfix"]["hashes"] == [{"alg": "SHA-256", "content": lib["sha256"]}]
+    assert bom["fixapp"]["licenses"] == [{"expression": "MIT"}]
+    assert {"name": "vztt:source_package", "value": "fixapp"} in bom["fixapp"]["properties"]
 
     members = read_archive(archive, ("./etc/fixpost.out", "./etc/os-release")).members
     assert (tree / "etc/fixpost.out").read_text() == "posted 1\n"        # the %post ran, in the image

@@ -28,6 +28,15 @@ class InstalledPackage:
     state: str        # dpkg: "ii"; rpm: "installed"
 
 
+@dataclass(frozen=True)
+class PackageInfo:
+    """What the image's package database says about an installed package, for its SBOM."""
+
+    source: str = ""                     # the source package it was built from
+    source_version: str = ""
+    licenses: tuple[str, ...] = ()       # as the database states them (DEP-5 short names, rpm License tag)
+
+
 class Backend(ABC):
     family: str
 
@@ -66,6 +75,10 @@ class Backend(ABC):
     @abstractmethod
     def installed(self, root: Path) -> list[InstalledPackage]:
         """What the image's package database says is installed."""
+
+    def package_info(self, root: Path) -> dict[tuple[str, str], PackageInfo]:
+        """(name, arch) -> source package and declared licenses, from the image's package database."""
+        return {}
 
 
 # Distro family (recipe.FAMILY) -> the module of its backend and the class in it. A module

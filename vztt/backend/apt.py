@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote
 
-from vztt.backend import Backend, InstalledPackage
+from vztt.backend import Backend, InstalledPackage, PackageInfo
+from vztt.backend.debcopyright import declared_licenses
 from vztt.base.errors import BuildError, ResolveError
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
@@ -346,6 +347,17 @@ class AptBackend(Backend):
         for line in proc.stdout.splitlines():
             state, name, arch, version = line.split("\t")
             out.append(InstalledPackage(name=name, arch=arch, version=version, state=state.strip()))
+        return out
+
+    def package_info(self, root: Path) -> dict[tuple[str, str], PackageInfo]:
+        proc = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
+                    "-f=${db:Status-Abbrev}\t${Package}\t${Architecture}\t${source:Package}\t${source:Version}\n"],
+                   check=False, what="dpkg-query in the image")
+        out = {}
+        for line in proc.stdout.splitlines():
+            state, name, arch, source, source_version = line.split("\t")
+            if state.strip() == "ii":
+                out[(name, arch)] = PackageInfo(source, source_version, declared_licenses(root, name))
         return out
 
     # ------------------------------------------------------------------ finish

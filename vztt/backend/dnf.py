@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vztt.backend import Backend, InstalledPackage
+from vztt.backend import Backend, InstalledPackage, PackageInfo
 from vztt.base.errors import BuildError, RecipeError, ResolveError, VzttError
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import TOOL_ENV, run, summarize
@@ -196,6 +196,23 @@ class DnfBackend(Backend):
         for line in proc.stdout.splitlines():
             name, arch, epoch, ver, rel = line.split("\t")
             out.append(InstalledPackage(name=name, arch=arch, version=_evr(epoch, ver, rel), state="installed"))
+        return out
+
+    def package_info(self, root: Path) -> dict[tuple[str, str], PackageInfo]:
+        if not (root / DBPATH.lstrip("/") / "rpmdb.sqlite").is_file():
+            return {}
+        proc = run(["rpm", "--root", str(root), "--dbpath", DBPATH, "-qa", "--qf",
+                    r"%{NAME}\t%{ARCH}\t%{SOURCERPM}\t%{LICENSE}\n"],
+                   log=self.log, what="rpm -qa in the image", error=BuildError)
+        _tidy_rpmdb(root)
+        out = {}
+        for line in proc.stdout.splitlines():
+            name, arch, srpm, license_tag = line.split("\t")
+            # bash-5.1.8-9.el9.src.rpm: the source package's name, and its version-release
+            source, _, rest = srpm.removesuffix(".src.rpm").rpartition("-")
+            source, _, version = source.rpartition("-")
+            out[(name, arch)] = PackageInfo(source, f"{version}-{rest}" if version else "",
+                                            (license_tag,) if license_tag and license_tag != "(none)" else ())
         return out
 
     # ------------------------------------------------------------------ finish

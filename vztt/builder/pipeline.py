@@ -14,9 +14,10 @@ from pathlib import Path
 
 from vztt import __version__
 from vztt import formats as formats_registry
-from vztt.backend import Backend, InstalledPackage, backend_for
+from vztt.backend import Backend, InstalledPackage, PackageInfo, backend_for
 from vztt.builder.gate import gate
 from vztt.base.errors import ResolveError
+from vztt.base.files import atomic_write
 from vztt.base.mounts import enter_private_namespace, require_root
 from vztt.base.proc import Log, mark_children
 from vztt.base.progress import Progress
@@ -29,6 +30,7 @@ from vztt.recipe.lock import Lock, LockDiff, diff
 from vztt.recipe.recipe import Recipe
 from vztt.recipe.variables import Mirrors
 from vztt.store.manifest import ArchiveRecord, Manifest, PackageRecord
+from vztt.store import sbom
 from vztt.store.packages import PackageCache
 from vztt.store.templates import TemplateCache
 
@@ -148,8 +150,14 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                     image.unmount_api()
                     backend.finish(image.root)
                     clean_root(image.root)
-                    installed = _package_records(backend.installed(image.root))
                     used = image.used_bytes()
+                with progress.step("sbom") as st:
+                    # What the image's package database says (with sources and licenses), and the
+                    # sha256 of each package file from the lock: the manifest's package list.
+                    installed = _package_records(backend.installed(image.root), backend.package_info(image.root),
+                                                 lock)
+                    st.note(f"{len(installed)} packages, {sum(bool(p.licenses) for p in installed)} "
+                            "stating their licenses")
                 # `out` is set for each format by _write_formats.
                 context = FormatContext(name=name, tree=image.root, out=work, work=work,
                                         source_date_epoch=lock.source_date_epoch, lock_digest=lock.digest,
@@ -176,7 +184,8 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             manifest.steps, manifest.build_seconds = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
                 manifest.write(tmp_manifest)
-                cache.promote(name, outputs + [(tmp_manifest, manifest_path)])
+                sboms = _write_sboms(cache, manifest, temps)
+                cache.promote(name, outputs + sboms + [(tmp_manifest, manifest_path)])
                 # A format not built this time must not linger beside the new manifest.
                 for fmt in set(formats_registry.names()) - set(formats):
                     cache.file(formats_registry.get(fmt).file_name(name)).unlink(missing_ok=True)
@@ -193,8 +202,27 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _package_records(installed: list[InstalledPackage]) -> list[PackageRecord]:
-    return [PackageRecord(p.name, p.arch, p.version) for p in sorted(installed, key=lambda p: (p.name, p.arch))]
+def _package_records(installed: list[InstalledPackage], info: dict[tuple[str, str], PackageInfo],
+                     lock: Lock) -> list[PackageRecord]:
+    files = {(p.name, p.arch, p.version): p.sha256 for p in lock.packages}
+    out = []
+    for p in sorted(installed, key=lambda p: (p.name, p.arch)):
+        i = info.get((p.name, p.arch), PackageInfo())
+        out.append(PackageRecord(p.name, p.arch, p.version, sha256=files.get((p.name, p.arch, p.version), ""),
+                                 source=i.source, source_version=i.source_version, licenses=i.licenses))
+    return out
+
+
+def _write_sboms(cache: TemplateCache, manifest: Manifest, temps: list[Path]) -> list[tuple[Path, Path]]:
+    """The build's SBOMs under temporary names (listed in `temps`), as (temporary, final) pairs."""
+    pairs = []
+    for kind in sbom.KINDS:
+        final = cache.sbom(manifest.name, kind)
+        tmp = cache.temp_path(final)
+        temps.append(tmp)
+        atomic_write(tmp, sbom.render(manifest, kind))
+        pairs.append((tmp, final))
+    return pairs
 
 
 def _write_formats(wanted: tuple[str, ...], context: FormatContext, cache: TemplateCache, progress: Progress,

@@ -15,7 +15,9 @@ JSON (format 1), keys sorted, one-space indent:
      "archive": <the primary archive's record>,       # kept for readers of older vztt
      "archives": {"plain": {"file", "format", "sha256", "size", "tar_size"},
                   "ploop": {"file", "format", "sha256", "size", "disk_size", "clusters", ...}},
-     "packages": [{"name", "arch", "version"}], "package_count", "image_used_bytes",
+     "packages": [{"name", "arch", "version",                       # the image's package database
+                   "sha256", "source", "source_version", "licenses"}],  # (SBOM: these four when known)
+     "package_count", "image_used_bytes",
      "build_seconds", "steps": {step: seconds},
      "boot_test": {"result": "passed" | "failed" | "skipped", ...},
      "pulled": {"from", "build", "at", "signer", "index_serial", "manifest_sha256"}   # pulled ones only
@@ -78,10 +80,30 @@ class PackageRecord:
     name: str
     arch: str
     version: str
+    # For the SBOM (store/sbom.py); empty in manifests of older vztt and hand-made ones.
+    sha256: str = ""                     # of the package file (.deb, .rpm), from the lock
+    source: str = ""                     # source package, as the image's package database says
+    source_version: str = ""
+    licenses: tuple[str, ...] = ()       # as the package database states them (not SPDX)
 
     @property
     def row(self) -> tuple[str, str, str]:
         return (self.name, self.arch, self.version)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name, "arch": self.arch, "version": self.version}
+        for key in ("sha256", "source", "source_version"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        if self.licenses:
+            doc["licenses"] = list(self.licenses)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "PackageRecord":
+        return cls(str(doc["name"]), str(doc["arch"]), str(doc["version"]), sha256=str(doc.get("sha256") or ""),
+                   source=str(doc.get("source") or ""), source_version=str(doc.get("source_version") or ""),
+                   licenses=tuple(str(x) for x in doc.get("licenses") or ()))
 
 
 @dataclass
@@ -168,7 +190,7 @@ class Manifest:
             "vztt_version": self.vztt_version, "formats": list(self.formats),
             "archive": self.archive.to_json(),
             "archives": {f: a.to_json() for f, a in self.archives.items()},
-            "packages": [{"name": p.name, "arch": p.arch, "version": p.version} for p in self.packages],
+            "packages": [p.to_json() for p in self.packages],
             "package_count": self.package_count, "image_used_bytes": self.image_used_bytes,
             "build_seconds": self.build_seconds, "steps": dict(self.steps), "boot_test": self.boot_test,
         })
@@ -207,8 +229,7 @@ class Manifest:
                 build_id = f"{when:%Y%m%dT%H%M%SZ}-{archives[formats[0]].sha256[:12]}"
             build_id = build_id if isinstance(build_id, str) else ""
             known = {f.name for f in fields(cls)} | {"archive"}
-            packages = [PackageRecord(str(p["name"]), str(p["arch"]), str(p["version"]))
-                        for p in doc.get("packages") or []]
+            packages = [PackageRecord.from_json(p) for p in doc.get("packages") or []]
             return cls(
                 name=str(doc["name"]), build_id=str(build_id or ""), created=created,
                 distro=str(doc.get("distro", "")), release=str(doc.get("release", "")),

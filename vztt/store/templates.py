@@ -4,6 +4,7 @@ Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
   <name>.plain.tar.lz4            the template (rootfs tarball)
   <name>.plain.ploopv2.tar.lz4    the same as a Virtuozzo 7 ploop cache (format ploop/all)
   <name>.manifest.json            what it is: digests, packages, sizes, timings
+  <name>.spdx.json, .cdx.json     its SBOM (SPDX 2.3, CycloneDX 1.6), made from the manifest
   locks/<name>.lock.json          the lock it was (or will be) built from
   packages/                       the shared content-addressed package cache
   state/<name>/                   solver state (apt lists), reused between resolves
@@ -47,6 +48,7 @@ from vztt.recipe.lock import Lock
 from vztt.store.manifest import ArchiveRecord, Manifest, ManifestError
 
 OLD = "-old"
+SBOM_FILES = {"spdx": "spdx.json", "cyclonedx": "cdx.json"}     # SBOM kind -> file suffix
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class TemplateCache:
 
     def manifest(self, name: str) -> Path:
         return self.root / f"{name}.manifest.json"
+
+    def sbom(self, name: str, kind: str) -> Path:
+        """The build's SBOM beside its manifest: kind spdx or cyclonedx."""
+        return self.root / f"{name}.{SBOM_FILES[kind]}"
 
     def path(self, record: ArchiveRecord) -> Path:
         """Where the file a manifest's archive record names is in this cache."""
