@@ -23,7 +23,7 @@ APT_PACKAGES := \
 
 DEMO ?= debian-12-x86_64-minimal
 
-.PHONY: all setup demo test test-fast bench docs clean-cache
+.PHONY: all setup demo test test-fast bench docs ci clean-cache
 
 all: setup
 
@@ -80,6 +80,10 @@ bench: setup
 
 docs: setup
 	$(VZTT) settings --markdown > docs/recipes.md
+
+# .github/workflows/nightly.yml and .gitlab-ci.yml, from the one description in vztt/ci/jobs.py.
+ci: setup
+	$(PY) -m vztt.ci
 
 clean-cache:
 	rm -rf cache/*.tar.lz4 cache/*.json cache/locks cache/state cache/logs cache/.work

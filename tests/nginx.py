@@ -41,7 +41,7 @@ http {{
   fastcgi_temp_path {prefix}/tmp/fastcgi;
   uwsgi_temp_path {prefix}/tmp/uwsgi;
   scgi_temp_path {prefix}/tmp/scgi;
-  types {{ application/json json; }}
+  types {{ application/json json; text/html html; }}
   default_type application/octet-stream;
   sendfile on;
   tcp_nopush on;

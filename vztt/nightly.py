@@ -139,10 +139,9 @@ def matrix(names: list[str], fmt: str) -> str:
         # For `strategy: matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`.
         return json.dumps({"template": names}, separators=(",", ":"))
     if fmt == "gitlab":
-        # A child pipeline (`trigger: include: artifact:`), one job per template.
-        jobs = [f'"update:{n}":\n  stage: update\n  script:\n    - make setup\n'
-                f'    - .venv/bin/vztt update {n}\n' for n in names]
-        return "stages: [update]\n\n" + "\n".join(jobs)
+        # The child pipeline .gitlab-ci.yml's plan job writes and triggers: one job per template.
+        from vztt.ci.gitlab import child_pipeline
+        return child_pipeline(names)
     return json.dumps(names)
 
 

@@ -40,10 +40,11 @@ class PackageInfo:
 class Backend(ABC):
     family: str
 
-    def __init__(self, recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log):
+    def __init__(self, recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log, shared_state: Path | None = None):
         self.recipe = recipe
         self.mirrors = mirrors
         self.state_dir = state_dir       # persistent per template: solver state (apt lists, dnf metadata)
+        self.shared_state = shared_state  # repository metadata shared between templates (apt), if given
         self.log = log
 
     def base_urls(self) -> dict[str, str]:
@@ -86,9 +87,10 @@ class Backend(ABC):
 _BACKENDS = {"apt": ("vztt.backend.apt", "AptBackend"), "dnf": ("vztt.backend.dnf", "DnfBackend")}
 
 
-def backend_for(recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log) -> Backend:
+def backend_for(recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log,
+                shared_state: Path | None = None) -> Backend:
     if recipe.family not in _BACKENDS:
         raise RecipeError(f"{recipe.path}: distro: {recipe.distro!r} has no backend yet")
     module, cls = _BACKENDS[recipe.family]
     backend: type[Backend] = getattr(importlib.import_module(module), cls)
-    return backend(recipe, mirrors, state_dir, log)
+    return backend(recipe, mirrors, state_dir, log, shared_state)

@@ -29,8 +29,10 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from vztt.backend import Backend, InstalledPackage, PackageInfo
+from vztt.backend.aptlists import LISTS, SharedRepo, provide, shared_repo, shared_resolve_dir
 from vztt.backend.debcopyright import declared_licenses
 from vztt.base.errors import BuildError, ResolveError
+from vztt.base.files import atomic_write
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
 
@@ -71,9 +73,10 @@ class AptBackend(Backend):
     family = "apt"
 
     # ------------------------------------------------------------------ config
-    def _apt_config(self, name: str, status: Path, extra: dict[str, str] | None = None) -> Path:
-        """An apt configuration rooted in our state dir; returns the file for APT_CONFIG."""
-        base = self.state_dir / name
+    def _apt_config(self, name: str, status: Path, extra: dict[str, str] | None = None,
+                    base: Path | None = None) -> Path:
+        """An apt configuration rooted in our state dir (or `base`); returns the file for APT_CONFIG."""
+        base = base or self.state_dir / name
         for d in ("state/lists/partial", "cache/archives/partial", "etc/apt.conf.d", "etc/preferences.d",
                   "etc/trusted.gpg.d", "etc/sources.list.d", "log"):
             (base / d).mkdir(parents=True, exist_ok=True)
@@ -117,25 +120,36 @@ class AptBackend(Backend):
         if not recipe.repositories:
             raise ResolveError(f"{recipe.path}: repositories: none configured")
         urls = self.base_urls()
-        status = self.state_dir / "resolve" / "status"
+        if self.shared_state is None:
+            base = self.state_dir / "resolve"
+            env = self._resolve_config(base, urls)
+            self._update(env, urls)
+            return self._resolve_in(base, env, urls)
+        arch = recipe.deb_arch
+        repos = [shared_repo(self.shared_state, r.name, urls[r.name], r.suite, r.components, arch, r.keyring)
+                 for r in recipe.repositories]
+        # Templates with the same repositories resolve in the same directory: the same verified
+        # lists, and apt's binary cache of them built once (backend/aptlists.py).
+        with shared_resolve_dir(self.shared_state, repos, arch) as base:
+            env = self._resolve_config(base, urls)
+            provide(repos, lambda repo: self._update_repo(repo, urls), base / LISTS)
+            return self._resolve_in(base, env, urls)
+
+    def _resolve_config(self, base: Path, urls: dict[str, str]) -> dict[str, str]:
+        """apt's configuration in `base` for resolving the recipe on an empty system; its environment."""
+        status = base / "status"
         status.parent.mkdir(parents=True, exist_ok=True)
-        status.write_text("")                    # resolve as for an empty system
-        conf = self._apt_config("resolve", status)
-        lines = []
-        for r in recipe.repositories:
-            lines.append(f"deb [signed-by={r.keyring} arch={recipe.deb_arch}] {urls[r.name]} {r.suite} {' '.join(r.components)}")
-        (self.state_dir / "resolve" / "etc" / "sources.list").write_text("\n".join(lines) + "\n")
-        env = self._env(conf)
+        atomic_write(status, "")                    # resolve as for an empty system
+        conf = self._apt_config("resolve", status, base=base)
+        lines = [f"deb [signed-by={r.keyring} arch={self.recipe.deb_arch}] {urls[r.name]} {r.suite} "
+                 f"{' '.join(r.components)}" for r in self.recipe.repositories]
+        atomic_write(base / "etc" / "sources.list", "\n".join(lines) + "\n")
+        return self._env(conf)
 
-        # --error-on=any: without it a bad signature after an earlier good update is only
-        # a warning, and apt goes on with the old lists.
-        proc = run(["apt-get", "update", "--error-on=any"], log=self.log, env=env, check=False,
-                   what="apt-get update", error=ResolveError)
-        if proc.returncode != 0:
-            self._update_failed(proc.stdout + proc.stderr, urls)
-
-        releases = self._verified_releases(urls)
-        request = self._request()
+    def _resolve_in(self, base: Path, env: dict[str, str], urls: dict[str, str]) -> Lock:
+        recipe = self.recipe
+        releases = self._verified_releases(urls, base / LISTS)
+        request = self._request(env)
         full = self._print_uris(request, env)
         essential_req = ["?essential"] + [x for x in request if x == "usr-is-merged"]
         essential = {name for name, *_ in self._print_uris(essential_req, env)}
@@ -159,7 +173,23 @@ class AptBackend(Backend):
             packages=tuple(sorted(packages, key=lambda p: p.name)), request=tuple(request),
         )
 
-    def _request(self) -> list[str]:
+    def _update(self, env: dict[str, str], urls: dict[str, str]) -> None:
+        # --error-on=any: without it a bad signature after an earlier good update is only
+        # a warning, and apt goes on with the old lists.
+        proc = run(["apt-get", "update", "--error-on=any"], log=self.log, env=env, check=False,
+                   what="apt-get update", error=ResolveError)
+        if proc.returncode != 0:
+            self._update_failed(proc.stdout + proc.stderr, urls)
+
+    def _update_repo(self, repo: SharedRepo, urls: dict[str, str]) -> None:
+        """apt-get update of one repository in its shared directory, verified with its keyring alone."""
+        status = repo.directory / "status"
+        status.write_text("")
+        conf = self._apt_config("repo", status, base=repo.directory)
+        (repo.directory / "etc" / "sources.list").write_text(repo.source_line + "\n")
+        self._update(self._env(conf), urls)
+
+    def _request(self, env: dict[str, str]) -> list[str]:
         r = self.recipe
         base = {"essential": "?essential", "required": "?or(?essential,?priority(required))",
                 "important": "?or(?essential,?priority(required),?priority(important))"}[r.priority]
@@ -168,14 +198,13 @@ class AptBackend(Backend):
             base = f"?and({base},?not(?name(^({names})$)))"
         # usr-is-merged keeps apt from choosing usrmerge (a slow conversion) where both exist;
         # older releases (jammy) have neither and are merged by the symlinks alone.
-        merged = ["usr-is-merged"] if r.merged_usr and self._known("usr-is-merged") else []
+        merged = ["usr-is-merged"] if r.merged_usr and self._known("usr-is-merged", env) else []
         request = [base, "apt"] + merged + list(r.include)
         request += [f"{x}-" for x in r.exclude]      # "name-": must not be installed
         return request
 
-    def _known(self, package: str) -> bool:
-        conf = self.state_dir / "resolve" / "apt.conf"
-        proc = run(["apt-cache", "show", "--no-all-versions", package], env=self._env(conf), check=False,
+    def _known(self, package: str, env: dict[str, str]) -> bool:
+        proc = run(["apt-cache", "show", "--no-all-versions", package], env=env, check=False,
                    what=f"apt-cache show {package}", error=ResolveError)
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
@@ -197,9 +226,8 @@ class AptBackend(Backend):
             raise ResolveError(f"{culprit}: {summarize(text)}")
         raise ResolveError(f"apt-get update: {summarize(output)}")
 
-    def _verified_releases(self, urls: dict[str, str]) -> dict[str, tuple[int, str]]:
+    def _verified_releases(self, urls: dict[str, str], lists: Path) -> dict[str, tuple[int, str]]:
         """repo -> (Release Date as epoch, sha256 of the InRelease apt verified)."""
-        lists = self.state_dir / "resolve" / "state" / "lists"
         out = {}
         for r in self.recipe.repositories:
             expected = _apt_list_name(urls[r.name], r.suite)

@@ -73,8 +73,8 @@ def _evr(epoch: int | str | None, ver: str, rel: str) -> str:
 class DnfBackend(Backend):
     family = "dnf"
 
-    def __init__(self, recipe, mirrors, state_dir, log):  # type: ignore[no-untyped-def]
-        super().__init__(recipe, mirrors, state_dir, log)
+    def __init__(self, recipe, mirrors, state_dir, log, shared_state=None):  # type: ignore[no-untyped-def]
+        super().__init__(recipe, mirrors, state_dir, log, shared_state)
         where = recipe.origins.get("release", recipe.path)
         major = el_major(recipe.release)
         if major is None:

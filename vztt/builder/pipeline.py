@@ -64,7 +64,7 @@ class BuildResult:
 
 
 def _backend(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, log: Log) -> Backend:
-    return backend_for(recipe, mirrors, cache.state_dir(recipe.name), log)
+    return backend_for(recipe, mirrors, cache.state_dir(recipe.name), log, cache.shared_state_dir)
 
 
 def resolve(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, lock_path: Path | None = None,

@@ -36,18 +36,22 @@ def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | 
 @click.option("--allow-untested", is_flag=True,
               help="Also publish templates whose boot test was skipped (the index says so). "
                    "A failed boot test is always refused.")
+@click.option("--url", default="", envvar="VZTT_PUBLISH_URL", metavar="URL",
+              help="Where hosts fetch this mirror from, for the commands its index.html shows "
+                   "[default: the --to URL when it is http(s)]. [env: VZTT_PUBLISH_URL]")
 @keyring_option
 @json_option
 @click.pass_obj
 @guarded
 def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep: int, allow_untested: bool,
-            keyrings: tuple[Path, ...], as_json: bool) -> None:
+            url: str, keyrings: tuple[Path, ...], as_json: bool) -> None:
     """Publish cached templates (NAME..., default: all) to a mirror, with a signed index.
 
     \b
-    Uploads only what the mirror lacks (by sha256): archives, then manifests,
-    then index.json.asc and index.json, each under a temporary name renamed
-    (directory) or MOVEd (WebDAV) into place. WebDAV credentials:
+    Uploads only what the mirror lacks (by sha256): archives, then SBOMs and
+    manifests, then index.json.asc and index.json, each under a temporary name
+    renamed (directory) or MOVEd (WebDAV) into place; then the pages for
+    browsers (index.html, templates/NAME/index.html). WebDAV credentials:
     VZTT_PUBLISH_USER / VZTT_PUBLISH_PASSWORD, else netrc.
     The mirror's current index must verify against the signing key (or a
     --keyring key) before it is re-signed. Exit 11: a template failed its boot
@@ -56,7 +60,7 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
     from vztt.mirror import publish as publishing
     progress = Progress(quiet=as_json)
     result = publishing.publish(obj.cache, list(names), dest, publishing.PublishOptions(
-        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings), progress)
+        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings, url=url), progress)
     if as_json:
         emit(result.as_dict())
         return

@@ -7,6 +7,8 @@ Layout of a mirror (a directory a web server serves, or a WebDAV location):
     templates/<name>/<build id>/<name>.plain.tar.lz4
     templates/<name>/<build id>/<name>.plain.ploopv2.tar.lz4     (builds made with --format ploop/all)
     templates/<name>/<build id>/<name>.manifest.json
+    templates/<name>/<build id>/<name>.spdx.json, .cdx.json       its SBOMs (mirror/sboms.py)
+    index.html, templates/<name>/index.html       pages for browsers (mirror/browse.py)
 
 A build id is the manifest's `build_id` (`<created, UTC, YYYYmmddTHHMMSSZ>-<lock
 digest prefix>`), or for older manifests `<created>-<first 12 hex of the primary
@@ -19,6 +21,7 @@ every mirror. index.json (format 1):
          "arch": ..., "recipe_digest": ..., "lock_digest": ..., "package_count": 135,
          "formats": ["plain"], "boot_test": "passed",
          "manifest": {"path": "templates/...json", "sha256": ..., "size": ...},
+         "sbom": {"spdx": {"path": "templates/...spdx.json", "sha256": ..., "size": ...}, "cyclonedx": {...}},
          "archives": {"plain": {"path": "templates/...tar.lz4", "sha256": ..., "size": ..., "tar_size": ...}}}]}}}
 
 This module reads, checks and builds that document; mirror/publish.py writes
@@ -124,6 +127,11 @@ def parse_index(data: bytes, where: str) -> Index:
                 raise MirrorError(f"{w}: bad archives")
             for fmt, rec in archives.items():
                 _file_record(rec, f"{w}: {fmt} archive")
+            sboms = b.get("sbom", {})
+            if not isinstance(sboms, dict) or any(kind not in ("spdx", "cyclonedx") for kind in sboms):
+                raise MirrorError(f"{w}: bad sbom")
+            for kind, rec in sboms.items():
+                _file_record(rec, f"{w}: {kind} SBOM")
     return doc
 
 
@@ -136,8 +144,8 @@ def newest_first(builds: list[Build]) -> list[Build]:
 
 
 def files_of(build: Build) -> list[dict[str, Any]]:
-    """The file records of a build: its manifest, then its archives."""
-    return [build["manifest"], *build["archives"].values()]
+    """The file records of a build: its manifest, its archives, its SBOMs."""
+    return [build["manifest"], *build["archives"].values(), *build.get("sbom", {}).values()]
 
 
 def files_by_sha256(index: Index) -> dict[str, str]:

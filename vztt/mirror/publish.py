@@ -20,7 +20,8 @@ from vztt import formats as formats_registry
 from vztt.base import signing
 from vztt.base.errors import PublishRefused, RecipeError
 from vztt.base.progress import Progress
-from vztt.mirror.config import NAME_RE, check_name
+from vztt.mirror import browse, sboms
+from vztt.mirror.config import NAME_RE, check_name, is_http
 from vztt.mirror.index import (INDEX, MAX_INDEX, MAX_SIGNATURE, SIGNATURE, Index, build_dir, build_id, builds_of,
                                dropped, empty_index, files_by_sha256, has_build, index_bytes, index_entry,
                                keep_newest, now, parse_index)
@@ -36,6 +37,7 @@ class PublishOptions:
     keep: int = DEFAULT_KEEP             # newest builds kept per published template; 0 keeps all
     allow_untested: bool = False
     keyrings: tuple[Path, ...] = ()      # more keys the mirror's current index may be signed with
+    url: str = ""                        # where readers fetch the mirror (the pages' commands); "": the --to URL
 
 
 @dataclass
@@ -122,12 +124,16 @@ def _upload(target: Target, cache: TemplateCache, entry: Entry, index: Index, ha
             paths[fmt] = have[a.sha256] = rel
             uploaded.append(rel)
             sent += a.size
+        sbom_records = sboms.upload(target, manifest, build_dir(name, bid))
+        uploaded += [rec["path"] for rec in sbom_records.values()]
         mbytes = manifest.to_bytes()
         mrel = f"{build_dir(name, bid)}/{name}.manifest.json"
         target.put_bytes(mrel, mbytes)
         uploaded.append(mrel)
         st.note(f"{name} {bid}: {len(uploaded)} files, {sent / 1e6:.1f} MB")
     new = index_entry(manifest, mbytes, paths, mrel)
+    if sbom_records:
+        new["sbom"] = sbom_records
     index["templates"].setdefault(name, {"builds": []})
     index["templates"][name]["builds"] = keep_newest([b for b in builds if b["id"] != bid] + [new], keep)
     result.published.append({"name": name, "id": bid, "uploaded": uploaded, "bytes": sent,
@@ -186,7 +192,14 @@ def publish(cache: TemplateCache, names: list[str], location: str, options: Publ
             _upload(target, cache, entry, index, have, options.keep, progress, result)
         if index == old_index:
             result.serial = index.get("serial", 0)
+            browse.write_pages(target, index, options.url or _default_url(location), progress)
             return result
         _commit(target, index, int(old_index.get("serial") or 0), fingerprint, own_key, progress, result)
+        browse.write_pages(target, index, options.url or _default_url(location), progress)
         _retention(target, old_index, index, progress, result)
     return result
+
+
+def _default_url(location: str) -> str:
+    """What readers fetch the mirror from, for the pages' commands: a WebDAV location is read over HTTP."""
+    return location if is_http(location) else ""

@@ -172,11 +172,7 @@ class DavTarget:
             self._request("MKCOL", "/".join(parts[:i]) + "/", (201, 301, 405, 409))
 
     def _move_into_place(self, tmp_rel: str, rel: str) -> None:
-        try:
-            self._request("MOVE", tmp_rel, (201, 204), headers={"Destination": self.url(rel), "Overwrite": "T"})
-        except MirrorError:
-            self._forget(tmp_rel)
-            raise
+        self._request("MOVE", tmp_rel, (201, 204), headers={"Destination": self.url(rel), "Overwrite": "T"})
 
     def _forget(self, tmp_rel: str) -> None:
         with contextlib.suppress(MirrorError):
@@ -185,21 +181,29 @@ class DavTarget:
     def put_file(self, rel: str, src: Path, sha256: str, size: int) -> None:
         self._mkcols(rel)
         tmp = temp_name(Path(rel)).as_posix()
-        with open(src, "rb") as fh:
-            body = _HashingReader(fh, os.fstat(fh.fileno()).st_size)
-            self._request("PUT", tmp, (200, 201, 204), data=body)
-        try:
+        with self._forgotten_unless_moved(tmp):
+            with open(src, "rb") as fh:
+                body = _HashingReader(fh, os.fstat(fh.fileno()).st_size)
+                self._request("PUT", tmp, (200, 201, 204), data=body)
             _check_upload(src, body.sha.hexdigest(), body.read_bytes, sha256, size)
-        except MirrorError:
-            self._forget(tmp)
-            raise
-        self._move_into_place(tmp, rel)
+            self._move_into_place(tmp, rel)
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         self._mkcols(rel)
         tmp = temp_name(Path(rel)).as_posix()
-        self._request("PUT", tmp, (200, 201, 204), data=data)
-        self._move_into_place(tmp, rel)
+        with self._forgotten_unless_moved(tmp):
+            self._request("PUT", tmp, (200, 201, 204), data=data)
+            self._move_into_place(tmp, rel)
+
+    @contextlib.contextmanager
+    def _forgotten_unless_moved(self, tmp_rel: str) -> Iterator[None]:
+        """A temporary upload is deleted when anything stops it short of its MOVE: a bad
+        checksum, an HTTP error, Ctrl-C or SIGTERM (a cancelled CI job) included."""
+        try:
+            yield
+        except BaseException:
+            self._forget(tmp_rel)
+            raise
 
     def delete(self, rel: str) -> None:
         self._request("DELETE", rel, (200, 204, 404))

@@ -133,7 +133,8 @@ def load(cli: list[str] | tuple[str, ...] = (), environ: dict[str, str] | None =
     for key, value in sorted(environ.items()):
         if key.startswith("VZTT_MIRROR_"):
             name = key[len("VZTT_MIRROR_"):]
-            if NAME_RE.match(name):
+            # Empty is unset: CI systems hand an unset variable over as "" (the workflow's vars.*).
+            if NAME_RE.match(name) and value:
                 mirrors.set(name, value, f"environment {key}")
     for item in cli:
         name, sep, url = item.partition("=")

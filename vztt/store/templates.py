@@ -8,6 +8,7 @@ Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
   locks/<name>.lock.json          the lock it was (or will be) built from
   packages/                       the shared content-addressed package cache
   state/<name>/                   solver state (apt lists), reused between resolves
+  state/.shared/                  apt repositories' verified lists, shared by the templates using them
   history/<name>/<build id>.*     every promoted build's manifest and lock (vztt diff, vztt status)
   logs/<name>.<kind>.log          the last build/resolve/... log, console logs of boot tests
   kernel/                         built container kernels (or VZTT_KERNEL_CACHE)
@@ -94,6 +95,11 @@ class TemplateCache:
 
     def state_dir(self, name: str) -> Path:
         return self.root / "state" / name
+
+    @property
+    def shared_state_dir(self) -> Path:
+        """Repository metadata templates share (apt: one directory per repository, backend/aptlists.py)."""
+        return self.root / "state" / ".shared"
 
     @property
     def logs_dir(self) -> Path:

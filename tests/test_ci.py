@@ -1,0 +1,116 @@
+"""The CI files (issue 20): .github/workflows/nightly.yml and .gitlab-ci.yml are
+renderings of one description (vztt/ci/jobs.py), and the child pipeline
+`vztt matrix --format gitlab` writes has one job per template. Each file
+passes its platform's schema (check-jsonschema's vendored GitHub and GitLab
+schemas), and the two platforms' files run the same commands, with the same
+caches and artifacts. The pipeline itself runs in tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_vztt
+from vztt.ci import github, gitlab, jobs
+from vztt.kernel import series
+from vztt.recipe.variables import load
+
+CHECK = Path(sys.executable).parent / "check-jsonschema"
+
+
+def test_committed_files_are_the_descriptions_rendering() -> None:
+    """`make ci` writes them; a change to either by hand (or to jobs.py without `make ci`) fails here."""
+    assert (REPO / github.PATH).read_text() == github.workflow()
+    assert (REPO / gitlab.PATH).read_text() == gitlab.pipeline()
+    check = subprocess.run([sys.executable, "-m", "vztt.ci", "--check"], capture_output=True, text=True, cwd=REPO)
+    assert check.returncode == 0, check.stderr
+    # and the rendering follows the description
+    later = dataclasses.replace(jobs.NIGHTLY, cron="5 4 * * *")
+    assert "5 4 * * *" in github.workflow(later) and github.workflow(later) != github.workflow()
+
+
+def test_both_files_pass_their_schemas(tmp_path: Path) -> None:
+    """One run of the linter (GitLab's schema is slow to apply) over both files and a broken copy."""
+    child = tmp_path / "child.yml"
+    child.write_text(gitlab.child_pipeline(["debian-12-x86_64-minimal", "almalinux-9-x86_64-minimal"]))
+    broken = tmp_path / "broken.yml"
+    broken.write_text(child.read_text().replace("when: always", "when: sometimes", 1))
+    r = subprocess.run([str(CHECK), "--builtin-schema", "vendor.gitlab-ci", str(REPO / gitlab.PATH), str(child),
+                        str(broken)], capture_output=True, text=True)
+    assert r.returncode == 1 and "sometimes" in r.stdout, r.stdout + r.stderr
+    assert [line for line in r.stdout.splitlines() if ".yml::" in line and "broken.yml::" not in line] == [], r.stdout
+
+
+def _github_commands() -> list[str]:
+    doc = yaml.safe_load((REPO / github.PATH).read_text())
+    out = []
+    for name in ("kernel", "update", "publish"):
+        for step in doc["jobs"][name]["steps"]:
+            run = step.get("run", "")
+            if ".venv/bin/vztt" in run:
+                out.append(run.replace(".venv/bin/vztt", "VZTT").replace("${{ matrix.template }}", "T")
+                           .replace("${{ vars.", "$").replace(" }}", "").replace("apt-get update -q && ", ""))
+    return out
+
+
+def _gitlab_commands(child: dict) -> list[str]:
+    out = []
+    for name in ("kernel", "update: T", "publish"):
+        for line in child[name]["script"]:
+            m = re.search(r"(\$VZTT .*?)(; else|$)", line)
+            if m:
+                out.append(re.sub(r"\$TEMPLATE\b", "T", m.group(1).replace("$VZTT", "VZTT")))
+    return out
+
+
+def test_github_and_gitlab_run_the_same_nightly() -> None:
+    """Checked on the files, not on the description: the same vztt commands, caches and artifacts."""
+    child = yaml.safe_load(gitlab.child_pipeline(["T"], vm=("T",)))
+    assert _github_commands() == _gitlab_commands(child)
+    flow = yaml.safe_load((REPO / github.PATH).read_text())["jobs"]["update"]["steps"]
+    gh_keys = sorted(s["with"]["key"].split("-${{")[0] for s in flow if "actions/cache" in s.get("uses", ""))
+    gl_keys = sorted(re.sub(r"-(T|s[0-9a-f]{12}-f[0-9a-f]{12})$", "", c["key"]) for c in child["update: T"]["cache"])
+    assert gh_keys == gl_keys == ["vztt-kernel", "vztt-packages", "vztt-template"]
+    gh_paths = {p for s in flow if s.get("uses", "").startswith("actions/upload-artifact")
+                for p in s["with"]["path"].replace("${{ matrix.template }}", "T").split()}
+    assert gh_paths == set(child["update: T"]["artifacts"]["paths"])
+    assert child["update: T"]["artifacts"]["reports"]["junit"] == ["junit-T.xml", "junit-vm-T.xml"]
+
+
+def test_child_pipeline_has_one_job_per_template() -> None:
+    r = run_vztt("matrix", "--format", "gitlab", env={"VM_TEST_TEMPLATES": "debian-12-*"})
+    assert r.returncode == 0, r.stderr
+    child = yaml.safe_load(r.stdout)
+    names = run_vztt("matrix", "--format", "json").json()
+    assert sorted(k for k in child if k.startswith("update: ")) == [f"update: {n}" for n in sorted(names)]
+    assert [n["job"] for n in child["publish"]["needs"]] == [f"update: {n}" for n in sorted(names)]
+    vm = sorted(k for k, job in child.items() if k.startswith("update: ") and any("--vm" in line for line in job["script"]))
+    assert vm == ["update: debian-12-x86_64-minimal"]
+    # the kernel cache is keyed by what keys a kernel build: the series and the fragment
+    kdir = REPO / "kernel"
+    key = f"vztt-kernel-s{series.series_digest(kdir)[7:19]}-f{series.fragment_digest(kdir)[7:19]}"
+    assert child["kernel"]["cache"][0]["key"] == key
+    assert all(job["cache"][-1] == {"key": key, "paths": ["cache/kernel"], "policy": "pull"}
+               for k, job in child.items() if k.startswith("update: "))
+
+
+def test_an_empty_mirror_variable_is_unset() -> None:
+    """A CI system hands an unset variable over as "" (the workflow's vars.*): not a bad URL."""
+    mirrors = load(environ={"VZTT_MIRROR_CENTOS_MIRROR": "", "VZTT_MIRROR_ROCKY_MIRROR": "http://r.example/rocky"},
+                   system_file=Path("/nonexistent"), user_file=Path("/nonexistent"))
+    assert "CENTOS_MIRROR" not in mirrors.values and mirrors.values["ROCKY_MIRROR"] == "http://r.example/rocky"
+
+
+@pytest.mark.parametrize("value, plain", [("make setup", True), ("on", False), ("a: b", False), ("*x", False),
+                                          ("12", False), ("${{ matrix.template }}", True), ("- x", False)])
+def test_yaml_scalars_read_back_as_written(value: str, plain: bool) -> None:
+    from vztt.ci.yamltext import dump, scalar
+    assert (scalar(value) == value) is plain
+    assert yaml.safe_load(dump({"k": value, "l": [value]})) == {"k": value, "l": [value]}
