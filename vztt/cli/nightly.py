@@ -99,14 +99,22 @@ def diff_cmd(obj: Context, name: str, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["github", "gitlab", "json"]), default="json", show_default=True,
               help="github: JSON for `strategy.matrix` (also written to $GITHUB_OUTPUT as `matrix`); "
                    "gitlab: a child pipeline with one job per template; json: a list of names.")
+@json_option
 @click.pass_obj
 @guarded
-def matrix(obj: Context, fmt: str) -> None:
-    """The CI matrix: one job per buildable template."""
+def matrix(obj: Context, fmt: str, as_json: bool) -> None:
+    """The CI matrix: one job per buildable template.
+
+    With --json: one document, {"format", "templates", "output"} (output: what --format prints).
+    """
     from vztt import nightly
-    text = nightly.matrix(obj.store.names(), fmt)
+    names = obj.store.names()
+    text = nightly.matrix(names, fmt)
     if fmt == "github":
         nightly.write_github_output("matrix", text)
+    if as_json:
+        emit({"format": fmt, "templates": sorted(names), "output": text})
+        return
     click.echo(text)
 
 

@@ -11,7 +11,7 @@ import click
 
 from vztt.base.progress import Progress
 from vztt.cli.main import Context, emit, guarded, json_option, main, mirror_option
-from vztt.recipe.settings import SETTINGS, reference_markdown
+from vztt.recipe.settings import SETTINGS, Setting, reference_markdown
 
 
 @main.command("list")
@@ -124,9 +124,13 @@ def mirrors(obj: Context, as_json: bool) -> None:
 
 @main.command()
 @click.option("--markdown", is_flag=True, help="Print the reference as Markdown (docs/recipes.md).")
+@json_option
 @guarded
-def settings(markdown: bool) -> None:
+def settings(markdown: bool, as_json: bool) -> None:
     """The recipe settings: every key, its type, default and meaning."""
+    if as_json:
+        emit([_setting_doc(s) for s in SETTINGS])
+        return
     if markdown:
         click.echo(reference_markdown(), nl=False)
         return
@@ -134,3 +138,14 @@ def settings(markdown: bool) -> None:
         click.echo(f"{s.key:<18} {s.toml_type:<16} {s.doc}")
         for f in s.fields:
             click.echo(f"  {f.key:<16} {f.toml_type:<16} {f.doc}")
+
+
+def _setting_doc(s: Setting) -> dict[str, Any]:
+    """One row of the settings table, for `vztt settings --json`."""
+    doc: dict[str, Any] = {"key": s.key, "type": s.type, "default": s.default, "merge": s.merge, "doc": s.doc,
+                           "choices": list(s.choices), "pattern": s.pattern or None, "inherit": s.inherit,
+                           "templated": s.templated}
+    if s.fields:
+        doc["record_key"] = s.record_key
+        doc["fields"] = [_setting_doc(f) for f in s.fields]
+    return doc
