@@ -174,7 +174,7 @@ class AptBackend(Backend):
 
     def _known(self, package: str) -> bool:
         conf = self.state_dir / "resolve" / "apt.conf"
-        proc = run(["apt-cache", "show", "--no-all-versions", package], env=self._env(conf), check=False,
+        proc = run(["apt-cache", "show", "--no-all-versions", "--", package], env=self._env(conf), check=False,
                    what=f"apt-cache show {package}", error=ResolveError)
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
@@ -216,7 +216,8 @@ class AptBackend(Backend):
 
     def _print_uris(self, request: list[str], env: dict[str, str]) -> list[tuple[str, str, str, int, str, str]]:
         # -q, not -qq: -qq hides the "X : Depends: Y but it is not installable" lines of a failure.
-        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", *request], log=self.log, env=env,
+        # "--": the names and patterns that follow are never options, whatever they look like.
+        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", "--", *request], log=self.log, env=env,
                    check=False, what="apt-get install --print-uris", error=ResolveError)
         if proc.returncode != 0:
                 raise ResolveError(f"{self.recipe.name}: cannot resolve the package set: "

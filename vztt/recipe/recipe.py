@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from vztt.base.errors import RecipeError
+from vztt.recipe.inputs import as_text, check_packages, confined_file, read_confined
 from vztt.recipe.settings import APPEND, BY_KEY, BY_NAME, GROUPS, MERGE, SETTINGS, Setting
+from vztt.recipe.templating import render
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -212,13 +212,10 @@ def _check_record(item: dict[str, Any], setting: Setting, index: int, file: Path
             raise RecipeError(f"{label}.{k}: unknown key (one of {', '.join(fields)})")
         _check_type(v, f, f"{label}.{k}")
     out = dict(item)
-    # Relative file references belong to the directory of the file that names them.
+    # Relative file references belong to the directory of the file that names them, and stay in it.
     for ref in ("source", "script"):
         if ref in out:
-            p = (file.parent / out[ref]).resolve()
-            if not p.is_file():
-                raise RecipeError(f"{label}.{ref}: no such file {p}")
-            out[ref] = str(p)
+            out[ref] = str(confined_file(file, out[ref], f"{label}.{ref}"))
     if setting.key == "repositories" and "keyring" in out:
         kr = Path(out["keyring"])
         p = kr if kr.is_absolute() else file.parent / "keys" / kr
@@ -354,16 +351,6 @@ def _template_vars(merged: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-
-
-def render(text: str, variables: dict[str, Any], where: str) -> str:
-    try:
-        return _JINJA.from_string(text).render(**variables)
-    except jinja2.TemplateError as e:
-        raise RecipeError(f"{where}: template error: {e}") from None
-
-
 def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, Any],
             origins: dict[str, Path], allow_abstract: bool) -> Recipe:
     def where(key: str) -> str:
@@ -372,6 +359,9 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
     for key in ("distro", "release", "version"):
         if merged.get(key) is None and not (allow_abstract and merged["abstract"]):
             raise RecipeError(f"{path}: {key}: required (set it here or in a parent recipe)")
+    family = FAMILY.get(merged.get("distro") or "", "apt")
+    for key in ("packages.include", "packages.exclude", "packages.base"):
+        check_packages(family, merged[key], where(key))
     variables = _template_vars(merged)
     if merged.get("summary"):
         merged["summary"] = render(merged["summary"], variables, where("summary"))
@@ -400,20 +390,26 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
     for f in merged["files"]:
         label = f"{where('files')}[{f['path']}]"
         if "content" in f:
-            content = f["content"]
+            content = f["content"].encode()
         elif "template" in f:
-            content = render(f["template"], variables, label + ".template")
+            content = render(f["template"], variables, label + ".template").encode()
         else:
             src = Path(f["source"])
-            text = src.read_text()
-            content = render(text, variables, f"{src}") if src.suffix == ".j2" else text
-        files.append(FileSpec(path=posixpath.normpath(f["path"]), content=content.encode(),
+            content = read_confined(src, label + ".source")      # a binary file is copied as it is
+            if src.suffix == ".j2":
+                text = as_text(content, src, label + ".source", "a .j2 template must be")
+                content = render(text, variables, f"{src}").encode()
+        files.append(FileSpec(path=posixpath.normpath(f["path"]), content=content,
                               mode=int(f.get("mode", "0644"), 8), uid=f.get("uid", 0), gid=f.get("gid", 0)))
 
     hooks = []
     for h in merged["hooks"]:
         label = f"{where('hooks')}[{h['name']}]"
-        script = render(h["run"], variables, label + ".run") if "run" in h else Path(h["script"]).read_text()
+        if "run" in h:
+            script = render(h["run"], variables, label + ".run")
+        else:
+            src = Path(h["script"])
+            script = as_text(read_confined(src, label + ".script"), src, label + ".script", "a hook script must be")
         hooks.append(Hook(name=h["name"], where=h.get("where", "image"), script=script))
 
     smoke = []

@@ -65,7 +65,8 @@ FILE_FIELDS = (
     Setting("path", "str", "Absolute destination inside the image; must stay inside it."),
     Setting("content", "str", "Literal content."),
     Setting("template", "str", "jinja2 template text, rendered with the recipe's variables."),
-    Setting("source", "str", "File next to the recipe; rendered with jinja2 when its name ends in .j2."),
+    Setting("source", "str", "File next to the recipe, inside the recipes directory once symlinks are followed; "
+            "copied byte for byte, or rendered with jinja2 when its name ends in .j2 (UTF-8 text then)."),
     Setting("mode", "str", "Octal permission bits.", default="0644"),
     Setting("uid", "int", "Owner uid.", default=0),
     Setting("gid", "int", "Owner gid.", default=0),
@@ -76,7 +77,8 @@ HOOK_FIELDS = (
     Setting("where", "str", "`image`: run with /bin/sh chrooted into the image after install; `host`: run on the host with $VZTT_ROOT set to the image root.",
             default="image", choices=("image", "host")),
     Setting("run", "str", "Inline shell script.", templated=True),
-    Setting("script", "str", "Script file next to the recipe (instead of `run`)."),
+    Setting("script", "str", "Script file next to the recipe (instead of `run`), inside the recipes directory "
+            "once symlinks are followed; UTF-8 text."),
 )
 
 SMOKE_FIELDS = (
@@ -175,7 +177,13 @@ def reference_markdown() -> str:
     out += [
         "",
         "Template variables (jinja2, in `files`, templated keys and `.j2` sources): `name`, `distro`, `release`, "
-        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`.",
+        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`. Templates render in "
+        "jinja2's sandbox with these variables only (no globals such as `range` or `cycler`); `{% include %}`, "
+        "`{% import %}` and `{% extends %}` are refused.",
+        "",
+        "Package names (`packages.include`, `exclude`, `base`) follow the distro's rules: Debian policy's "
+        "`[a-z0-9][a-z0-9+.-]+` (and `name:arch`) for apt; for dnf, names, provides (`name(...)`, with a "
+        "version), `@group` ids and absolute file paths.",
         "",
     ]
     return "\n".join(out)
