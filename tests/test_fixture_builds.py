@@ -568,3 +568,20 @@ def test_failed_hook_keeps_the_previous_template(ubuntu: UbuntuBuild) -> None:
         _assert_previous_template_kept(ubuntu, before)
     finally:
         ubuntu.leaf.write_text(leaf)
+
+
+def test_status_all_goes_on_past_a_template_that_is_not_configured(fake: FakeSetup) -> None:
+    """A recipe whose mirror variable has no value here is `not configured`; the others are checked."""
+    text = (fake.recipes / f"{FAKE}.toml").read_text().replace("$FIXTURE_MIRROR", "$NOT_SET_ANYWHERE_MIRROR")
+    (fake.recipes / "elsewhere.toml").write_text(text)
+    r = fake.vztt("status", "--all", "--json")
+    assert r.returncode == 2, r.stderr                         # fixture-mini is not built: an update is due
+    states = {row["name"]: row for row in r.json()}
+    assert states[FAKE]["state"] == "not built"
+    assert states["elsewhere"]["state"] == "not configured"
+    assert "$NOT_SET_ANYWHERE_MIRROR" in states["elsewhere"]["reasons"][0]
+    text_out = fake.vztt("status", "--all")
+    assert "elsewhere: not configured" in text_out.stdout and "Traceback" not in text_out.stderr
+    # Named, it is the user's request that cannot be met: one line, exit 3.
+    line = fails(fake.vztt("status", "elsewhere"), 3)
+    assert "NOT_SET_ANYWHERE_MIRROR" in line

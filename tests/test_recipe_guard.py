@@ -1,6 +1,7 @@
 """A hostile or careless recipe, through the real command line: templates cannot run
 code or read files, package names cannot become options, recipe files cannot be
-read from outside the recipes directory, and a binary file is copied as it is.
+read from outside the recipes directory, a binary file is copied as it is, and
+one bad recipe does not hide the others from `vztt list`.
 
 No root, no network: `vztt list` and `vztt show` only load recipes.
 """
@@ -74,7 +75,7 @@ PAYLOADS = {
 
 
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
-@pytest.mark.parametrize("command", ["show"])
+@pytest.mark.parametrize("command", ["list", "show"])
 def test_templates_cannot_run_code_or_read_files(recipes: Path, tmp_path: Path, payload: str, command: str) -> None:
     marker = tmp_path / "ran"
     text = PAYLOADS[payload].replace("MARKER", str(marker))
@@ -180,3 +181,22 @@ def test_a_binary_source_is_copied_as_bytes(recipes: Path) -> None:
     bad(recipes, '[[files]]\npath = "/etc/x"\nsource = "files/bad.j2"\n')
     refused(vztt(recipes, "show", "bad"), "files/bad.j2", "not UTF-8 text")
 
+
+# -- one bad recipe among good ones ---------------------------------------------------------------
+
+def test_list_marks_the_invalid_recipe_and_lists_the_others(recipes: Path) -> None:
+    (recipes / "broken.toml").write_text('distro = "debian"\nrelease = \n')        # not TOML
+    bad(recipes, '[[smoke]]\nname = "s"\ncommand = "true"\nexit_status = "0"\n', name="wrong")
+    r = vztt(recipes, "list")
+    assert r.returncode == EXIT_RECIPE, r.stderr
+    rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
+    assert rows == {"broken": "invalid", "good": "-", "wrong": "invalid"}, r.stdout
+    errors = [l for l in r.stderr.splitlines() if l.startswith("vztt: recipe error: ")]
+    assert len(errors) == 2 and "Traceback" not in r.stderr
+    r = vztt(recipes, "list", "--json")
+    assert r.returncode == EXIT_RECIPE
+    doc = {row["name"]: row for row in r.json()}
+    assert "error" not in doc["good"] and doc["good"]["summary"] == "good one"
+    assert doc["wrong"]["error"]["kind"] == "recipe" and doc["wrong"]["error"]["exit_code"] == EXIT_RECIPE
+    assert "smoke[s].exit_status" in doc["wrong"]["error"]["message"]
+    assert "invalid TOML" in doc["broken"]["error"]["message"]

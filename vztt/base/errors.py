@@ -103,7 +103,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "internal error (a bug: please report the traceback)"),
     (2, "usage error (bad command line); for `vztt status`: updates are available"),
-    (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template"),
+    (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template (`vztt list` lists the "
+                            "valid recipes and marks the invalid ones first)"),
     (ResolveError.exit_code, "resolution failed (missing package or dependency, bad repository signature, stale lock)"),
     (FetchError.exit_code, "download failed or checksum mismatch"),
     (BuildError.exit_code, "install, hook, image or archive step failed"),

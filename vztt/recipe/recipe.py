@@ -274,10 +274,18 @@ class RecipeStore:
     def path_of(self, name: str) -> Path:
         return self.directory / f"{name}.toml"
 
-    def names(self, include_abstract: bool = False) -> list[str]:
+    def names(self, include_abstract: bool = False, keep_unreadable: bool = False) -> list[str]:
+        """Recipe names; with keep_unreadable, a file that is not valid TOML is listed too
+        (as buildable: loading it says what is wrong) instead of failing the listing."""
         out = []
         for p in sorted(self.directory.glob("*.toml")):
-            if include_abstract or not self._read(p).get("abstract", False):
+            try:
+                abstract = self._read(p).get("abstract", False)
+            except RecipeError:
+                if not keep_unreadable:
+                    raise
+                abstract = False
+            if include_abstract or not abstract:
                 out.append(p.stem)
         return out
 

@@ -40,15 +40,20 @@ class Mirrors:
         self.origin[name] = origin
 
     def expand(self, text: str, where: str) -> str:
-        """Replace every $NAME in `text`; an unset variable is a one-line error."""
+        """Replace every $NAME in `text`; an unset variable is a one-line error (MirrorNotSet)."""
         def sub(m: re.Match[str]) -> str:
             name = m.group(1) or m.group(2)
             if name not in self.values:
-                raise RecipeError(
+                raise MirrorNotSet(
                     f"{where}: mirror variable ${name} is not set (set it in {SYSTEM_FILE}, "
                     f"~/.config/vztt/mirrors.toml, VZTT_MIRROR_{name} or --mirror {name}=URL)")
             return self.values[name]
         return VAR_RE.sub(sub, text)
+
+
+class MirrorNotSet(RecipeError):
+    """A recipe names a mirror variable this host has no value for (exit 3, as any recipe
+    error): the template is not configured here."""
 
 
 def check_url(url: str, where: str) -> None:
