@@ -570,6 +570,62 @@ def test_failed_hook_keeps_the_previous_template(ubuntu: UbuntuBuild) -> None:
         ubuntu.leaf.write_text(leaf)
 
 
+# ==========================================================================
+# 3. what an image can make vztt write
+# ==========================================================================
+
+EVIL_SOURCES = "evil-sources"       # in the host directory: what a planted /etc/apt/sources.list points at
+
+
+@pytest.mark.network
+def test_links_planted_in_the_image_do_not_reach_the_host(ubuntu: UbuntuBuild, tmp_path: Path) -> None:
+    """A package's postinst plants /etc/apt/sources.list -> a host file and /etc/vztt-evil -> a host
+    directory; a hook plants /tmp and /var/lib/dbus -> host directories. vztt then writes the
+    sources, a setuid recipe file under /etc/vztt-evil, empties /tmp and removes
+    /var/lib/dbus/machine-id: all of it in the image, none on the host."""
+    host = tmp_path / "host"
+    (host / "dir").mkdir(parents=True)
+    (host / EVIL_SOURCES).write_text("host file\n")
+    (host / "dir" / "machine-id").write_text("host machine id\n")
+    (host / "dir" / "keep-me").write_text("host file\n")
+    before = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"") for p in host.rglob("*")}
+    evil = FakePackage("fixture-evil", postinst=f"ln -sfn {host / EVIL_SOURCES} /etc/apt/sources.list\n"
+                                               f"ln -sfn {host / 'dir'} /etc/vztt-evil\n")
+    repo = make_repo(tmp_path / "evil-repo", [build_deb(evil, tmp_path / "debs")], key=ubuntu.dist.key)
+    leaf = ubuntu.recipes / "ubuntu-evil.toml"
+    leaf.write_text(f"""extends = "{UBUNTU}"
+[packages]
+include = ["fixture-evil"]
+[[repositories]]
+name = "evil"
+url = "$EVIL_MIRROR"
+suite = "stable"
+keyring = "fixture.gpg"
+image_sources = false
+[[files]]
+path = "/etc/vztt-evil/tool"
+content = "#!/bin/sh\\n"
+mode = "4755"
+[[hooks]]
+name = "plant"
+run = "rm -rf /tmp /var/lib/dbus && ln -s {host / 'dir'} /tmp && ln -s {host / 'dir'} /var/lib/dbus"
+""")
+    try:
+        r = run_vztt("build", "ubuntu-evil", "--no-test", "--json", cache=tmp_path / "cache", recipes=ubuntu.recipes,
+                     env={**ubuntu.env, "VZTT_MIRROR_EVIL_MIRROR": repo.url}, timeout=900)
+    finally:
+        leaf.unlink()
+    assert r.returncode == 0, r.stderr
+    after = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"") for p in host.rglob("*")}
+    assert after == before
+    a = read_archive(Path(r.json()["archive"]), ("./etc/apt/sources.list",))
+    assert a.members["./etc/apt/sources.list"].isfile()                  # the link was replaced, not written through
+    assert a.text("./etc/apt/sources.list").startswith("# written by vztt")
+    tool = a.members["./" + str(host / "dir" / "tool").lstrip("/")]      # /etc/vztt-evil resolved inside the image
+    assert tool.isfile() and tool.mode == 0o4755
+    assert a.members["./tmp"].issym() and a.members["./var/lib/dbus"].issym()
+
+
 def test_status_all_goes_on_past_a_template_that_is_not_configured(fake: FakeSetup) -> None:
     """A recipe whose mirror variable has no value here is `not configured`; the others are checked."""
     text = (fake.recipes / f"{FAKE}.toml").read_text().replace("$FIXTURE_MIRROR", "$NOT_SET_ANYWHERE_MIRROR")

@@ -30,6 +30,7 @@ from urllib.parse import unquote
 
 from vztt.backend import Backend, InstalledPackage
 from vztt.base.errors import BuildError, ResolveError
+from vztt.base.inroot import clear_in_root, mkdir_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
 
@@ -337,7 +338,7 @@ class AptBackend(Backend):
         for r in self.recipe.repositories:
             if r.image_sources and not urls[r.name].startswith("file:"):
                 lines.append(f"deb {urls[r.name]} {r.suite} {' '.join(r.components)}")
-        (root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+        write_in_root(root, "etc/apt/sources.list", ("\n".join(lines) + "\n").encode())
 
     def installed(self, root: Path) -> list[InstalledPackage]:
         proc = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
@@ -356,19 +357,11 @@ class AptBackend(Backend):
                     "var/cache/debconf/config.dat-old", "var/cache/debconf/templates.dat-old",
                     "var/lib/dpkg/status-old", "var/lib/dpkg/diversions-old", "var/lib/dpkg/available-old",
                     "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
-            p = root / rel
-            if p.is_file() or p.is_symlink():
-                p.unlink()
+            remove_in_root(root, rel)
         for rel in ("var/cache/apt", "var/lib/apt/lists", "var/log/apt"):
-            d = root / rel
-            if d.is_dir():
-                for child in d.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    elif child.name != "lock" or rel != "var/lib/apt/lists":
-                        child.unlink()
-        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+            clear_in_root(root, rel, keep=("lock",) if rel == "var/lib/apt/lists" else ())
+        mkdir_in_root(root, "var/lib/apt/lists/partial")
+        mkdir_in_root(root, "var/cache/apt/archives/partial")
 
 
 def _settle_shared_dirs(root: Path, listings: list[dict[str, int]]) -> None:
