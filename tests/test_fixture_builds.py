@@ -343,6 +343,8 @@ NETPLAN = FakePackage(
            "/etc/netplan/README.fixture": "network configuration goes here\n"},
 )
 WANTED = ("./var/lib/dpkg/status", "./etc/apt/sources.list", "./etc/machine-id")
+# The URL the template ships (the recipe's image_url): containers do not see the build's mirror.
+PUBLIC_UBUNTU = "http://archive.example.invalid/ubuntu"
 
 
 @dataclass
@@ -379,7 +381,8 @@ class UbuntuBuild:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"VZTT_MIRROR_UBUNTU_MIRROR": self.dist.url, "VZTT_PACKAGE_CACHE": str(self.packages)}
+        return {"VZTT_MIRROR_UBUNTU_MIRROR": self.dist.url, "VZTT_PACKAGE_CACHE": str(self.packages),
+                "VZTT_MIRROR_UBUNTU_MIRROR_PUBLIC": PUBLIC_UBUNTU}
 
     def vztt(self, *args: str) -> Result:
         return run_vztt(*args, cache=self.cache, recipes=self.recipes, env=self.env, timeout=900)
@@ -571,8 +574,28 @@ def test_failed_hook_keeps_the_previous_template(ubuntu: UbuntuBuild) -> None:
 
 
 # ==========================================================================
-# 3. what an image can make vztt write
+# 3. what a template ships, and what an image can make vztt write
 # ==========================================================================
+
+@pytest.mark.network
+def test_the_template_ships_its_public_url_whatever_the_build_mirror(ubuntu: UbuntuBuild, tmp_path: Path) -> None:
+    """The same lock built from two mirrors (file:// and a loopback nginx serving the same
+    repository) with the same shipped URL: the same bytes, and sources.list names the shipped URL."""
+    from nginx import Nginx
+    first = tmp_path / "first.tar.lz4"              # built from file://<minidist> by the fixture
+    shutil.copyfile(ubuntu.archive, first)
+    (tmp_path / "www-mirror").symlink_to(ubuntu.dist.root)
+    with Nginx(tmp_path) as web:
+        r = run_vztt("build", UBUNTU, "--no-test", cache=ubuntu.cache, recipes=ubuntu.recipes, timeout=900,
+                     env={**ubuntu.env, "VZTT_MIRROR_UBUNTU_MIRROR": web.url("mirror").rstrip("/")})
+        assert r.returncode == 0, r.stderr
+        assert any("/mirror/dists/noble/InRelease" in line for line in web.access_log())   # it was the mirror used
+    assert {x["url"] for x in ubuntu.lock["repositories"]} == {"$UBUNTU_MIRROR"}
+    assert ubuntu.archive.read_bytes() == first.read_bytes()
+    sources = read_archive(first, ("./etc/apt/sources.list",)).text("./etc/apt/sources.list")
+    assert f"deb {PUBLIC_UBUNTU} noble main universe" in sources.splitlines(), sources
+    assert "127.0.0.1" not in sources and "file:" not in sources
+
 
 EVIL_SOURCES = "evil-sources"       # in the host directory: what a planted /etc/apt/sources.list points at
 
@@ -620,7 +643,7 @@ run = "rm -rf /tmp /var/lib/dbus && ln -s {host / 'dir'} /tmp && ln -s {host / '
     assert after == before
     a = read_archive(Path(r.json()["archive"]), ("./etc/apt/sources.list",))
     assert a.members["./etc/apt/sources.list"].isfile()                  # the link was replaced, not written through
-    assert a.text("./etc/apt/sources.list").startswith("# written by vztt")
+    assert f"deb {PUBLIC_UBUNTU} noble main universe" in a.text("./etc/apt/sources.list")
     tool = a.members["./" + str(host / "dir" / "tool").lstrip("/")]      # /etc/vztt-evil resolved inside the image
     assert tool.isfile() and tool.mode == 0o4755
     assert a.members["./tmp"].issym() and a.members["./var/lib/dbus"].issym()

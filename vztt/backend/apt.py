@@ -332,11 +332,12 @@ class AptBackend(Backend):
                 raise BuildError(f"{lock.recipe}: {p.name} {p.version} is {state} in the image after install")
 
     def _write_sources(self, root: Path) -> None:
-        """apt sources inside the image, so apt works in containers made from it."""
-        urls = self.base_urls()
+        """apt sources inside the image, so apt works in containers made from it: each
+        repository's shipped URL (image_url), not necessarily the one the build used."""
+        urls = self.image_urls()
         lines = ["# written by vztt from the recipe's repositories"]
         for r in self.recipe.repositories:
-            if r.image_sources and not urls[r.name].startswith("file:"):
+            if r.name in urls and not urls[r.name].startswith("file:"):
                 lines.append(f"deb {urls[r.name]} {r.suite} {' '.join(r.components)}")
         write_in_root(root, "etc/apt/sources.list", ("\n".join(lines) + "\n").encode())
 

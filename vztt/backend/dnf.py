@@ -50,12 +50,14 @@ from typing import Any
 
 from vztt.backend import Backend, InstalledPackage
 from vztt.base.errors import BuildError, RecipeError, ResolveError, VzttError
-from vztt.base.inroot import clear_in_root, dir_in_root, list_in_root, remove_in_root
+from vztt.base.inroot import clear_in_root, dir_in_root, list_in_root, read_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import TOOL_ENV, run, summarize
 
 MIN_RELEASE = 9
 DBPATH = "/var/lib/rpm"
+REPOS_DIR = "/etc/yum.repos.d"
+KEYS_DIR = "/etc/pki/rpm-gpg"
 # rpm's transaction plugins would reach out to the host (syslog, D-Bus, audit, SELinux, IMA).
 _PLUGINS = ("audit", "dbus_announce", "fapolicyd", "fsverity", "ima", "prioreset", "selinux", "syslog",
             "systemd_inhibit")
@@ -175,6 +177,24 @@ class DnfBackend(Backend):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self._check_installed(lock, root)
+        self._write_repo_files(root)
+
+    def _write_repo_files(self, root: Path) -> None:
+        """/etc/yum.repos.d/<name>.repo for each repository, with its shipped URL (image_url),
+        gpgcheck and its key in /etc/pki/rpm-gpg/, so dnf works in containers made from the
+        template. Only when the image has no repo file: a distribution's release package
+        (almalinux-release, rocky-release, ...) ships its own, with the public mirrors."""
+        if any(n.endswith(".repo") for n in list_in_root(root, REPOS_DIR)):
+            return
+        urls = self.image_urls()
+        for r in self.recipe.repositories:
+            if r.name not in urls or urls[r.name].startswith("file:"):
+                continue
+            key = f"{KEYS_DIR}/{r.keyring.name}"
+            if read_in_root(root, key) is None:
+                write_in_root(root, key, r.keyring.read_bytes())
+            write_in_root(root, f"{REPOS_DIR}/{r.name}.repo", repo_file(r.name, urls[r.name], key,
+                                                                         r.repo_gpgcheck).encode())
 
     def _check_installed(self, lock: Lock, root: Path) -> None:
         have = {(p.name, p.arch): p for p in self.installed(root)}
@@ -214,6 +234,11 @@ class DnfBackend(Backend):
                 if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                     remove_in_root(root, f"{rel}/{name}")
         _tidy_rpmdb(root)
+
+
+def repo_file(name: str, url: str, key: str, repo_gpgcheck: bool) -> str:
+    return (f"# written by vztt from the recipe's repositories\n[{name}]\nname={name}\nbaseurl={url}\n"
+            f"enabled=1\ngpgcheck=1\nrepo_gpgcheck={int(repo_gpgcheck)}\ngpgkey=file://{key}\n")
 
 
 def _tidy_rpmdb(root: Path) -> None:

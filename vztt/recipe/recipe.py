@@ -35,6 +35,7 @@ class Repository:
     keyring: Path
     image_sources: bool = True
     repo_gpgcheck: bool = True   # dnf: repomd.xml must verify against its .asc
+    image_url: str = ""          # the URL the template ships ("": url); mirror variables as in url
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,10 @@ class Recipe:
 
     def resolve_digest(self) -> str:
         """sha256 over what the solver is given: a lock made from other inputs is stale."""
+        # image_url is what the template ships, not what the solver reads: a lock stays valid.
         doc = {"distro": self.distro, "release": self.release, "arch": self.arch, "priority": self.priority,
                "include": self.include, "exclude": self.exclude, "merged_usr": self.merged_usr,
-               "repositories": [asdict(r) for r in self.repositories],
+               "repositories": [{k: v for k, v in asdict(r).items() if k != "image_url"} for r in self.repositories],
                "base": self.base, "install_weak_deps": self.install_weak_deps}
         self._without_dnf_keys(doc)
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
@@ -124,6 +126,9 @@ class Recipe:
         doc = asdict(self)
         for k in ("path", "chain", "merged", "origins"):
             doc.pop(k)
+        for r in doc["repositories"]:
+            if not r["image_url"]:       # not set: the digest of a recipe from before the key
+                r.pop("image_url")
         self._without_dnf_keys(doc)
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
@@ -259,6 +264,8 @@ def _merge(parent: Any, child: Any, setting: Setting) -> Any:
                     for k in group:
                         if given and k not in given:
                             out[r[setting.record_key]].pop(k, None)
+            if setting.key == "repositories" and "url" in r and "image_url" not in r:
+                out[r[setting.record_key]].pop("image_url", None)    # another archive: it ships its own url
         return list(out.values())
     return child
 
@@ -392,6 +399,7 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
             keyring=Path(r["keyring"]),
             image_sources=r.get("image_sources", True),
             repo_gpgcheck=r.get("repo_gpgcheck", True),
+            image_url=render(r["image_url"], variables, label + ".image_url") if "image_url" in r else "",
         ))
 
     files = []
@@ -435,7 +443,8 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         smoke.append(SmokeCheck(name=s["name"], command=command, exit_status=s.get("exit_status", 0), output=output))
 
     # `vztt show` prints what the build uses: templates rendered, disabled repositories gone.
-    merged["repositories"] = [{**r, "url": x.url, **({"suite": x.suite} if apt else {})}
+    merged["repositories"] = [{**r, "url": x.url, **({"suite": x.suite} if apt else {}),
+                               **({"image_url": x.image_url} if x.image_url else {})}
                               for r, x in zip([r for r in merged["repositories"] if r.get("enabled", True)], repos)]
     merged["hooks"] = [{**h, "run": x.script} if "run" in h else h for h, x in zip(merged["hooks"], hooks)]
     merged["smoke"] = [{**s, "command": x.command, **({"output": x.output} if x.output is not None else {})}
