@@ -664,3 +664,12 @@ def test_status_all_goes_on_past_a_template_that_is_not_configured(fake: FakeSet
     # Named, it is the user's request that cannot be met: one line, exit 3.
     line = fails(fake.vztt("status", "elsewhere"), 3)
     assert "NOT_SET_ANYWHERE_MIRROR" in line
+
+
+def test_an_unset_shipped_url_stops_the_build_before_any_work(fake: FakeSetup) -> None:
+    path = fake.recipes / f"{FAKE}.toml"
+    path.write_text(path.read_text().replace('url = "$FIXTURE_MIRROR"\n',
+                                             'url = "$FIXTURE_MIRROR"\nimage_url = "$FIXTURE_PUBLIC_UNSET"\n'))
+    line = fails(fake.vztt("build", FAKE), 3)
+    assert "repositories[fixture].image_url" in line and "$FIXTURE_PUBLIC_UNSET is not set" in line, line
+    fake.assert_clean(lock=False)
