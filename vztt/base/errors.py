@@ -112,7 +112,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (1, "internal error (a bug: please report the traceback)"),
     (BadUsage.exit_code, "usage error (bad command line, a bad --hostname, a mirror vztt cannot read); "
                          "for `vztt status`: updates are available"),
-    (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template"),
+    (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template (`vztt list` lists the "
+                            "valid recipes and marks the invalid ones first)"),
     (ResolveError.exit_code, "resolution failed (unknown package, broken dependency, bad repository signature, stale lock)"),
     (FetchError.exit_code, "download failed, checksum mismatch, bad signature, or a stale or rolled-back mirror index"),
     (BuildError.exit_code, "install, hook, image or archive step failed (an archive the guard refuses, a destination taken)"),

@@ -112,6 +112,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
         pkg_lock = contextlib.ExitStack()
         try:
             backend = _backend(recipe, cache, mirrors, log)
+            backend.image_urls()        # an unset variable in a shipped URL: one line now, not after the install
             lock_path = options.lock_path or cache.lock_file(name)
             if options.locked:
                 with progress.step("lock") as st:
