@@ -231,18 +231,13 @@ def ext4_image(tmp: Path, work: Path, size: int) -> Iterator[tuple[Path, str]]:
 # ploop (the disk work itself: formats/ploop/resize.py)
 # --------------------------------------------------------------------------
 
-def _ploop_member(path: str, kind: str) -> bool:
-    return (path in (ploop.IMAGE_NAME, ploop.DESCRIPTOR_NAME, "templates") and kind == ("dir" if path == "templates" else "file")) \
-        or (path.startswith("templates/") and path.count("/") <= 2 and kind in ("file", "dir"))
-
-
 def ploop_from_ploop_cache(archive: Path, rec: ArchiveRecord, tmp: Path, work: Path, size: int,
                            hostname: str | None, progress: Progress) -> tuple[str, int]:
     cache_dir = work / "cache"
     cache_dir.mkdir()
     with progress.step("unpack") as st:
         limits = Limits(max_bytes=max(_free(work) - SLACK, 0), max_members=64,
-                        types=frozenset({"file", "dir"}), allow=_ploop_member)
+                        types=frozenset({"file", "dir"}), allow=ploop.is_cache_member)
         res = extract_lz4(file_chunks(archive), cache_dir, limits, what=str(archive))
         if res.size != rec.size or res.sha256 != rec.sha256:
             raise FetchError(f"{archive}: sha256 does not match the manifest; pull it again")
