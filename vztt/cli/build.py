@@ -86,6 +86,10 @@ def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | No
       clean      drop caches, logs, machine-id
       pack       reproducible tar, lz4
       ploop      ext4 disk -> ploop v2 image -> Virtuozzo cache tar, lz4 (format ploop)
+      lxc        rootfs.tar.xz + meta.tar.xz for LXC (format lxc)
+      incus      rootfs.squashfs + incus.tar.xz for Incus and LXD (format incus)
+      oci        OCI image layout tar for podman and skopeo (format oci)
+      nspawn     <name>.tar.xz for systemd-pull / machinectl (format nspawn)
       test       boot the packed archive in a container, run its checks (`vztt test`);
                  test-ploop the same from the ploop cache's own disk;
                  a template that fails stays as <file>-failed, with its report

@@ -168,7 +168,7 @@ class Format(ABC):
 
 
 # Registry order is the order formats are written, listed and published in.
-_MODULES = ("plain", "ploop")
+_MODULES = ("plain", "ploop", "lxc", "incus", "oci", "nspawn")
 # The format every build writes first, whatever was asked for: the others are made from it
 # (FormatContext.plain). It is dropped after the build if it was not asked for.
 SOURCE = "plain"
