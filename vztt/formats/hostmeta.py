@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vztt.base.errors import BuildError
-from vztt.formats import Format
+from vztt.formats import Format, FormatContext
+from vztt.formats.compress import Compression
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,10 @@ class HostFormat(Format):
     def preflight(self, template: str, settings: dict[str, Any]) -> None:
         super().preflight(template, settings)
         ImageMeta.from_settings(template, settings, 0, "", self.name)
+
+    def image(self, ctx: FormatContext) -> tuple[ImageMeta, Compression]:
+        """What every host format is written from: the image's names, the compression level
+        (and the plain archive, ctx.plain, written before it)."""
+        assert ctx.plain is not None, "made from the plain archive"
+        return (ImageMeta.from_settings(ctx.name, ctx.settings, ctx.source_date_epoch, ctx.lock_digest, self.name),
+                Compression.from_settings(ctx.settings))

@@ -35,7 +35,7 @@ from vztt.base.errors import BuildError
 from vztt.base.mounts import Mounts
 from vztt.base.proc import run, tool_env
 from vztt.formats import FormatContext, ImageFormatError, Inspection, Part
-from vztt.formats.compress import CHUNK, Compression, xz_bytes
+from vztt.formats.compress import CHUNK, xz_bytes
 from vztt.formats.hostmeta import HostFormat, ImageMeta
 from vztt.formats.plain import reading, unpack_own, xz_tar_members
 from vztt.formats.tarstream import hosts_with, small_tar
@@ -119,9 +119,7 @@ class IncusFormat(HostFormat):
     shares_files = False
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
-        assert ctx.plain is not None, "made from the plain archive"
-        meta = ImageMeta.from_settings(ctx.name, ctx.settings, ctx.source_date_epoch, ctx.lock_digest, self.name)
-        compression = Compression.from_settings(ctx.settings)
+        meta, compression = self.image(ctx)
         rootfs, meta_out = ctx.out_for(ROOTFS), ctx.out_for(META)
         tree = ctx.work / "incus-tree"
         with Mounts() as mounts:

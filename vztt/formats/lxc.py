@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vztt.base.errors import BuildError
 from vztt.formats import FormatContext, ImageFormatError, Inspection, Part
-from vztt.formats.compress import Compression, XzWriter, xz_bytes
+from vztt.formats.compress import XzWriter, xz_bytes
 from vztt.formats.hostmeta import HostFormat, ImageMeta
 from vztt.formats.plain import count_tree, reading, xz_tar_members
 from vztt.formats.tarstream import TarStreamError, hosts_with, normalized, plain_stream, rewrite_tar, small_tar
@@ -76,9 +76,7 @@ class LxcFormat(HostFormat):
     shares_files = False        # the LXC index names the build's directory: both files must be in it
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
-        assert ctx.plain is not None, "made from the plain archive"
-        meta = ImageMeta.from_settings(ctx.name, ctx.settings, ctx.source_date_epoch, ctx.lock_digest, self.name)
-        compression = Compression.from_settings(ctx.settings)
+        meta, compression = self.image(ctx)
         rootfs, meta_out = ctx.out_for(ROOTFS), ctx.out_for(META)
         devices: list[str] = []
 

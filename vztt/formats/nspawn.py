@@ -16,8 +16,8 @@ from pathlib import Path
 
 from vztt.base.errors import BuildError
 from vztt.formats import FormatContext, Inspection, Part
-from vztt.formats.compress import CHUNK, Compression, XzWriter
-from vztt.formats.hostmeta import HostFormat, ImageMeta
+from vztt.formats.compress import CHUNK, XzWriter
+from vztt.formats.hostmeta import HostFormat
 from vztt.formats.plain import count_tree, reading, xz_tar_members
 from vztt.formats.tarstream import plain_stream
 from vztt.store.manifest import ArchiveRecord
@@ -38,9 +38,7 @@ class NspawnFormat(HostFormat):
     shares_files = False        # systemd-pull looks for SHA256SUMS beside the tarball
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
-        assert ctx.plain is not None, "made from the plain archive"
-        meta = ImageMeta.from_settings(ctx.name, ctx.settings, ctx.source_date_epoch, ctx.lock_digest, self.name)
-        compression = Compression.from_settings(ctx.settings)
+        meta, compression = self.image(ctx)
         try:
             with XzWriter(ctx.out, compression, self.name) as xz, plain_stream(ctx.plain) as src:
                 while chunk := src.read(CHUNK):

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 from vztt.base.errors import BuildError
 from vztt.formats import FormatContext, ImageFormatError, Inspection
-from vztt.formats.compress import CHUNK, Compression
+from vztt.formats.compress import CHUNK
 from vztt.formats.hostmeta import VENDOR, HostFormat, ImageMeta
 from vztt.formats.plain import count_tree, reading
 from vztt.formats.tarstream import plain_stream
@@ -105,9 +105,7 @@ class OciFormat(HostFormat):
     step = "oci"
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
-        assert ctx.plain is not None, "made from the plain archive"
-        meta = ImageMeta.from_settings(ctx.name, ctx.settings, ctx.source_date_epoch, ctx.lock_digest, self.name)
-        compression = Compression.from_settings(ctx.settings)
+        meta, compression = self.image(ctx)
         layer_tmp = ctx.work / "oci-layer.gz"
         try:
             try:
