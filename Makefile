@@ -18,7 +18,15 @@ APT_PACKAGES := \
 	rpm createrepo-c busybox-static \
 	ploop qemu-utils fdisk gdisk \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
-	nginx curl
+	nginx curl \
+	squashfs-tools
+
+# The other container hosts, whose own programs the tests run against our formats and mirror
+# (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.
+HOST_PACKAGES := lxc wget podman skopeo runc uidmap systemd-container openssl
+# Incus exists for Debian 12 only in bookworm-backports (.ci/add-backports.sh adds that suite
+# from the host's own Debian mirror). Never install lxd beside it: both claim root's subuid range.
+BACKPORTS_PACKAGES := incus-base incus-extra
 
 DEMO ?= debian-12-x86_64-minimal
 
@@ -52,7 +60,23 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q 'check-jsonschema>=0.27'
 	@touch $@
 
-test: setup $(TEST_STAMP)
+# The hosts' packages, installed with a policy-rc.d that keeps their services (lxc-net, lxcfs,
+# incus) from starting: the tests start what they need, privately, and stop it.
+HOSTS_STAMP := $(VENV)/.hosts-stamp
+$(HOSTS_STAMP): Makefile .ci/add-backports.sh
+	@.ci/add-backports.sh
+	@missing=$$(for p in $(HOST_PACKAGES) $(BACKPORTS_PACKAGES); do \
+	  [ "$$(dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null)" = "ii " ] || echo $$p; done); \
+	if [ -n "$${missing// /}" ]; then \
+	  echo "installing: "$$missing; guard=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  rc=$$?; [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	fi
+	@touch $@
+
+test: setup $(TEST_STAMP) $(HOSTS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.

@@ -11,6 +11,8 @@
              and again (cached: nothing to build)
   vm boot    vztt test --vm: qemu start to every check passed, under TCG unless KVM works
              (median of 3)
+  formats    vztt build --format all (locked, the recipe's compression level): each
+             format's step time and its files' size (tests/bench_formats.py)
 
 Prints the times and the ratios (ours / mmdebstrap: below 1 is faster), and
 writes them as JSON to bench-results.json (or --out).
@@ -34,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from vztt.recipe.recipe import RecipeStore  # noqa: E402
 import bench_mirror  # noqa: E402  (tests/: pull + create from a local nginx)
+import bench_formats  # noqa: E402  (tests/: every format's step and size)
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -100,6 +103,7 @@ def main() -> None:
               f"{results['boot_test_total']:.2f} s with unpack and cleanup)", flush=True)
         results.update(bench_mirror.pull_create(scratch / "cache", args.recipe, scratch)); bench_mirror.report(results)
         results.update(bench_kernel(vztt, args.recipe, env, scratch))
+        results.update(bench_formats.formats_build(vztt, args.recipe, env, scratch / "cache"))
         # mmdebstrap reads the host's apt sources for its mirror, as our DEBIAN_MIRROR default does.
         tar = scratch / "mmdebstrap.tar"
         cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet",

@@ -50,6 +50,7 @@ from vztt.formats.ploop import resize
 from vztt.formats.safetar import UnsafeArchive, extract_lz4, file_chunks
 from vztt.mirror import config as mirror_config
 from vztt.mirror import pull
+from vztt.mirror.index import archive_records
 from vztt.store.manifest import ArchiveRecord, Manifest
 from vztt.store.templates import Entry, TemplateCache, pid_alive
 
@@ -303,11 +304,6 @@ def _content_estimate(rec: ArchiveRecord) -> int:
     return int(rec.tar_size or rec.size * 3) * 11 // 10
 
 
-def _index_records(name: str, remote: pull.Remote) -> dict[str, ArchiveRecord]:
-    """The archives of a build on a mirror, as the manifest will record them."""
-    return {fmt: pull.archive_record(remote, name, fmt) for fmt in remote.build["archives"]}
-
-
 def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
            progress: Progress | None = None) -> CreateResult:
     progress = progress or Progress(quiet=True)
@@ -395,11 +391,11 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
                 # The disk conversion needs the whole archive first: pull, then create from the cache.
                 pull.check_space_for(remote, cache, [fmt])
                 with progress.step("download") as st:
-                    part = pull.download(remote, cache, fmt)
-                    size = remote.build["archives"][fmt]["size"]
+                    parts = pull.download(remote, cache, fmt)
+                    size = sum(f.size for f in archive_records(name, remote.build)[fmt].files)
                     st.note(f"{fmt}: {size / 1e6:.1f} MB, sha256 ok, archive checked")
                 with progress.step("install"):
-                    entry = pull.install(cache, name, remote, {fmt: part})
+                    entry = pull.install(cache, name, remote, {fmt: parts})
                 return _create_from_cache(cache, entry, dest, options, progress, pulled)
             return _stream_create(cache, name, dest, options, progress, remote, layout, pulled)
 
@@ -408,7 +404,7 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
 
 def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions, progress: Progress,
                    remote: pull.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
-    records = _index_records(name, remote)
+    records = archive_records(name, remote.build)
     rec = records["plain"]
     path = remote.build["archives"]["plain"]["path"]
     where = remote.source.where(path)
@@ -439,7 +435,7 @@ def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateO
                 st.note(f"{rec.size / 1e6:.1f} MB, {result.members} members, sha256 ok"
                         + (f", resumed {remote.source.resumed}x" if remote.source.resumed else ""))
             with progress.step("install"):        # the verified archive into the cache; then DEST goes in place
-                pull.install(cache, name, remote, {"plain": part})
+                pull.install(cache, name, remote, {"plain": [part]})
     except UnsafeArchive:
         chunks.close()
         part.unlink(missing_ok=True)              # a refused archive is never resumed

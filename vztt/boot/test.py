@@ -1,10 +1,12 @@
 """Boot tests: boot a packed template in the container runtime and check it.
 
-    archive -> scratch tree -> container (overlay) -> checks -> poweroff -> gone
+    artifact -> its tree (the format's bootable_tree) -> container (overlay) -> checks -> poweroff -> gone
 
-The archive is unpacked once, with GNU tar, into a tmpfs in the cache's
-scratch area (`cache.scratch("<name>.boot")`) and booted through overlayfs
-(boot.runtime), so the tree stays as shipped; the runtime's scratch and state
+The boot test asks the artifact's format for a bootable tree, made in the
+cache's scratch area (`cache.scratch("<name>.boot")`): a plain archive is
+unpacked with GNU tar into a tmpfs; a ploop cache's root.hds is read back
+into a disk whose partition is mounted read-only. The tree is booted
+through overlayfs (boot.runtime), so it stays as shipped; the runtime's scratch and state
 live in `cache.containers_dir`, the console log is `cache.log_path(name,
 "console")` (kept: BootError names it). Callers enter a private mount
 namespace first, so no mount outlives a killed vztt; the runtime's
@@ -38,8 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from vztt import formats
 from vztt.base.errors import RecipeError
-from vztt.base.proc import run, tool_env
 from vztt.base.progress import Progress
 from vztt.boot.checks import (Outcome, check_failed_units, check_hostname, check_loopback, check_osrelease,
                               check_package_db, check_smoke, timed)
@@ -49,7 +51,6 @@ from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
 
 POWEROFF_TIMEOUT = 30.0
-UNPACK_TIMEOUT = 600.0
 MEMORY_MAX = 2 << 30             # a runaway check cannot take the host down
 PIDS_MAX = 4096
 
@@ -81,16 +82,26 @@ def prepare_host(cache: TemplateCache, what: str) -> list[str]:
 
 
 def cached_archive(cache: TemplateCache, name: str) -> Path:
-    """The cached plain archive of NAME, the one a boot test boots."""
+    """The cached plain archive of NAME."""
+    return cached_files(cache, name, "plain")[1][0]
+
+
+def cached_files(cache: TemplateCache, name: str, fmt: str | None = None) -> tuple[str, list[Path]]:
+    """(format, its cached files) a boot test of NAME boots: `fmt`'s, else the first
+    bootable format the cache holds (plain before ploop)."""
     entry = cache.entry(name)
     if entry is None:
         raise RecipeError(f"{name}: not in the cache {cache.root}; run `vztt build {name}` first")
     archives = entry.manifest.archives
-    plain = archives.get("plain")
-    if plain is None:
-        raise RecipeError(f"{name}: the cache holds no plain archive to boot (formats: {', '.join(archives)}); "
-                          f"build it with --format all")
-    return cache.root / plain.file
+    bootable = formats.bootable()
+    if fmt is not None and fmt not in bootable:
+        raise formats.NotBootable(f"format {formats.get(fmt).name}: vztt boots {' and '.join(bootable)}; "
+                                  f"the other hosts' own tools boot {fmt}")
+    chosen = fmt or next((f for f in bootable if f in archives), None)
+    if chosen is None or chosen not in archives:
+        raise RecipeError(f"{name}: the cache holds no {chosen or ' or '.join(bootable)} archive to boot "
+                          f"(formats: {', '.join(archives)}); build it with --format {chosen or 'plain'}")
+    return chosen, [cache.root / f.file for f in archives[chosen].files]
 
 
 def container_name(template: str, purpose: str) -> str:
@@ -100,31 +111,15 @@ def container_name(template: str, purpose: str) -> str:
     return slug[:63 - len(suffix)] + suffix
 
 
-def unpack(archive: Path, dest: Path, timeout: float = UNPACK_TIMEOUT) -> None:
-    """Extract our own .tar.lz4 with GNU tar, owners, modes, xattrs, ACLs kept.
-    GNU tar refuses members with `..` and delays symlinks that could redirect
-    later members; dest is an empty directory. A timeout or Ctrl-C stops tar and
-    its lz4 too."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = ["tar", "--extract", "--use-compress-program=lz4", f"--file={archive}", f"--directory={dest}", "--numeric-owner",
-           "--same-permissions", "--xattrs", "--xattrs-include=*", "--acls", "--no-overwrite-dir"]
-    # The C locale, as the archive was written (formats/plain.py): names pass through as bytes.
-    run(cmd, what=f"cannot unpack {archive}", error=RuntimeUnavailable, env=tool_env(LC_ALL="C"), timeout=timeout)
-
-
 @contextlib.contextmanager
-def scratch_tree(cache: TemplateCache, name: str) -> Iterator[Path]:
-    """An empty tmpfs in the scratch area <name>.boot to unpack the archive
-    into: faster than the disk both ways, and it goes with one umount.
-    Removed on the way out, whatever happens; in a private mount namespace
-    (test, run, build) the kernel drops it even after SIGKILL, and
-    clean_stale_work removes the directory."""
+def artifact_tree(cache: TemplateCache, name: str, fmt: str, files: list[Path]) -> Iterator[Path]:
+    """The root tree of a template's artifact (`files`, of format `fmt`), made by the
+    format in the scratch area <name>.boot, for the runtime to boot. Removed on the way
+    out, whatever happens; in a private mount namespace (test, run, build) the kernel
+    drops its mounts even after SIGKILL, and clean_stale_work removes the directory."""
     with cache.scratch(f"{name}.boot") as scratch:
-        tree = scratch / "tree"
-        tree.mkdir()
-        run(["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid", "vztt-boottest", tree],
-            what=f"cannot mount a tmpfs on {tree}", error=RuntimeUnavailable)
-        yield tree
+        with formats.get(fmt).bootable_tree(files, scratch) as tree:
+            yield tree
     if scratch.exists():
         raise RuntimeUnavailable(f"cannot remove the scratch tree {scratch}")
 
@@ -183,22 +178,25 @@ def check_names(recipe: Recipe) -> list[str]:
             + ["loopback", "package-db"] + [f"smoke:{s.name}" for s in recipe.smoke] + ["poweroff"])
 
 
-def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Progress | None = None,
-              vm: bool = False) -> Report:
-    """Unpack, boot, check, power off, clean up. Returns the report: a failed
+def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], progress: Progress | None = None,
+              vm: bool = False, fmt: str = "plain") -> Report:
+    """Unpack, boot, check, power off, clean up. `archive`: the artifact's files (a
+    plain archive, or the files of format `fmt`). Returns the report: a failed
     boot or check is in it (Report.exception()); RuntimeUnavailable and
     KeyboardInterrupt propagate, after everything was cleaned up.
     vm=True boots it in qemu with vztt's kernel instead of a container."""
     progress = progress or Progress(quiet=True)
+    files = [archive] if isinstance(archive, Path) else list(archive)
+    archive = files[0]
     report = Report(name=recipe.name, archive=str(archive), hostname=recipe.hostname,
                     checks=[Check(n) for n in check_names(recipe)],
                     started=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
                     console_log=str(console_log_path(cache, recipe.name, vm_purpose("test") if vm else "test")))
     checks = {c.name: c for c in report.checks}
     started = time.monotonic()
-    with scratch_tree(cache, recipe.name) as tree:
+    with contextlib.ExitStack() as scratch:
         with progress.step("unpack") as st:
-            unpack(archive, tree)
+            tree = scratch.enter_context(artifact_tree(cache, recipe.name, fmt, files))
             report.unpack_seconds = time.monotonic() - started
             st.note(f"{archive.name} in {report.unpack_seconds:.1f} s")
         current = checks["boot"]
@@ -275,16 +273,17 @@ def _tail(path: Path, lines: int = 25) -> str:
 # A throwaway container for a maintainer (`vztt run`)
 # --------------------------------------------------------------------------
 
-def run_command(recipe: Recipe, cache: TemplateCache, archive: Path, argv: list[str], timeout: float,
-                progress: Progress | None = None, vm: bool = False) -> tuple[int, str]:
+def run_command(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], argv: list[str], timeout: float,
+                progress: Progress | None = None, vm: bool = False, fmt: str = "plain") -> tuple[int, str]:
     """Boot the template, run argv inside once it is up, power off, clean up.
     Returns (exit status, output); BootError if it does not boot."""
     progress = progress or Progress(quiet=True)
-    with scratch_tree(cache, recipe.name) as tree:
+    files = [archive] if isinstance(archive, Path) else list(archive)
+    with contextlib.ExitStack() as scratch:
         with progress.step("unpack") as st:
             started = time.monotonic()
-            unpack(archive, tree)
-            st.note(f"{archive.name} in {time.monotonic() - started:.1f} s")
+            tree = scratch.enter_context(artifact_tree(cache, recipe.name, fmt, files))
+            st.note(f"{files[0].name} in {time.monotonic() - started:.1f} s")
         with contextlib.ExitStack() as stack:
             with progress.step("boot") as st:
                 box = stack.enter_context(booted(recipe, cache, tree, "run", vm=vm))

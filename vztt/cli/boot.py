@@ -7,23 +7,31 @@ from pathlib import Path
 
 import click
 
+from vztt import formats
 from vztt.base.progress import Progress
 from vztt.cli.main import Context, emit, emit_report, guarded, json_option, main
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
 
 
-def _ready_to_boot(obj: Context, name: str, command: str) -> tuple[Recipe, TemplateCache, Path]:
-    """NAME's recipe, the cache and its archive, on a host checked for booting, in a
-    mount namespace of our own: the overlay mount dies with us, whatever happens."""
+def _ready_to_boot(obj: Context, name: str, command: str,
+                   fmt: str | None) -> tuple[Recipe, TemplateCache, str, list[Path]]:
+    """NAME's recipe, the cache, and the format and files to boot, on a host checked for
+    booting, in a mount namespace of our own: the overlay mount dies with us, whatever happens."""
     from vztt.boot import test as boottest
     from vztt.base.mounts import enter_private_namespace
     recipe = obj.store.load(name)
     cache = obj.cache
-    archive = boottest.cached_archive(cache, name)
+    chosen, files = boottest.cached_files(cache, name, fmt)
     boottest.prepare_host(cache, command)
     enter_private_namespace()
-    return recipe, cache, archive
+    return recipe, cache, chosen, files
+
+
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(list(formats.bootable())),
+    help="Which cached artifact to boot: plain (the archive, unpacked) or ploop (the Virtuozzo cache: its "
+         "root.hds read back into a disk, the partition mounted read-only). [default: plain if cached, else ploop]")
 
 
 @main.command("test")
@@ -32,15 +40,18 @@ def _ready_to_boot(obj: Context, name: str, command: str) -> tuple[Recipe, Templ
               help="Also write the report as JUnit XML to FILE (for CI).")
 @click.option("--vm", is_flag=True, help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`) "
               "instead of a container: KVM if it works here, TCG otherwise.")
+@format_option
 @json_option
 @click.pass_obj
 @guarded
-def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: bool) -> None:
+def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, fmt: str | None, as_json: bool) -> None:
     """Boot the cached template NAME in a container and run its checks.
 
     \b
-    The archive is unpacked into a scratch tree and booted with overlayfs
-    (the tree stays as shipped), with the recipe's hostname. Checks, one row each:
+    The archive is unpacked into a scratch tree (--format ploop: the ploop
+    cache's disk is read back and its partition mounted read-only) and booted
+    with overlayfs (the tree stays as shipped), with the recipe's hostname.
+    Checks, one row each:
       boot           systemd reaches running (or degraded) within boot.timeout
       failed-units   no failed unit beyond the recipe's boot.allowed_failed
       hostname       the recipe's hostname
@@ -57,10 +68,10 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: boo
     console log <cache>/logs/NAME.vm.console.log. VZTT_VM_ACCEL=kvm|tcg|auto.
     """
     from vztt.boot import report as bootreport, test as boottest
-    recipe, cache, archive = _ready_to_boot(obj, name, "vztt test")
+    recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt test", fmt)
     progress = Progress(quiet=as_json)
-    progress.say(f"testing {archive}" + (" in a VM" if vm else ""))
-    report = boottest.boot_test(recipe, cache, archive, progress, vm=vm)
+    progress.say(f"testing {files[0]}" + (" in a VM" if vm else ""))
+    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen)
     if junit:
         bootreport.write_junit(report, junit)
     error = report.exception()
@@ -78,10 +89,12 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: boo
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds COMMAND may run before it is killed (exit 124).")
 @click.option("--vm", is_flag=True, help="In a qemu VM with vztt's kernel instead of a container.")
+@format_option
 @json_option
 @click.pass_obj
 @guarded
-def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, as_json: bool) -> None:
+def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, fmt: str | None,
+            as_json: bool) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
@@ -92,12 +105,12 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, v
     `--`): {"name", "command", "status", "output", "steps"} instead of the output.
     """
     from vztt.boot import test as boottest
-    recipe, cache, archive = _ready_to_boot(obj, name, "vztt run")
+    recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt run", fmt)
     progress = Progress(quiet=as_json)
-    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, progress, vm=vm)
+    status, output = boottest.run_command(recipe, cache, files, list(command), timeout, progress, vm=vm, fmt=chosen)
     if as_json:
         emit({"name": name, "command": list(command), "status": status, "output": output, "vm": vm,
-              "steps": dict(progress.timings)})
+              "format": chosen, "steps": dict(progress.timings)})
     else:
         click.echo(output, nl=False)
     sys.exit(status)

@@ -60,8 +60,11 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
 
     \b
     Uploads only what the mirror lacks (by sha256): archives, then manifests,
-    then index.json.asc and index.json, each under a temporary name renamed
-    (directory) or MOVEd (WebDAV) into place. WebDAV credentials:
+    then the other hosts' indexes (LXC's meta/1.0/index-system, Incus's and
+    LXD's streams/v1/, each build's SHA256SUMS and SHA256SUMS.gpg for
+    systemd-pull, all signed with the same key), then index.json.asc and
+    index.json, each under a temporary name renamed (directory) or MOVEd
+    (WebDAV) into place. WebDAV credentials:
     VZTT_PUBLISH_USER / VZTT_PUBLISH_PASSWORD, else netrc.
     The mirror's current index must verify against the signing key (or a
     --keyring key) before it is re-signed. The index carries a serial (one

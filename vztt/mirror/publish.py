@@ -1,9 +1,10 @@
 """`vztt publish`: cached templates to a mirror, under a signed index.
 
-Publish writes archives first, then manifests, then the signature and the
-index, each through a temporary name and a rename (directory) or a temporary
-path and MOVE (WebDAV): the index never names a file that is missing or half
-written. The mirror's current index must verify against the signing key (or
+Publish writes archives first, then manifests (and, for builds in the other
+hosts' formats, their SHA256SUMS and signatures), then the other hosts'
+indexes (mirror/hostindex.py), then the signature and the index, each through
+a temporary name and a rename (directory) or a temporary path and MOVE
+(WebDAV): no index ever names a file that is missing or half written. The mirror's current index must verify against the signing key (or
 a --keyring key) before it is re-signed. Old builds beyond `keep` go only
 after the new index is in place. Every index written says until when hosts
 may believe it (`expires`, mirror/freshness.py); an index with less than half
@@ -23,6 +24,7 @@ from vztt import formats as formats_registry
 from vztt.base import signing
 from vztt.base.errors import PublishRefused, RecipeError
 from vztt.base.progress import Progress
+from vztt.mirror import hostindex
 from vztt.mirror.config import NAME_RE, check_name
 from vztt.mirror.freshness import DEFAULT_VALIDITY, expiry, needs_refresh, parse_duration
 from vztt.mirror.index import (INDEX, MAX_INDEX, MAX_SIGNATURE, SIGNATURE, Index, build_dir, build_id, builds_of,
@@ -53,6 +55,7 @@ class PublishResult:
     signer: str = ""
     index_written: bool = False
     expires: str | None = None                                       # of the index on the mirror now
+    host_indexes: list[str] = field(default_factory=list)           # LXC's, Incus's indexes written
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,8 +82,12 @@ def _publishable(cache: TemplateCache, name: str, allow_untested: bool) -> Entry
         raise PublishRefused(f"{name}: refused: its boot test was {result}; run `vztt build {name}` with the test, "
                              f"or publish with --allow-untested")
     for fmt, a in entry.manifest.archives.items():
-        if not (cache.root / a.file).is_file():
-            raise RecipeError(f"{name}: the manifest names {a.file} ({fmt}), which is not in {cache.root}")
+        for f in a.files:
+            if not (cache.root / f.file).is_file():
+                raise RecipeError(f"{name}: the manifest names {f.file} ({fmt}), which is not in {cache.root}")
+        if fmt in formats_registry.names() and len(a.files) != len(formats_registry.get(fmt).part_list()):
+            raise RecipeError(f"{name}: the manifest names {len(a.files)} files for {fmt}, which writes "
+                              f"{len(formats_registry.get(fmt).part_list())}; rebuild it")
         if formats_registry.get(fmt).needs_tar_size and not a.tar_size:
             raise RecipeError(f"{name}: the manifest's {fmt} archive has no tar_size, which hosts need to bound "
                               f"unpacking it (and refuse an index without); build {name} again")
@@ -105,7 +112,7 @@ def _current_index(target: Target, trusted: bytes, progress: Progress) -> Index:
 
 
 def _upload(target: Target, cache: TemplateCache, entry: Entry, index: Index, have: dict[str, str],
-            keep: int, progress: Progress, result: PublishResult) -> None:
+            keep: int, fingerprint: str, progress: Progress, result: PublishResult) -> None:
     """One template's build onto the mirror (what it lacks, by sha256) and into `index`."""
     name, manifest = entry.name, entry.manifest.published()
     bid = build_id(manifest)
@@ -117,26 +124,41 @@ def _upload(target: Target, cache: TemplateCache, entry: Entry, index: Index, ha
             index["templates"][name]["builds"] = keep_newest(builds, keep)
         return
     uploaded, sent = [], 0
-    paths: dict[str, str] = {}
+    paths: dict[str, list[str]] = {}
+    local: dict[str, Path] = {}              # mirror path -> the cache's file with those bytes
+    directory = build_dir(name, bid)
+    mirror_names = [n for fmt in manifest.archives if fmt in formats_registry.names()
+                    for n in formats_registry.get(fmt).mirror_names(name)]
+    if len(set(mirror_names)) != len(mirror_names) or f"{name}.manifest.json" in mirror_names:
+        raise RecipeError(f"{name}: two of its formats' files would have the same name on the mirror "
+                          f"({', '.join(sorted(mirror_names))}); rename the template")
     with progress.step("upload") as st:
         for fmt in formats_registry.names():
             a = manifest.archives.get(fmt)
             if a is None:
                 continue
-            if a.sha256 in have:
-                paths[fmt] = have[a.sha256]
-                continue
-            rel = f"{build_dir(name, bid)}/{a.file}"
-            target.put_file(rel, cache.root / a.file, a.sha256, a.size)
-            paths[fmt] = have[a.sha256] = rel
-            uploaded.append(rel)
-            sent += a.size
+            shares = formats_registry.get(fmt).shares_files
+            paths[fmt] = []
+            for f, mirror_name in zip(a.files, formats_registry.get(fmt).mirror_names(name)):
+                if shares and f.sha256 in have:
+                    paths[fmt].append(have[f.sha256])
+                    continue
+                rel = f"{directory}/{mirror_name}"
+                target.put_file(rel, cache.root / f.file, f.sha256, f.size)
+                paths[fmt].append(rel)
+                have[f.sha256], local[rel] = rel, cache.root / f.file
+                uploaded.append(rel)
+                sent += f.size
         mbytes = manifest.to_bytes()
-        mrel = f"{build_dir(name, bid)}/{name}.manifest.json"
+        mrel = f"{directory}/{name}.manifest.json"
         target.put_bytes(mrel, mbytes)
         uploaded.append(mrel)
+        new = index_entry(manifest, mbytes, paths, mrel)
+        host_files = hostindex.build_files(target, new, local, fingerprint)
+        if host_files:
+            new["host_files"] = host_files
+            uploaded += [rec["path"] for rec in host_files]
         st.note(f"{name} {bid}: {len(uploaded)} files, {sent / 1e6:.1f} MB")
-    new = index_entry(manifest, mbytes, paths, mrel)
     index["templates"].setdefault(name, {"builds": []})
     index["templates"][name]["builds"] = keep_newest([b for b in builds if b["id"] != bid] + [new], keep)
     result.published.append({"name": name, "id": bid, "uploaded": uploaded, "bytes": sent,
@@ -193,10 +215,12 @@ def publish(cache: TemplateCache, names: list[str], location: str, options: Publ
         old_index = copy.deepcopy(index)
         have = files_by_sha256(index)          # what the mirror has is not uploaded again
         for entry in entries:
-            _upload(target, cache, entry, index, have, options.keep, progress, result)
+            _upload(target, cache, entry, index, have, options.keep, fingerprint, progress, result)
         if index == old_index and not needs_refresh(index, options.validity):
             result.serial, result.expires = index.get("serial", 0), index.get("expires")
             return result
+        # The other hosts' indexes name only files already in place, and go in just before index.json.
+        result.host_indexes = hostindex.write_indexes(target, old_index, index, fingerprint, progress)
         _commit(target, index, int(old_index.get("serial") or 0), fingerprint, own_key, options.validity, progress,
                 result)
         _retention(target, old_index, index, progress, result)

@@ -32,7 +32,7 @@ from vztt.formats.safetar import UnsafeArchive, file_chunks, scan_lz4
 from vztt.mirror.config import check_name, is_http, keyring_for, local_path
 from vztt.mirror.freshness import check_index
 from vztt.mirror.index import (INDEX, MAX_INDEX, MAX_MANIFEST, MAX_SIGNATURE, SIGNATURE, Build, Index, MirrorError,
-                               build_id, builds_of, newest_first, now, parse_index)
+                               archive_files, build_id, builds_of, newest_first, now, parse_index)
 from vztt.store.manifest import ArchiveRecord, Manifest, ManifestError, PulledRecord
 from vztt.store.templates import Entry, TemplateCache
 
@@ -210,7 +210,7 @@ def clean_old_parts(cache: TemplateCache, max_age: float = PART_MAX_AGE) -> None
 
 
 def wanted_formats(remote: Remote, formats: tuple[str, ...] | None) -> list[str]:
-    have = list(remote.build["archives"])
+    have = formats_registry.ordered(list(remote.build["archives"]))      # formats this vztt knows
     if not formats:
         return formats_registry.ordered(have)
     missing = [f for f in formats if f not in have]
@@ -220,39 +220,40 @@ def wanted_formats(remote: Remote, formats: tuple[str, ...] | None) -> list[str]
     return formats_registry.ordered(formats)
 
 
-def archive_record(remote: Remote, name: str, fmt: str) -> ArchiveRecord:
-    """A build's archive on a mirror, as the cache's manifest will record it."""
-    rec = remote.build["archives"][fmt]
-    return ArchiveRecord.from_json({**rec, "file": formats_registry.get(fmt).file_name(name)}, fmt)
-
-
 def check_space_for(remote: Remote, cache: TemplateCache, formats: list[str]) -> None:
-    """Room in the cache for what is left to download of these archives (exit 7 at once,
-    before the first byte, for a full disk or an index that claims absurd sizes)."""
+    """Room in the cache for what is left to download of these formats' files (exit 7 at
+    once, before the first byte, for a full disk or an index that claims absurd sizes)."""
     need = 0
     for f in formats:
-        rec = remote.build["archives"][f]
-        part = part_path(cache, rec["sha256"])
-        need += max(rec["size"] - (part.stat().st_size if part.is_file() else 0), 0)
+        for rec in archive_files(remote.build["archives"][f]):
+            part = part_path(cache, rec["sha256"])
+            need += max(rec["size"] - (part.stat().st_size if part.is_file() else 0), 0)
     check_space(cache.root, need, f"{remote.id} ({', '.join(formats)}) from {remote.source.label}")
 
 
-def download(remote: Remote, cache: TemplateCache, fmt: str) -> Path:
-    """One archive of the build into its part file, verified (resumes what an earlier run
-    left), then read through the tar guard: the same checks `vztt create` unpacks it
-    with, so a bad archive never enters the cache; its part file is removed."""
-    rec = remote.build["archives"][fmt]
-    part = part_path(cache, rec["sha256"])
-    for _ in remote.source.chunks(rec["path"], part, rec["size"], rec["sha256"]):
-        pass
-    on_mirror = ArchiveRecord.from_json({**rec, "file": rec["path"].rsplit("/", 1)[-1]}, fmt)
-    limits = formats_registry.get(fmt).guard_limits(on_mirror, free_bytes(cache.root) - SLACK)
-    try:
-        scan_lz4(file_chunks(part), limits, what=remote.source.where(rec["path"]))
-    except UnsafeArchive:
-        part.unlink(missing_ok=True)            # never resumed, never installed
-        raise
-    return part
+def download(remote: Remote, cache: TemplateCache, fmt: str) -> list[Path]:
+    """One format's files of the build (a format may write several) into their part files,
+    each verified by size and sha256 (resumes what an earlier run left), primary first.
+    A format vztt itself unpacks (plain, ploop: `vztt create`, the boot test) is then read
+    through the tar guard with the same checks, so a bad archive never enters the cache;
+    its part file is removed. The other hosts' formats are their tools' to unpack."""
+    parts = []
+    for rec in archive_files(remote.build["archives"][fmt]):
+        part = part_path(cache, rec["sha256"])
+        for _ in remote.source.chunks(rec["path"], part, rec["size"], rec["sha256"]):
+            pass
+        parts.append(part)
+    fmt_obj = formats_registry.get(fmt)
+    if fmt_obj.bootable:
+        rec = remote.build["archives"][fmt]
+        on_mirror = ArchiveRecord.from_json({**rec, "file": rec["path"].rsplit("/", 1)[-1]}, fmt)
+        limits = fmt_obj.guard_limits(on_mirror, free_bytes(cache.root) - SLACK)
+        try:
+            scan_lz4(file_chunks(parts[0]), limits, what=remote.source.where(rec["path"]))
+        except UnsafeArchive:
+            parts[0].unlink(missing_ok=True)        # never resumed, never installed
+            raise
+    return parts
 
 
 def _remote_manifest(remote: Remote, name: str, formats: list[str]) -> Manifest:
@@ -265,9 +266,11 @@ def _remote_manifest(remote: Remote, name: str, formats: list[str]) -> Manifest:
     try:
         manifest = Manifest.from_json(data, where)
         ok = (manifest.name == name and build_id(manifest) == remote.id
-              and all(manifest.archives[f].sha256 == remote.build["archives"][f]["sha256"]
+              and all([p.sha256 for p in manifest.archives[f].files]
+                      == [r["sha256"] for r in archive_files(remote.build["archives"][f])]
                       and manifest.archives[f].tar_size == remote.build["archives"][f].get("tar_size")
-                      and manifest.archives[f].file == formats_registry.get(f).file_name(name) for f in formats))
+                      and [p.file for p in manifest.archives[f].files] == formats_registry.get(f).file_names(name)
+                      for f in formats))
     except (ManifestError, KeyError, ValueError):
         ok = False
     if not ok:
@@ -275,10 +278,10 @@ def _remote_manifest(remote: Remote, name: str, formats: list[str]) -> Manifest:
     return manifest
 
 
-def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Path]) -> Entry:
-    """The downloaded archives (`parts`, verified) and the build's manifest into the
-    cache, with promote's `-old` rule. The manifest keeps only the formats pulled,
-    and records where it came from under `pulled`."""
+def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, list[Path]]) -> Entry:
+    """The downloaded archives (`parts`: each format's files, verified, primary first) and
+    the build's manifest into the cache, with promote's `-old` rule. The manifest keeps
+    only the formats pulled, and records where it came from under `pulled`."""
     formats = formats_registry.ordered(list(parts))
     manifest = _remote_manifest(remote, name, formats)
     manifest.archives = {f: manifest.archives[f] for f in formats}
@@ -290,19 +293,21 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
     temps: list[Path] = []
     try:
         for f in formats:
-            final = cache.file(formats_registry.get(f).file_name(name))
-            tmp = cache.temp_path(final)
-            temps.append(tmp)
-            os.replace(parts[f], tmp)
-            os.chmod(tmp, 0o644)
-            pairs.append((tmp, final))
+            for part, file_name in zip(parts[f], formats_registry.get(f).file_names(name)):
+                final = cache.file(file_name)
+                tmp = cache.temp_path(final)
+                temps.append(tmp)
+                os.replace(part, tmp)
+                os.chmod(tmp, 0o644)
+                pairs.append((tmp, final))
         final_manifest = cache.manifest(name)
         tmp_manifest = cache.temp_path(final_manifest)
         temps.append(tmp_manifest)
         manifest.write(tmp_manifest)
         cache.promote(name, pairs + [(tmp_manifest, final_manifest)])
         for f in set(formats_registry.names()) - set(formats):          # the manifest no longer names them
-            cache.file(formats_registry.get(f).file_name(name)).unlink(missing_ok=True)
+            for file_name in formats_registry.get(f).file_names(name):
+                cache.file(file_name).unlink(missing_ok=True)
     finally:
         for t in temps:
             t.unlink(missing_ok=True)
@@ -345,12 +350,12 @@ def _pull_from(source: Source, remote: Remote, cache: TemplateCache, name: str, 
                progress: Progress, result: PullResult) -> None:
     """Download the formats `want` of `remote` and install them."""
     check_space_for(remote, cache, want)
-    parts = {}
+    parts: dict[str, list[Path]] = {}
     for f in want:
         with progress.step("download") as st:
             t0 = time.monotonic()
             parts[f] = download(remote, cache, f)
-            size = remote.build["archives"][f]["size"]
+            size = sum(rec["size"] for rec in archive_files(remote.build["archives"][f]))
             st.note(f"{f}: {size / 1e6:.1f} MB, {size / 1e6 / max(time.monotonic() - t0, 1e-3):.0f} "
                     "MB/s, sha256 ok, archive checked" + (f", resumed {source.resumed}x" if source.resumed else ""))
         result.bytes_downloaded += size

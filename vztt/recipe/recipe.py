@@ -84,7 +84,7 @@ class Recipe:
     hooks: tuple[Hook, ...]
     smoke: tuple[SmokeCheck, ...]
     image_size: int
-    format: str
+    format: str                      # a format, all, or several comma-separated (formats.parse reads it)
     disk_size: int
     ext4_features: str
     merged: dict[str, Any] = field(repr=False, compare=False)   # setting key -> value, after templating
@@ -130,6 +130,11 @@ class Recipe:
             if not r["image_url"]:       # not set: the digest of a recipe from before the key
                 r.pop("image_url")
         self._without_dnf_keys(doc)
+        # Only a level other than the default counts, so the digests of recipes that
+        # leave it alone stay as they were before the key existed.
+        level = self.merged.get("compression.level", BY_NAME["compression.level"].default)
+        if level != BY_NAME["compression.level"].default:
+            doc["compression_level"] = level
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -164,13 +169,18 @@ def _check_type(value: Any, setting: Setting, where: str) -> None:
         "bool": lambda v: isinstance(v, bool),
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "str|list[str]": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
         "dict[str,str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
         "records": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
     }[t](value)
     if not ok:
         raise RecipeError(f"{where}: expected {setting.toml_type}, got {_describe(value)}")
-    if setting.choices and value not in setting.choices:
-        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(setting.choices)}")
+    if setting.choices:
+        # A list (or a comma-separated string) names several: each must be a choice.
+        items = value if isinstance(value, list) else value.split(",") if t == "str|list[str]" else [value]
+        for item in items:
+            if (item.strip() if isinstance(item, str) else item) not in setting.choices:
+                raise RecipeError(f"{where}: {item!r} is not one of {', '.join(setting.choices)}")
     if setting.pattern and not re.fullmatch(setting.pattern, value):
         raise RecipeError(f"{where}: {value!r} is not valid: {setting.pattern_doc or setting.pattern}")
 
@@ -449,6 +459,9 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
     merged["hooks"] = [{**h, "run": x.script} if "run" in h else h for h, x in zip(merged["hooks"], hooks)]
     merged["smoke"] = [{**s, "command": x.command, **({"output": x.output} if x.output is not None else {})}
                        for s, x in zip(merged["smoke"], smoke)]
+    level = merged.get("compression.level", BY_NAME["compression.level"].default)
+    if not 0 <= level <= 9:
+        raise RecipeError(f"{where('compression.level')}: {level} is not a level from 0 to 9")
     sizes = {}
     for key in ("image.size", "disk.size"):
         try:
@@ -464,7 +477,8 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         priority=merged["packages.priority"], include=tuple(merged["packages.include"]),
         exclude=tuple(merged["packages.exclude"]), repositories=tuple(repos), files=tuple(files),
         environment=dict(merged["environment"]), hooks=tuple(hooks), smoke=tuple(smoke),
-        image_size=sizes["image.size"], format=merged["format"], disk_size=sizes["disk.size"],
+        image_size=sizes["image.size"], disk_size=sizes["disk.size"],
+        format=",".join(merged["format"]) if isinstance(merged["format"], list) else merged["format"],
         ext4_features=merged["disk.ext4_features"], merged=merged, origins=origins,
         base=tuple(merged["packages.base"]), install_weak_deps=merged["dnf.install_weak_deps"],
         nodocs=merged["dnf.nodocs"],

@@ -23,7 +23,7 @@ BY_KEY = "by-key"     # lists of records: records with the same key are merged f
 @dataclass(frozen=True)
 class Setting:
     key: str
-    type: str                      # str, bool, int, list[str], dict[str,str], records
+    type: str                      # str, bool, int, list[str], str|list[str], dict[str,str], records
     doc: str
     default: Any = None
     merge: str = REPLACE
@@ -37,7 +37,7 @@ class Setting:
 
     @property
     def toml_type(self) -> str:
-        return {"records": "array of tables"}.get(self.type, self.type)
+        return {"records": "array of tables", "str|list[str]": "string or array of strings"}.get(self.type, self.type)
 
 
 # What uname(2) can carry (__NEW_UTS_LEN is 64), restricted to what release strings are made of.
@@ -140,9 +140,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot.allowed_failed", "list[str]", "Boot test: units allowed to fail at boot (shell patterns, "
             "e.g. `systemd-remount-fs.service`); any other failed unit fails the test.", default=[], merge=APPEND),
     Setting("image.size", "str", "Size of the sparse build image (K, M, G suffixes).", default="4G"),
-    Setting("format", "str", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
-            "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`) or `all` (both from one build).",
-            default="plain", choices=("plain", "ploop", "all")),
+    Setting("format", "str|list[str]", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
+            "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`), `lxc` (rootfs.tar.xz + meta.tar.xz), `incus` (incus.tar.xz + "
+            "rootfs.squashfs), `oci` (OCI layout tar), `nspawn` (systemd's .tar.xz), or `all`; a list "
+            "(`[\"plain\", \"lxc\"]`) or a comma-separated string makes several from one build.",
+            default="plain", choices=("plain", "ploop", "lxc", "incus", "oci", "nspawn", "all")),
+    Setting("compression.level", "int", "lxc, incus, oci, nspawn formats: 0 (fastest) to 9 (smallest). "
+            "xz preset for the .tar.xz files, gzip level for the OCI layer (at least 1), squashfs "
+            "compressor xz from 6 up, zstd (3 x level) below. The output is reproducible at every level.",
+            default=6),
     Setting("disk.size", "str", "ploop caches: size of the virtual disk (vztt's DISKSPACE); the ext4 inside is "
             "shrunk to the content plus headroom and grows when a container is created.", default="10G"),
     Setting("disk.ext4_features", "str", "ploop caches: `safe` leaves out ext4 features old Virtuozzo 7 kernels "
