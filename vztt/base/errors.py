@@ -23,6 +23,14 @@ class VzttError(Exception):
         return " ".join(self.message.split("\n"))
 
 
+class UsageError(VzttError):
+    """A value given on the command line is invalid (an address, a key file, a
+    password hash): refused before anything is done."""
+
+    exit_code = 2
+    kind = "usage"
+
+
 class RecipeError(VzttError):
     """A recipe (or mirrors file) is malformed, or a name is unknown."""
 
@@ -102,14 +110,14 @@ class Interrupted(VzttError):
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "internal error (a bug: please report the traceback)"),
-    (2, "usage error (bad command line); for `vztt status`: updates are available"),
+    (2, "usage error (bad command line, e.g. an --ip that does not parse); for `vztt status`: updates are available"),
     (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template"),
     (ResolveError.exit_code, "resolution failed (missing package or dependency, bad repository signature, stale lock)"),
     (FetchError.exit_code, "download failed or checksum mismatch"),
     (BuildError.exit_code, "install, hook, image or archive step failed"),
     (EnvironmentProblem.exit_code, "host problem (not root, missing tool, template busy)"),
     (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
-    (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, poweroff)"),
+    (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, network, poweroff)"),
     (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature)"),
     (PublishRefused.exit_code, "publish refused: the template failed its boot test, or skipped it without --allow-untested"),
     (Interrupted.exit_code, "interrupted (SIGINT/SIGTERM); everything was cleaned up"),

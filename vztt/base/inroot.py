@@ -55,9 +55,9 @@ def _open_parent(root: Path, rel: str) -> tuple[int, str]:
     return fd, parts[-1]
 
 
-def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace root/rel with a regular file holding `data` (root-owned), never
-    writing through a symlink: one at the end is replaced, one on the way refused."""
+def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644, *, uid: int = 0, gid: int = 0) -> None:
+    """Replace root/rel with a regular file holding `data` (owned by uid:gid, root by
+    default), never writing through a symlink: one at the end is replaced, one on the way refused."""
     dfd, name = _open_parent(root, rel)
     try:
         # base.files names the temporary file; it is written here through the directory's fd.
@@ -65,7 +65,7 @@ def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
         try:
             os.write(fd, data)
-            os.fchown(fd, 0, 0)
+            os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
@@ -119,5 +119,59 @@ def remove_in_root(root: Path, rel: str) -> None:
             os.unlink(name, dir_fd=dfd)
     except FileNotFoundError:
         pass
+    finally:
+        os.close(dfd)
+
+
+def stat_in_root(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of root/rel (a symlink itself, not its target), reached without following
+    any symlink on the way; None if it is missing or cannot be reached so."""
+    try:
+        dfd, name = _open_parent(root, rel)
+    except (UnsafePath, FileNotFoundError):
+        return None
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(dfd)
+
+
+def readlink_in_root(root: Path, rel: str) -> str | None:
+    """The target of the symlink root/rel (as written in it, never resolved), or None
+    if root/rel is not a symlink reached without following one on the way."""
+    try:
+        dfd, name = _open_parent(root, rel)
+    except (UnsafePath, FileNotFoundError):
+        return None
+    try:
+        return os.readlink(name, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+
+
+def make_dir_in_root(root: Path, rel: str, mode: int = 0o755) -> None:
+    """root/rel as a root-owned directory with `mode` (made if missing, its mode set
+    if present); a symlink or a file there is refused, never followed."""
+    dfd, name = _open_parent(root, rel)
+    try:
+        try:
+            os.mkdir(name, mode, dir_fd=dfd)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafePath(f"{root}/{rel}: is a symlink or not a directory; not followed") from None
+            raise
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
     finally:
         os.close(dfd)
