@@ -175,3 +175,22 @@ def make_dir_in_root(root: Path, rel: str, mode: int = 0o755) -> None:
             os.close(fd)
     finally:
         os.close(dfd)
+
+
+def symlink_in_root(root: Path, rel: str, target: str) -> None:
+    """Replace root/rel (not a directory) with a symlink to `target`, made under a
+    temporary name and renamed over it: nothing is followed, nothing written through."""
+    dfd, name = _open_parent(root, rel)
+    try:
+        tmp = temp_name(Path(name)).name
+        os.symlink(target, tmp, dir_fd=dfd)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.unlink(tmp, dir_fd=dfd)
+                raise UnsafePath(f"{root}/{rel}: is a directory")
+        except FileNotFoundError:
+            pass
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)

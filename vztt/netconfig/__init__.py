@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from vztt.base.errors import BuildError, RecipeError
-from vztt.base.inroot import make_dir_in_root, read_in_root, readlink_in_root, stat_in_root, write_in_root
+from vztt.base.inroot import (make_dir_in_root, read_in_root, readlink_in_root, stat_in_root, symlink_in_root,
+                              write_in_root)
 from . import render
 from .render import AccessProblem, FileOut, Tree
 from .settings import DEFAULT_INTERFACE, NetSettings, RawSettings, check, option_label
@@ -121,5 +122,8 @@ def configure(root: Path, distro: str, settings: NetSettings) -> list[str]:
     for f in files:
         if f.private_dir:
             make_dir_in_root(root, f.path.rsplit("/", 1)[0], 0o700)
-        write_in_root(root, f.path, f.data, f.mode, uid=f.uid, gid=f.gid)
+        if f.link is not None:
+            symlink_in_root(root, f.path, f.link)
+        else:
+            write_in_root(root, f.path, f.data, f.mode, uid=f.uid, gid=f.gid)
     return ["/" + f.path for f in files]

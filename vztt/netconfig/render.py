@@ -29,6 +29,7 @@ class FileOut:
     uid: int = 0
     gid: int = 0
     private_dir: bool = False       # its directory must be 0700 (~/.ssh)
+    link: str | None = None         # a symlink to this target instead of a file (data unused)
 
 
 class Tree(Protocol):
@@ -134,6 +135,7 @@ def nm_keyfile(s: NetSettings, tree: Tree) -> list[FileOut]:
 RESOLV = "etc/resolv.conf"
 RESOLVED_BINARIES = ("usr/lib/systemd/systemd-resolved", "lib/systemd/systemd-resolved")
 RESOLVED_DROPIN = "etc/systemd/resolved.conf.d/60-vztt.conf"
+RESOLVED_STUB = "../run/systemd/resolve/stub-resolv.conf"
 
 
 def resolv_plain(s: NetSettings, tree: Tree) -> list[FileOut]:
@@ -145,28 +147,31 @@ def resolv_plain(s: NetSettings, tree: Tree) -> list[FileOut]:
     return [FileOut(RESOLV, _text(lines))]
 
 
-def uses_resolved_stub(tree: Tree) -> bool:
-    """systemd-resolved is installed and /etc/resolv.conf points at its stub (or its own
-    list) under /run/systemd/resolve: DNS then goes to resolved, not into the file."""
+def uses_resolved(tree: Tree) -> bool:
+    """systemd-resolved is installed, and /etc/resolv.conf is missing or already points
+    under /run/systemd/resolve (a regular file there is somebody's choice: kept to)."""
+    if not any(tree.exists(p) for p in RESOLVED_BINARIES):
+        return False
     target = tree.link(RESOLV)
-    return (target is not None and "run/systemd/resolve/" in target
-            and any(tree.exists(p) for p in RESOLVED_BINARIES))
+    return (target is not None and "run/systemd/resolve/" in target) or not tree.exists(RESOLV)
 
 
 def resolv_resolved(s: NetSettings, tree: Tree) -> list[FileOut]:
-    """systemd-resolved's way when the tree uses it: the network file carries the
-    servers (netplan's nameservers); without an address to hang them on, a resolved.conf
-    drop-in. A tree without resolved gets the plain file."""
-    if not uses_resolved_stub(tree):
+    """systemd-resolved's way where the tree has it (Ubuntu 22.04): /etc/resolv.conf is
+    its stub, and the servers go through the network file (netplan's nameservers) or,
+    without an address to hang them on, a resolved.conf drop-in. A tree without
+    resolved (Ubuntu 24.04 minimal) gets the plain file."""
+    if not uses_resolved(tree):
         return resolv_plain(s, tree)
+    stub = [] if tree.link(RESOLV) is not None else [FileOut(RESOLV, b"", link=RESOLVED_STUB)]
     if s.has_network:
-        return []
+        return stub
     lines = [f"# {MARK}: the container's DNS (resolved.conf(5)).", "[Resolve]"]
     if s.nameservers:
         lines.append("DNS=" + " ".join(str(n) for n in s.nameservers))
     if s.search_domains:
         lines.append("Domains=" + " ".join(s.search_domains))
-    return [FileOut(RESOLVED_DROPIN, _text(lines))]
+    return stub + [FileOut(RESOLVED_DROPIN, _text(lines))]
 
 
 # -- root's access -----------------------------------------------------------------------
