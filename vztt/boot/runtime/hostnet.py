@@ -27,6 +27,7 @@ from typing import Sequence
 from vztt.base.errors import RuntimeUnavailable
 from vztt.base.proc import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired, kill_tree, run, spawn, tool_env
 from . import _linux
+from .accel import die_with_parent
 from .host import require
 
 HOST_IFACE = "vztt-host"      # the host side's end of the veth pair, or its tap device
@@ -109,9 +110,9 @@ class HostNet:
 
     def start(self, argv: Sequence[str], env: dict[str, str] | None = None) -> Popen[bytes]:
         """Start argv here, stdout and stderr into one pipe; the caller waits for it
-        (wait_for) or kill_tree()s it on every way out."""
+        (wait_for) or kill_tree()s it on every way out, and it dies with us if we are killed."""
         return spawn(self.command(argv), what=f"{argv[0]} (host side)", error=RuntimeUnavailable,
-                     env=env or tool_env(), stdin=DEVNULL, stdout=PIPE, stderr=STDOUT)
+                     env=env or tool_env(), stdin=DEVNULL, stdout=PIPE, stderr=STDOUT, preexec_fn=die_with_parent)
 
     def exec(self, argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
         """Run argv here; (exit status, stdout and stderr merged); 124 at the timeout."""
