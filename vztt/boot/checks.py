@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from vztt.base.errors import BootError
+from vztt.base.inroot import stat_in_root
 from vztt.base.proc import Popen, kill_tree, tool_env
 from vztt.boot.report import FAILED_RESULT, PASSED, Check
 from vztt.boot.runtime import OSRELEASE_SYSCTL, Container
@@ -270,12 +271,24 @@ class SshLogin:
             kill_tree(self._proc)
 
 
-def check_network_ssh(box: Container, login: SshLogin, hostname: str) -> Outcome:
+HOST_KEY_TYPES = ("rsa", "ecdsa", "ed25519", "dsa")
+
+
+def shipped_host_keys(tree: Path) -> list[str]:
+    """The SSH host keys a template ships (it must ship none: every container would share
+    them). Read from the unpacked tree before boot, never through one of its links."""
+    return [f"/etc/ssh/ssh_host_{t}_key" for t in HOST_KEY_TYPES
+            if stat_in_root(tree, f"etc/ssh/ssh_host_{t}_key") is not None]
+
+
+def check_network_ssh(box: Container, login: SshLogin, hostname: str, shipped: list[str]) -> Outcome:
     """From the host side: `ssh -i <throwaway key> root@<container> uname -n` printed the
     container's hostname, and the host key sshd showed is one the container made at first
-    boot (the template ships none)."""
+    boot: it is in the container's /etc/ssh, and the template shipped none (`shipped`)."""
     status, out = login.result()
     shown = f"ssh root@{login.target} uname -n"
+    if shipped:
+        return False, f"the template ships SSH host keys ({', '.join(shipped)}): every container shares them", out
     if status != 0:
         lines = [line for line in out.strip().splitlines() if line.strip()]
         return False, f"{shown}: exit status {status}" + (f": {lines[-1]}" if lines else ""), out
@@ -307,7 +320,9 @@ def network_diagnostics(box: Container, ssh_unit: str, network_units: tuple[str,
     """What a failed network check's report keeps from inside: the journal of sshd and of
     what brings the network up, the routes, and `ip addr` (last: reports keep the end)."""
     units = " ".join(f"-u {u}" for u in (ssh_unit, *network_units))
-    script = (f"echo '## journalctl {units}'; journalctl --no-pager -q -n 30 {units} 2>&1; "
+    # --sync first: what sshd logged a moment ago may not be in the journal yet.
+    script = (f"journalctl --sync 2>/dev/null; echo '## journalctl {units}'; "
+              f"journalctl --no-pager -q -n 30 {units} 2>&1; "
               "echo '## ip route'; ip route 2>&1; ip -6 route 2>&1; echo '## ip addr'; ip addr 2>&1")
     try:
         _, out = box.exec(["/bin/sh", "-c", script], timeout=CHECK_TIMEOUT)

@@ -51,7 +51,7 @@ from vztt.base.proc import run, tool_env
 from vztt.base.progress import Progress
 from vztt.boot.checks import (Outcome, SshLogin, check_failed_units, check_hostname, check_loopback,
                               check_network_address, check_network_ping, check_network_ssh, check_osrelease,
-                              check_package_db, check_smoke, network_diagnostics, timed)
+                              check_package_db, check_smoke, network_diagnostics, shipped_host_keys, timed)
 from vztt.boot.network import BootNet, host_side, network_check_enabled, run_network, test_network
 from vztt.boot.report import FAILED_RESULT, PASSED, Check, Report
 from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale
@@ -221,7 +221,7 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Pro
     (a bad value: UsageError, before anything is unpacked); `hostname` over the recipe's."""
     progress = progress or Progress(quiet=True)
     hostname = hostname or recipe.hostname
-    netplan = test_network(recipe, given, UsageError)
+    wanted = test_network(recipe, given, UsageError)
     report = Report(name=recipe.name, archive=str(archive), hostname=hostname,
                     checks=[Check(n) for n in check_names(recipe)],
                     started=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -233,7 +233,8 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Pro
             unpack(archive, tree)
             report.unpack_seconds = time.monotonic() - started
             st.note(f"{archive.name} in {report.unpack_seconds:.1f} s")
-        net = net_stack.enter_context(host_side(cache, recipe.name, netplan, throwaway_key=True)) if netplan else None
+        net = net_stack.enter_context(host_side(cache, recipe.name, wanted, throwaway_key=True)) if wanted else None
+        shipped_keys = shipped_host_keys(tree)             # before boot: what the archive holds
         current = checks["boot"]
         booting = time.monotonic()
         try:
@@ -277,7 +278,7 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Pro
                             stack.callback(login.cancel)
                     if login is not None:
                         current = checks["network:ssh"]
-                        timed(current, lambda: check_network_ssh(box, login, hostname))
+                        timed(current, lambda: check_network_ssh(box, login, hostname, shipped_keys))
                         current.seconds = login.seconds        # its own time, not the rows it overlapped
                     elif net is not None:
                         checks["network:ssh"].detail = "not run: the interface lacks its address"
@@ -340,16 +341,17 @@ def run_command(recipe: Recipe, cache: TemplateCache, archive: Path, argv: list[
     settings (--ip ...: a link to a host side of its own, the files written as `vztt
     create` writes them); none: loopback only."""
     progress = progress or Progress(quiet=True)
-    netplan = run_network(recipe, given, UsageError) if given is not None else None
+    wanted = run_network(recipe, given, UsageError) if given is not None else None
     with scratch_tree(cache, recipe.name) as tree, contextlib.ExitStack() as stack:
         with progress.step("unpack") as st:
             started = time.monotonic()
             unpack(archive, tree)
             st.note(f"{archive.name} in {time.monotonic() - started:.1f} s")
-        net = stack.enter_context(host_side(cache, recipe.name, netplan, throwaway_key=False)) if netplan else None
-        if net is not None:
-            progress.say(f"network: {net[1].settings.interface} {', '.join(a.with_prefixlen for a in netplan.settings.addresses)}"
-                         f"; host side {', '.join(netplan.host_addresses)} (a namespace of its own)")
+        net = stack.enter_context(host_side(cache, recipe.name, wanted, throwaway_key=False)) if wanted else None
+        if wanted is not None:
+            addresses = ", ".join(a.with_prefixlen for a in wanted.settings.addresses)
+            progress.say(f"network: {wanted.settings.interface} {addresses}; host side "
+                         f"{', '.join(wanted.host_addresses)} (a namespace of its own)")
         with contextlib.ExitStack() as boxes:
             with progress.step("boot") as st:
                 box = boxes.enter_context(booted(recipe, cache, tree, "run", vm=vm, hostname=hostname, net=net))
