@@ -462,3 +462,18 @@ def test_a_failed_network_check_keeps_its_diagnostics(debian12: BuiltTemplate, t
     assert re.search(r"## ip addr\n(.*\n)*?\d+: eth0@.*\n.*\n\s+inet 192\.0\.2\.2/24", ssh["output"]), ssh["output"][-1500:]
     assert Path(doc["console_log"]).read_text(errors="replace").strip()
     assert leftovers(cache) == []
+
+
+def test_shipped_host_keys_are_found_without_following_links(tmp_path: Path) -> None:
+    from vztt.boot.checks import shipped_host_keys
+    tree = tmp_path / "tree"
+    (tree / "etc/ssh").mkdir(parents=True)
+    assert shipped_host_keys(tree) == []
+    (tree / "etc/ssh/ssh_host_ed25519_key").write_text("secret\n")
+    assert shipped_host_keys(tree) == ["/etc/ssh/ssh_host_ed25519_key"]
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "ssh").mkdir(parents=True)
+    (elsewhere / "ssh/ssh_host_rsa_key").write_text("not the template's\n")
+    shutil.rmtree(tree / "etc")
+    (tree / "etc").symlink_to(elsewhere)
+    assert shipped_host_keys(tree) == []
