@@ -28,12 +28,9 @@ from vztt.boot.runtime import RuntimeUnavailable
 from vztt.boot.runtime.host import require
 from vztt.boot.runtime.hostnet import HostNet
 from vztt.netconfig import Family, NetSettings, RawSettings
+from vztt.netconfig.settings import RECIPE_FIELDS
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
-
-# RawSettings fields a recipe may set for its boot test, as boot.<field>.
-RECIPE_FIELDS = ("ip", "gateway", "nameserver", "search_domain", "interface")
-
 
 @dataclass(frozen=True)
 class BootNet:

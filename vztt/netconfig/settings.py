@@ -101,6 +101,9 @@ class RawSettings:
     interface: str | None = None
 
 
+# The RawSettings fields a recipe may give its boot test, as boot.<field> (rows of recipe/settings.py).
+RECIPE_FIELDS = ("ip", "gateway", "nameserver", "search_domain", "interface")
+
 Labeler = Callable[[str], str]        # a RawSettings field name -> how the user named it (--ip, FILE: boot.ip)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 
 from vztt.base.errors import RecipeError
-from vztt.netconfig.settings import RawSettings, check as check_net_settings
+from vztt.netconfig.settings import RECIPE_FIELDS as NET_FIELDS, RawSettings, check as check_net_settings
 from vztt.recipe.settings import APPEND, BY_KEY, BY_NAME, GROUPS, MERGE, SETTINGS, Setting
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -374,9 +374,8 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         if merged.get(key) is None and not (allow_abstract and merged["abstract"]):
             raise RecipeError(f"{path}: {key}: required (set it here or in a parent recipe)")
     # The boot test's network settings, checked as `vztt create` checks its options.
-    check_net_settings(RawSettings(**{f: merged[f"boot.{f}"] for f in
-                                      ("ip", "gateway", "nameserver", "search_domain", "interface")}),
-                       RecipeError, lambda f: where(f"boot.{f}"))
+    check_net_settings(RawSettings(**{f: merged[f"boot.{f}"] for f in NET_FIELDS}), RecipeError,
+                       lambda f: where(f"boot.{f}"))
     variables = _template_vars(merged)
     if merged.get("summary"):
         merged["summary"] = render(merged["summary"], variables, where("summary"))
