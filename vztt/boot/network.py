@@ -84,6 +84,10 @@ def test_network(recipe: Recipe, given: RawSettings | None, given_error: type) -
     the command line's values (a bad one: `given_error`, naming the option). None if the
     recipe turns the check off."""
     if not network_check_enabled(recipe):
+        if given is not None:
+            where = recipe.origins.get("boot.network", recipe.path)
+            raise given_error(f"the network options need the network check, which {where} turns off "
+                              "(boot.network = false)")
         return None
     settings = netconfig.check(combined(recipe_defaults(recipe), given), given_error)
     if not settings.addresses:
