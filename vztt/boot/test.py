@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vztt import netconfig
-from vztt.base.errors import RecipeError, UsageError
+from vztt.base.errors import RecipeError, BadUsage
 from vztt.base.proc import run, tool_env
 from vztt.base.progress import Progress
 from vztt.boot.checks import (Outcome, SshLogin, check_failed_units, check_hostname, check_loopback,
@@ -218,10 +218,10 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Pro
     KeyboardInterrupt propagate, after everything was cleaned up.
     vm=True boots it in qemu with vztt's kernel instead of a container.
     `given`: network settings from the command line, over the recipe's boot.* defaults
-    (a bad value: UsageError, before anything is unpacked); `hostname` over the recipe's."""
+    (a bad value: BadUsage, before anything is unpacked); `hostname` over the recipe's."""
     progress = progress or Progress(quiet=True)
     hostname = hostname or recipe.hostname
-    wanted = test_network(recipe, given, UsageError)
+    wanted = test_network(recipe, given, BadUsage)
     report = Report(name=recipe.name, archive=str(archive), hostname=hostname,
                     checks=[Check(n) for n in check_names(recipe)],
                     started=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -341,7 +341,7 @@ def run_command(recipe: Recipe, cache: TemplateCache, archive: Path, argv: list[
     settings (--ip ...: a link to a host side of its own, the files written as `vztt
     create` writes them); none: loopback only."""
     progress = progress or Progress(quiet=True)
-    wanted = run_network(recipe, given, UsageError) if given is not None else None
+    wanted = run_network(recipe, given, BadUsage) if given is not None else None
     with scratch_tree(cache, recipe.name) as tree, contextlib.ExitStack() as stack:
         with progress.step("unpack") as st:
             started = time.monotonic()

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from vztt.base.progress import Progress
-from vztt.cli.main import Context, emit_report, guarded, json_option, main
+from vztt.cli.main import Context, emit, emit_report, guarded, json_option, main
 from vztt.cli.netopts import network_options, raw_settings
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
@@ -99,10 +99,11 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
 @click.option("--vm", is_flag=True, help="In a qemu VM with vztt's kernel instead of a container.")
 @click.option("--hostname", help="The container's hostname. [default: the recipe's `hostname`]")
 @network_options
+@json_option
 @click.pass_obj
 @guarded
 def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, hostname: str | None,
-            **net: Any) -> None:
+            as_json: bool, **net: Any) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
@@ -110,7 +111,8 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, v
       vztt run debian-12-x86_64-minimal --ip 192.0.2.5/24 --gateway 192.0.2.1 -- ip route
     Boots the template (as `vztt test` does), runs COMMAND once it is up,
     prints its output (stdout and stderr), powers off and removes everything.
-    Exits with COMMAND's status; 8 if the template does not boot.
+    Exits with COMMAND's status; 8 if the template does not boot. --json (before
+    `--`): {"name", "command", "status", "output", "steps"} instead of the output.
 
     With --ip, the container gets a link (eth0) to a network namespace of its own
     whose end holds the gateway (or the subnet's first free address), and the
@@ -121,7 +123,12 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, v
     given = raw_settings(net)
     validate_hostname(hostname)
     recipe, cache, archive = _ready_to_boot(obj, name, "vztt run")
-    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, Progress(), vm=vm,
+    progress = Progress(quiet=as_json)
+    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, progress, vm=vm,
                                           given=given, hostname=hostname)
-    click.echo(output, nl=False)
+    if as_json:
+        emit({"name": name, "command": list(command), "status": status, "output": output, "vm": vm,
+              "steps": dict(progress.timings)})
+    else:
+        click.echo(output, nl=False)
     sys.exit(status)

@@ -1,7 +1,7 @@
 """A container's network and root's access, configured at creation in the files
 its distribution reads itself: no agent of vztt's runs inside.
 
-    settings = netconfig.check(RawSettings(ip=["192.0.2.10/24"], gateway=["192.0.2.1"]), UsageError)
+    settings = netconfig.check(RawSettings(ip=["192.0.2.10/24"], gateway=["192.0.2.1"]), BadUsage)
     written = netconfig.configure(root, "debian", settings)
 
 FAMILIES is the one table of which distribution writes which files: a new

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vztt.base.errors import UsageError
+from vztt.base.errors import BadUsage
 from vztt.base.inroot import read_in_root, remove_in_root, write_in_root
 
 HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
@@ -15,7 +15,7 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9
 
 def validate_hostname(hostname: str | None) -> None:
     if hostname is not None and not HOSTNAME_RE.fullmatch(hostname):
-        raise UsageError(f"--hostname {hostname!r}: not a valid host name (letters, digits, '-', dots between labels)")
+        raise BadUsage(f"--hostname {hostname!r}: not a valid host name (letters, digits, '-', dots between labels)")
 
 
 def personalize(root: Path, hostname: str | None) -> None:

@@ -3,7 +3,7 @@
 Values come from the command line (`vztt create`, `run`, `test`: --ip, ...) or
 from a recipe's defaults for its boot test (boot.ip, ...). Each bad value is
 refused with one line naming where it came from (`--ip`, or `<recipe file>:
-boot.ip`) and the value: the caller picks the error class (a UsageError, exit
+boot.ip`) and the value: the caller picks the error class (a BadUsage, exit
 2, for the command line; a RecipeError, exit 3, for a recipe).
 """
 
