@@ -8,6 +8,9 @@ STAMP := $(VENV)/.deps-stamp
 
 # Debian packages: the tools we drive and the Python libraries we import
 # (from Debian, because dnf's bindings exist only for Debian's python3).
+# openssh-client: the boot test's network check logs in to the booted template
+# with ssh (and makes its throwaway key with ssh-keygen); python3-yaml: the tests
+# read the netplan files vztt writes.
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
@@ -19,7 +22,7 @@ APT_PACKAGES := \
 	ploop qemu-utils fdisk gdisk \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl \
-	squashfs-tools
+	squashfs-tools openssh-client python3-yaml
 
 # The other container hosts, whose own programs the tests run against our formats and mirror
 # (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.

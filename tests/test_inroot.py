@@ -133,6 +133,28 @@ def test_remove_clear_list_and_stat_stay_inside(root: Path, host: Path) -> None:
     assert os.listdir(root / "run") == ["lock"]
 
 
+def test_network_helpers_stay_inside(root: Path, host: Path) -> None:
+    """make_dir_in_root, symlink_in_root and readlink_in_root (netconfig's): the way resolves
+    inside the root, the last name is never followed."""
+    before = snapshot(host)
+    (root / "root").symlink_to(host / "etc")                     # /root -> the host's /etc
+    inroot.make_dir_in_root(root, "root/.ssh", 0o700)
+    made = inside(root, host / "etc" / ".ssh")
+    assert stat.S_IMODE(made.lstat().st_mode) == 0o700 and made.is_dir()
+    (root / "etc" / "dirlink").symlink_to(host / "etc")
+    with pytest.raises(inroot.UnsafePath, match="not followed"):
+        inroot.make_dir_in_root(root, "etc/dirlink", 0o700)
+    (root / "etc" / "resolv.conf").symlink_to(host / "etc" / "hosts")
+    inroot.symlink_in_root(root, "etc/resolv.conf", "../run/systemd/resolve/stub-resolv.conf")
+    assert inroot.readlink_in_root(root, "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
+    assert inroot.readlink_in_root(root, "etc/missing") is None
+    (root / "etc" / "adir").mkdir()
+    with pytest.raises(inroot.UnsafePath, match="directory is in the way"):
+        inroot.symlink_in_root(root, "etc/adir", "x")
+    assert snapshot(host) == before
+    assert [n for n in os.listdir(root / "etc") if ".vztt" in n or n.startswith(".")] == []    # no temporary left
+
+
 def test_recipe_files_through_planted_links(root: Path, host: Path) -> None:
     """The build's files step: a setuid file under a directory link, a file over a file link."""
     before = snapshot(host)

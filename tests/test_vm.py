@@ -148,8 +148,12 @@ def test_debian12_boots_in_a_vm_and_passes_its_checks(debian12: BuiltTemplate, b
     report = result.json()
     assert report["result"] == "passed"
     names = [c["name"] for c in report["checks"]]
-    assert names[:5] == ["boot", "failed-units", "hostname", "loopback", "package-db"]
-    assert names[-1] == "poweroff" and all(n.startswith("smoke:") for n in names[5:-1])
+    assert names[:8] == ["boot", "failed-units", "hostname", "loopback", "network:address", "network:ping",
+                         "network:ssh", "package-db"]
+    assert names[-1] == "poweroff" and all(n.startswith("smoke:") for n in names[8:-1])
+    # virtio-net: the same network rows as in a container
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["network:ssh"]["detail"].startswith("ssh root@192.0.2.2 uname -n: localhost; host key ")
     boot = report["checks"][0]["detail"]
     assert re.match(r"(running|degraded) in [\d.]+ s \(qemu microvm, (kvm|tcg)", boot), boot
     if not vm.kvm_usable(shutil.which(vm.QEMU) or vm.QEMU, next(built_kernel.glob("*/bzImage")))[0]:
@@ -176,6 +180,14 @@ def test_debian13_boots_in_a_vm_with_no_failed_unit(built_kernel: Path, tmp_path
     report = result.json()
     failed = {c["name"]: c.get("detail") for c in report["checks"] if c["result"] != "passed"}
     assert result.returncode == 0 and not failed, failed or result.stderr[-2000:]
+    assert {"network:address", "network:ping", "network:ssh"} <= {c["name"] for c in report["checks"]}
+    # and in a container: every row, the network's included (debian-13's only container boot in `make test`)
+    result = run_vztt("test", name, "--json", cache=cache)
+    report = result.json()
+    failed = {c["name"]: (c.get("detail"), c.get("output", "")[-1500:]) for c in report["checks"]
+              if c["result"] != "passed"}
+    assert result.returncode == 0 and not failed, failed or result.stderr[-2000:]
+    assert [c["name"] for c in report["checks"]][4:7] == ["network:address", "network:ping", "network:ssh"]
     state = run_vztt("run", name, "--vm", "--", "systemctl", "show", "-p", "LoadState,ActiveState",
                      "systemd-modules-load.service", cache=cache, env=kernel_env(built_kernel))
     assert state.returncode == 0, state.stderr[-2000:]

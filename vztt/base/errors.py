@@ -25,7 +25,8 @@ class VzttError(Exception):
 
 class BadUsage(VzttError):
     """A bad command-line value that only a closer look finds (a host name, a mirror's
-    scheme): the same exit status as click's own usage errors."""
+    scheme, an address, a key file, a password hash): refused before anything is done,
+    with the same exit status as click's own usage errors."""
 
     exit_code = 2
     kind = "usage"
@@ -110,7 +111,8 @@ class Interrupted(VzttError):
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "internal error (a bug: please report the traceback)"),
-    (BadUsage.exit_code, "usage error (bad command line, a bad --hostname, a mirror vztt cannot read); "
+    (BadUsage.exit_code, "usage error (bad command line, a bad --hostname, an --ip, --gateway, --ssh-key or "
+                         "--root-password-hash that does not parse, a mirror vztt cannot read); "
                          "for `vztt status`: updates are available"),
     (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template (`vztt list` lists the "
                             "valid recipes and marks the invalid ones first)"),
@@ -119,7 +121,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (BuildError.exit_code, "install, hook, image or archive step failed (an archive the guard refuses, a destination taken)"),
     (EnvironmentProblem.exit_code, "host problem (not root, cache not writable, missing tool, not enough space, template busy)"),
     (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
-    (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, poweroff)"),
+    (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, network, poweroff)"),
     (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature)"),
     (PublishRefused.exit_code, "publish refused: the template failed its boot test, or skipped it without --allow-untested"),
     (Interrupted.exit_code, "interrupted (SIGINT/SIGTERM); everything was cleaned up"),

@@ -16,7 +16,7 @@ directory fd; a symlink at the name is replaced, never written through.
 
 Linux 5.6 or later (openat2). Every write vztt makes into such a tree (recipe
 files, apt sources, repo files, hostname, hosts, machine-id, the VM's agent,
-cleaning) goes through here.
+cleaning, the network settings of `vztt create`) goes through here.
 """
 
 from __future__ import annotations
@@ -279,3 +279,66 @@ def clear_in_root(root: Path, rel: str, keep: tuple[str, ...] = ()) -> None:
                 os.unlink(child, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def readlink_in_root(root: Path, rel: str) -> str | None:
+    """The target of the symlink root/rel as written in it (never resolved; the way to it
+    resolved inside root), or None if root/rel is not a symlink."""
+    parent, name = _split(rel)
+    with dir_in_root(root, parent) as dir_fd:
+        if dir_fd is None:
+            return None
+        try:
+            return os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            return None
+
+
+def make_dir_in_root(root: Path, rel: str, mode: int = 0o755) -> None:
+    """root/rel as a root-owned directory with `mode` (made if missing, its owner and mode
+    set if present), the way to it resolved inside root (made 0755 where missing); a
+    symlink or a file at rel itself is refused, never followed."""
+    parent, name = _split(rel)
+    with _root(root) as root_fd:
+        dir_fd = _open_dir(root, root_fd, parent, create=True)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+            try:
+                fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(f"{root}: {rel}: a symlink or a file that is not a directory is "
+                                     f"in the way; not followed") from None
+                raise
+            try:
+                os.fchown(fd, 0, 0)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+
+
+def symlink_in_root(root: Path, rel: str, target: str) -> None:
+    """Replace root/rel (not a directory) with a symlink to `target`, the way to it
+    resolved inside root: made under a temporary name and renamed over it, so nothing at
+    rel is followed or written through."""
+    parent, name = _split(rel)
+    with _root(root) as root_fd:
+        dir_fd = _open_dir(root, root_fd, parent, create=True)
+        try:
+            st = _lstat(name, dir_fd)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"{root}: {rel}: a directory is in the way")
+            tmp = temp_name(Path(name)).name
+            os.symlink(target, tmp, dir_fd=dir_fd)
+            try:
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from vztt import formats
 from vztt.base.progress import Progress
 from vztt.cli.main import Context, emit, emit_report, guarded, json_option, main
+from vztt.cli.netopts import network_options, raw_settings
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
 
@@ -40,11 +42,14 @@ format_option = click.option(
               help="Also write the report as JUnit XML to FILE (for CI).")
 @click.option("--vm", is_flag=True, help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`) "
               "instead of a container: KVM if it works here, TCG otherwise.")
+@click.option("--hostname", help="The booted template's hostname. [default: the recipe's `hostname`]")
+@network_options
 @format_option
 @json_option
 @click.pass_obj
 @guarded
-def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, fmt: str | None, as_json: bool) -> None:
+def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: str | None, fmt: str | None,
+             as_json: bool, **net: Any) -> None:
     """Boot the cached template NAME in a container and run its checks.
 
     \b
@@ -57,10 +62,21 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, fmt: str | N
       hostname       the recipe's hostname
       osrelease      uname -r is the recipe's osrelease (if it sets one)
       loopback       lo has 127.0.0.1, localhost resolves, a TCP echo over 127.0.0.1
+      network:address  the interface holds its address(es): the recipe's boot.ip
+                     (default 192.0.2.2/24, gateway 192.0.2.1), or --ip/--gateway
+      network:ping   the host side of the link answers ping from inside
+      network:ssh    ssh -i <throwaway key> root@<address> uname -n, from the host
+                     side, prints the hostname (sshd's host key made at first boot)
       package-db     the package database is consistent (dpkg --audit)
       smoke:NAME     each recipe smoke check (/bin/sh -c inside)
       poweroff       a clean poweroff in time
     Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here.
+
+    \b
+    The network: the link's other end is in a network namespace the test makes
+    for itself (nothing reaches the host's network); a failed network check keeps
+    `ip addr` and sshd's journal from inside in the report. boot.network = false
+    in a recipe leaves the three rows out.
 
     \b
     --vm: the same checks in a qemu microvm booted with vztt's kernel from an
@@ -68,10 +84,13 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, fmt: str | N
     console log <cache>/logs/NAME.vm.console.log. VZTT_VM_ACCEL=kvm|tcg|auto.
     """
     from vztt.boot import report as bootreport, test as boottest
+    from vztt.netconfig.identity import validate_hostname
+    given = raw_settings(net)
+    validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt test", fmt)
     progress = Progress(quiet=as_json)
     progress.say(f"testing {files[0]}" + (" in a VM" if vm else ""))
-    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen)
+    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen, given=given, hostname=hostname)
     if junit:
         bootreport.write_junit(report, junit)
     error = report.exception()
@@ -89,25 +108,36 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, fmt: str | N
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds COMMAND may run before it is killed (exit 124).")
 @click.option("--vm", is_flag=True, help="In a qemu VM with vztt's kernel instead of a container.")
+@click.option("--hostname", help="The container's hostname. [default: the recipe's `hostname`]")
+@network_options
 @format_option
 @json_option
 @click.pass_obj
 @guarded
-def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, fmt: str | None,
-            as_json: bool) -> None:
+def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, hostname: str | None,
+            fmt: str | None, as_json: bool, **net: Any) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
       vztt run debian-12-x86_64-minimal -- cat /etc/os-release
+      vztt run debian-12-x86_64-minimal --ip 192.0.2.5/24 --gateway 192.0.2.1 -- ip route
     Boots the template (as `vztt test` does), runs COMMAND once it is up,
     prints its output (stdout and stderr), powers off and removes everything.
     Exits with COMMAND's status; 8 if the template does not boot. --json (before
     `--`): {"name", "command", "status", "output", "steps"} instead of the output.
+
+    With --ip, the container gets a link (eth0) to a network namespace of its own
+    whose end holds the gateway (or the subnet's first free address), and the
+    network files `vztt create` would write; without, loopback only.
     """
     from vztt.boot import test as boottest
+    from vztt.netconfig.identity import validate_hostname
+    given = raw_settings(net)
+    validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt run", fmt)
     progress = Progress(quiet=as_json)
-    status, output = boottest.run_command(recipe, cache, files, list(command), timeout, progress, vm=vm, fmt=chosen)
+    status, output = boottest.run_command(recipe, cache, files, list(command), timeout, progress, vm=vm, fmt=chosen,
+                                          given=given, hostname=hostname)
     if as_json:
         emit({"name": name, "command": list(command), "status": status, "output": output, "vm": vm,
               "format": chosen, "steps": dict(progress.timings)})

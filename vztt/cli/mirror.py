@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
 from vztt import formats
 from vztt.base.progress import Progress
 from vztt.cli.main import Context, FormatList, emit, from_option, guarded, json_option, keyring_option, main
+from vztt.cli.netopts import NETWORK_HELP, network_options, raw_settings
 
 
 def _parse_duration_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
@@ -145,7 +147,23 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
         click.echo(f"  {f:<6} {path}")
 
 
-@main.command()
+CREATE_HELP = """Create a container at DEST from template NAME (pulled first if it is not cached).
+
+\b
+  vztt create debian-12-x86_64-minimal /srv/ct/1 --layout dir --hostname ct1 \\
+      --ip 192.0.2.10/24 --gateway 192.0.2.1 --nameserver 192.0.2.53 --ssh-key ~/.ssh/id_ed25519.pub
+
+\b
+The archive is unpacked safely (no absolute paths, no '..', nothing
+through links, no device nodes but the harmless ones, bounded sizes) and
+its sha256 checked; the container gets a fresh filesystem UUID, an empty
+machine-id (first boot makes one) and --hostname. It is made beside DEST
+and renamed into place when complete; a failure leaves nothing.
+
+""" + NETWORK_HELP
+
+
+@main.command(help=CREATE_HELP)
 @click.argument("name")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--layout", type=click.Choice(["dir", "ext4", "ploop"]),
@@ -154,6 +172,7 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
 @click.option("--size", callback=_parse_size_option, metavar="SIZE",
               help="Disk size for ext4 and ploop (e.g. 10G). [default: the template's disk size, else 10G]")
 @click.option("--hostname", help="Written to /etc/hostname and /etc/hosts (127.0.1.1).")
+@network_options
 @from_option
 @click.option("--build", "build_id", metavar="ID", help="This build of the template.")
 @click.option("--offline", is_flag=True, help="Never pull: the template must be in the cache.")
@@ -163,21 +182,13 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
 @guarded
 def create(obj: Context, name: str, dest: Path, layout: str | None, size: int | None, hostname: str | None,
            mirror_urls: tuple[str, ...], build_id: str | None, offline: bool, keyrings: tuple[Path, ...],
-           as_json: bool) -> None:
-    """Create a container at DEST from template NAME (pulled first if it is not cached).
-
-    \b
-    The archive is unpacked safely (no absolute paths, no '..', nothing
-    through links, no device nodes but the harmless ones, bounded sizes) and
-    its sha256 checked; the container gets a fresh filesystem UUID, an empty
-    machine-id (first boot makes one) and --hostname. It is made beside DEST
-    and renamed into place when complete; a failure leaves nothing.
-    """
+           as_json: bool, **net: Any) -> None:
+    """Create a container at DEST from template NAME (help: CREATE_HELP)."""
     from vztt import create as create_mod
     progress = Progress(quiet=as_json)
     result = create_mod.create(obj.cache, name, dest, create_mod.CreateOptions(
         layout=layout, size=size, hostname=hostname, mirrors=mirror_urls, keyrings=keyrings, offline=offline,
-        build=build_id), progress)
+        build=build_id, network=raw_settings(net)), progress)
     if as_json:
         emit(result.as_dict())
         return

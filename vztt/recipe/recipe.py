@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vztt.base.errors import RecipeError
+from vztt.netconfig.settings import RECIPE_FIELDS as NET_FIELDS, RawSettings, check as check_net_settings
 from vztt.recipe.inputs import as_text, check_packages, confined_file, read_confined
 from vztt.recipe.settings import APPEND, BY_KEY, BY_NAME, GROUPS, MERGE, SETTINGS, Setting
 from vztt.recipe.templating import render
@@ -387,6 +388,9 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
     family = FAMILY.get(merged.get("distro") or "", "apt")
     for key in ("packages.include", "packages.exclude", "packages.base"):
         check_packages(family, merged[key], where(key))
+    # The boot test's network settings, checked as `vztt create` checks its options.
+    check_net_settings(RawSettings(**{f: merged[f"boot.{f}"] for f in NET_FIELDS}), RecipeError,
+                       lambda f: where(f"boot.{f}"))
     variables = _template_vars(merged)
     if merged.get("summary"):
         merged["summary"] = render(merged["summary"], variables, where("summary"))

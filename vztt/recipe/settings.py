@@ -139,6 +139,20 @@ SETTINGS: tuple[Setting, ...] = (
             default=60),
     Setting("boot.allowed_failed", "list[str]", "Boot test: units allowed to fail at boot (shell patterns, "
             "e.g. `systemd-remount-fs.service`); any other failed unit fails the test.", default=[], merge=APPEND),
+    Setting("boot.network", "bool", "Boot test: give the booted template a network link (a veth pair, or virtio-net in "
+            "the VM) to a namespace of the test's own and run the network checks (address, ping from inside, ssh "
+            "from the host side with a throwaway key). Needs sshd and ping in the template.", default=True),
+    Setting("boot.ip", "list[str]", "Boot test: the template's addresses, ADDR/PREFIX, IPv4 or IPv6, written into its "
+            "own network files as `vztt create --ip` writes them (`vztt test --ip` replaces them).",
+            default=["192.0.2.2/24"]),
+    Setting("boot.gateway", "list[str]", "Boot test: the default route(s), one per IP version, inside a subnet of "
+            "`boot.ip`; the host side of the link takes this address (`vztt test --gateway`).",
+            default=["192.0.2.1"]),
+    Setting("boot.nameserver", "list[str]", "Boot test: DNS servers written into the template (resolv.conf or its "
+            "network files; nothing is looked up).", default=[]),
+    Setting("boot.search_domain", "list[str]", "Boot test: DNS search domains written into the template.", default=[]),
+    Setting("boot.interface", "str", "Boot test: the template's interface, as its network files name it.",
+            default="eth0"),
     Setting("image.size", "str", "Size of the sparse build image (K, M, G suffixes).", default="4G"),
     Setting("format", "str|list[str]", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
             "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`), `lxc` (rootfs.tar.xz + meta.tar.xz), `incus` (incus.tar.xz + "

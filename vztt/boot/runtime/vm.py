@@ -17,6 +17,9 @@ The interface is runtime.Container's, so the boot test's checks run unchanged.
   also powers it off), the kernel given with -kernel (no initramfs, no
   modules), the serial console written to the console log, -no-reboot so
   that a poweroff, a reboot or a panic (panic=-1) ends qemu.
+- The network (with `link`, a hostnet.HostNet): a virtio-net device backed by
+  a tap device in the link's own network namespace, where qemu runs (through
+  nsenter); the guest's kernel calls it eth0. Nothing reaches the host's network.
 - The result channel: a virtio-serial port named org.vztt.agent, backed by
   qemu's stdin and stdout. In the guest, vztt-agent.service (pulled into the
   boot with systemd.wants= on the kernel command line) opens the port, says
@@ -58,6 +61,7 @@ from vztt.recipe.settings import OSRELEASE_PATTERN, OSRELEASE_WORDS
 from .accel import die_with_parent, host_tsc_khz, kvm_usable
 from .guest import INIT_PATH, PORT_NAME, UNIT_NAME, make_disk, prepare_tree
 from .host import require, signals_deferred
+from .hostnet import HostNet
 
 QEMU = "qemu-system-x86_64"
 REPLY_GRACE = 15.0           # beyond a command's own timeout (timeout -k 5, transfer)
@@ -82,7 +86,8 @@ class VM:
     def __init__(self, tree: str | os.PathLike, scratch: str | os.PathLike, kernel: str | os.PathLike, *,
                  name: str = "vztt-vm", hostname: str | None = None, osrelease: str | None = None,
                  console_log: str | os.PathLike | None = None, accel: str | None = None,
-                 probe_cache: str | os.PathLike | None = None, memory_mb: int = 1024, cpus: int = 1):
+                 probe_cache: str | os.PathLike | None = None, memory_mb: int = 1024, cpus: int = 1,
+                 link: HostNet | None = None):
         self.tree = Path(tree).resolve()
         self.scratch = Path(scratch).resolve()
         self.kernel = Path(kernel).resolve()
@@ -95,6 +100,9 @@ class VM:
             raise RuntimeUnavailable(f"VZTT_VM_ACCEL={self.accel_wanted}: expected kvm, tcg or auto")
         self.probe_cache = Path(probe_cache) if probe_cache else None
         self.memory_mb, self.cpus = memory_mb, cpus
+        # A virtio-net device backed by a tap in the link's namespace (qemu runs there);
+        # the guest kernel names it eth0 (no udev in a template).
+        self.link = link
         self.disk = self.scratch / "disk.ext4"
         self.accel = ""                    # kvm or tcg, once started
         self.slowdown = 1.0                # TCG_SLOWDOWN under TCG: callers' time bounds are scaled
@@ -281,6 +289,11 @@ class VM:
             "-chardev", "stdio,id=agent,signal=off",
             "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
         ]
+        if self.link is not None:
+            tap = self.link.tap()
+            command += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+                        "-device", "virtio-net-device,netdev=net0"]
+            command = self.link.command(command)   # qemu opens the tap from the link's namespace
         stderr = open(self.scratch / "qemu.stderr", "wb")
         self._started_at = time.monotonic()
         try:
