@@ -44,7 +44,7 @@ from vztt.base.progress import Progress
 from vztt.boot.checks import (Outcome, check_failed_units, check_hostname, check_loopback, check_osrelease,
                               check_package_db, check_smoke, timed)
 from vztt.boot.report import FAILED_RESULT, PASSED, Check, Report
-from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale
+from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale, cpu
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
 
@@ -142,8 +142,10 @@ def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: b
             scratch = stack.enter_context(cache.scratch(f"{recipe.name}.vm"))
             box = VM(tree, scratch, kernel, name=container_name(recipe.name, purpose), hostname=recipe.hostname,
                      osrelease=osrelease(recipe), console_log=console_log_path(cache, recipe.name, vm_purpose(purpose)),
-                     probe_cache=cache.kernel_dir / KVM_PROBE)
+                     probe_cache=cache.kernel_dir / KVM_PROBE, cpu_level=cpu_level(recipe))
         else:
+            # The container runs the template's programs on this host's CPU.
+            cpu.require_on_host(cpu_level(recipe), recipe.name)
             box = Container(tree, cache.containers_dir, name=container_name(recipe.name, purpose),
                             hostname=recipe.hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
                             console_log=console_log_path(cache, recipe.name, purpose), osrelease=osrelease(recipe))
@@ -160,6 +162,11 @@ def osrelease(recipe: Recipe) -> str | None:
     """The recipe's `osrelease` (what uname -r says inside), or None; checked
     against the settings table's pattern when the recipe was loaded."""
     return recipe.merged.get("osrelease") or None
+
+
+def cpu_level(recipe: Recipe) -> str:
+    """The x86-64 level the recipe's programs need (`cpu_level`; the baseline if unset)."""
+    return recipe.merged.get("cpu_level") or cpu.BASELINE
 
 
 def boot_timeout(recipe: Recipe) -> int:

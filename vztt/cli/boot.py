@@ -46,10 +46,11 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: boo
       hostname       the recipe's hostname
       osrelease      uname -r is the recipe's osrelease (if it sets one)
       loopback       lo has 127.0.0.1, localhost resolves, a TCP echo over 127.0.0.1
-      package-db     the package database is consistent (dpkg --audit)
+      package-db     the package database is consistent (dpkg --audit; rpm -Va)
       smoke:NAME     each recipe smoke check (/bin/sh -c inside)
       poweroff       a clean poweroff in time
-    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here.
+    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here,
+    or this host's CPU lacks the recipe's cpu_level (x86-64-v3 for EL 10).
 
     \b
     --vm: the same checks in a qemu microvm booted with vztt's kernel from an
