@@ -75,6 +75,19 @@ def leftovers(cache: Path) -> list[str]:
     return found
 
 
+def processes_naming(path: Path) -> list[str]:
+    """Processes whose command line names `path` (what a test must not leave running)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
 @dataclass
 class BuiltTemplate:
     cache: Path
