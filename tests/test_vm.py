@@ -20,12 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PACKAGE_CACHE, REPO, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
-from test_kernel import built_kernel, kernel_env  # noqa: F401  (the session's kernel fixture)
+from conftest import (PACKAGE_CACHE, REPO, RECIPES, BuiltTemplate, leftovers, one_line_error, processes_naming,
+                      run_vztt)
+import test_kernel
+from test_kernel import kernel_env
 from vztt.store.templates import TemplateCache
 from vztt.boot.runtime import OSRELEASE_SYSCTL, guest, vm
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting templates needs root")
+
+# The session's kernel fixture, bound here for pytest (assigned, not imported by name:
+# pyflakes reads a test's parameter of an imported name as a redefinition)
+built_kernel = test_kernel.built_kernel
+
 OSRELEASE = "2.6.32-vztt"
 
 # Smoke checks of the sysctl's rules, run in the guest (util-linux's nsenter,
@@ -82,15 +89,7 @@ output = 'virt_osrelease: Permission denied'
 
 def qemu_processes(cache: Path) -> list[str]:
     """qemu processes booting a disk under `cache`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "qemu-system" in cmdline and str(cache) in cmdline:
-            found.append(f"{pid}: {cmdline[:200]}")
-    return found
+    return [p for p in processes_naming(cache) if "qemu-system" in p]
 
 
 def nothing_left(cache: Path) -> list[str]:

@@ -5,9 +5,11 @@ Python API, in a worker process of its own (`python -m vztt.backend._dnf_worker`
 
 - rpm and the `rpmkeys` process dnf starts to check signatures read their
   database path from `~/.rpmmacros` (Debian's rpm defaults to `~/.rpmdb`), so
-  the worker gets a HOME whose .rpmmacros says `%_dbpath /var/lib/rpm` and
-  switches off rpm's transaction plugins (syslog, D-Bus, audit, SELinux: they
-  would talk to the host);
+  the worker gets a HOME whose .rpmmacros names the release's own database
+  path (EL 9: /var/lib/rpm; EL 10: /usr/lib/sysimage/rpm, where its rpm
+  looks, /var/lib/rpm being its rpm package's symlink to it) and switches off
+  rpm's transaction plugins (syslog, D-Bus, audit, SELinux: they would talk to
+  the host; so the image's files carry no SELinux labels);
 - rpm chroots the process that runs a transaction into the image.
 
 Resolve: a `dnf.Base` configured from nothing but the recipe (no
@@ -31,7 +33,8 @@ fails; the transaction display catches it and the build fails. dnf's cache,
 history and logs live in the scratch directory, never in the image.
 
 EL 7 and 8 keep their rpm database in BerkeleyDB, which Debian's rpm cannot
-write: such recipes are refused.
+write: such recipes are refused. EL 9 and 10 read the sqlite database
+Debian's rpm 4.18 writes (rpmdb.sqlite; EL 9 has rpm 4.16, EL 10 4.19).
 """
 
 from __future__ import annotations
@@ -55,13 +58,18 @@ from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import TOOL_ENV, run, summarize
 
 MIN_RELEASE = 9
-DBPATH = "/var/lib/rpm"
 REPOS_DIR = "/etc/yum.repos.d"
 KEYS_DIR = "/etc/pki/rpm-gpg"
+# Where the image's rpm keeps its database, by EL major release: EL 10 moved it below /usr,
+# as Fedora did in release 36 (its rpm package makes /var/lib/rpm a symlink there).
+DBPATH_EL9 = "/var/lib/rpm"
+DBPATH_EL10 = "/usr/lib/sysimage/rpm"
 # rpm's transaction plugins would reach out to the host (syslog, D-Bus, audit, SELinux, IMA).
 _PLUGINS = ("audit", "dbus_announce", "fapolicyd", "fsverity", "ima", "prioreset", "selinux", "syslog",
             "systemd_inhibit")
-RPMMACROS = f"%_dbpath {DBPATH}\n" + "".join(f"%__transaction_{p} %{{nil}}\n" for p in _PLUGINS)
+# Made mount points by BuildImage.mount_api before the filesystem package came: their
+# modes are mkdir's, not the package's (EL's /proc is 0555).
+MOUNT_POINTS = ("proc", "dev")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]     # the directory holding the vztt package
 WORKER = "vztt.backend._dnf_worker"
 
@@ -69,6 +77,16 @@ WORKER = "vztt.backend._dnf_worker"
 def el_major(recipe_release: str) -> int | None:
     m = re.match(r"(\d+)", recipe_release)
     return int(m.group(1)) if m else None
+
+
+def dbpath_for(major: int) -> str:
+    """The rpm database directory EL `major`'s own rpm reads."""
+    return DBPATH_EL9 if major < 10 else DBPATH_EL10
+
+
+def rpmmacros(dbpath: str) -> str:
+    """The worker's ~/.rpmmacros: the image's database path, rpm's plugins off."""
+    return f"%_dbpath {dbpath}\n" + "".join(f"%__transaction_{p} %{{nil}}\n" for p in _PLUGINS)
 
 
 def _evr(epoch: int | str | None, ver: str, rel: str) -> str:
@@ -89,6 +107,7 @@ class DnfBackend(Backend):
             raise RecipeError(f"{where}: release: {recipe.release!r}: EL {major} keeps its rpm database in "
                               "BerkeleyDB, which Debian's rpm cannot write; vztt builds EL 9 and later")
         self.major = major
+        self.dbpath = dbpath_for(major)
 
     # ------------------------------------------------------------------ worker
     def _worker(self, op: str, request: dict[str, Any], scratch: Path, what: str, error: type[VzttError],
@@ -96,7 +115,7 @@ class DnfBackend(Backend):
         """Run one dnf job in a child Python with our HOME; its errors come back as JSON."""
         home = scratch / "home"
         home.mkdir(parents=True, exist_ok=True)
-        (home / ".rpmmacros").write_text(RPMMACROS)
+        (home / ".rpmmacros").write_text(rpmmacros(self.dbpath))
         req, res = scratch / "request.json", scratch / "result.json"
         req.write_text(json.dumps(request))
         res.unlink(missing_ok=True)
@@ -210,12 +229,12 @@ class DnfBackend(Backend):
                              f"{', '.join(extra[:5])}")
 
     def installed(self, root: Path) -> list[InstalledPackage]:
-        if not (root / DBPATH.lstrip("/") / "rpmdb.sqlite").is_file():
+        if not (root / self.dbpath.lstrip("/") / "rpmdb.sqlite").is_file():
             return []
-        proc = run(["rpm", "--root", str(root), "--dbpath", DBPATH, "-qa", "--qf",
+        proc = run(["rpm", "--root", str(root), "--dbpath", self.dbpath, "-qa", "--qf",
                     r"%{NAME}\t%{ARCH}\t%{EPOCHNUM}\t%{VERSION}\t%{RELEASE}\n"],
                    log=self.log, what="rpm -qa in the image", error=BuildError)
-        _tidy_rpmdb(root)      # a reader leaves sqlite's -shm/-wal behind; keep the image as finish() left it
+        _tidy_rpmdb(root, self.dbpath)   # a reader leaves sqlite's -shm/-wal behind
         out = []
         for line in proc.stdout.splitlines():
             name, arch, epoch, ver, rel = line.split("\t")
@@ -229,11 +248,24 @@ class DnfBackend(Backend):
                     "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
             clear_in_root(root, rel)        # a directory: emptied (and kept)
             remove_in_root(root, rel)       # anything else: removed
-        for rel, patterns in (("var/log", ("dnf*.log*", "hawkey.log*", "yum.log*")), (DBPATH, ("__db.*",))):
+        for rel, patterns in (("var/log", ("dnf*.log*", "hawkey.log*", "yum.log*")), (self.dbpath, ("__db.*",))):
             for name in list_in_root(root, rel):
                 if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                     remove_in_root(root, f"{rel}/{name}")
-        _tidy_rpmdb(root)
+        self._restore_mount_points(root)
+        _tidy_rpmdb(root, self.dbpath)
+
+    def _restore_mount_points(self, root: Path) -> None:
+        """/proc and /dev as the package database says (mode, owner), now that they are
+        unmounted: only these, so a recipe hook's own changes elsewhere stay."""
+        paths = [f"/{p}" for p in MOUNT_POINTS]
+        proc = run(["rpm", "--root", str(root), "--dbpath", self.dbpath, "-qf", "--qf",
+                    r"[%{FILENAMES}\t%{FILEMODES}\t%{FILEUSERNAME}\t%{FILEGROUPNAME}\n]", *paths],
+                   log=self.log, what="rpm -qf /proc /dev in the image", error=BuildError, check=False)
+        for line in proc.stdout.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 4 and fields[0] in paths:
+                _set_dir_attributes(root, fields[0].lstrip("/"), int(fields[1]), fields[2], fields[3])
 
 
 def repo_file(name: str, url: str, key: str, repo_gpgcheck: bool) -> str:
@@ -241,11 +273,39 @@ def repo_file(name: str, url: str, key: str, repo_gpgcheck: bool) -> str:
             f"enabled=1\ngpgcheck=1\nrepo_gpgcheck={int(repo_gpgcheck)}\ngpgkey=file://{key}\n")
 
 
-def _tidy_rpmdb(root: Path) -> None:
+def _set_dir_attributes(root: Path, name: str, mode: int, user: str, group: str) -> None:
+    """chmod and chown root/name, a directory directly under root, never through a symlink."""
+    try:
+        fd = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return                  # not a directory (or a link): not what the package made
+    try:
+        ids = _ids_in_root(root)
+        os.fchown(fd, ids[0].get(user, 0), ids[1].get(group, 0))
+        os.fchmod(fd, stat.S_IMODE(mode))
+    finally:
+        os.close(fd)
+
+
+def _ids_in_root(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """User and group names -> ids, from the image's /etc/passwd and /etc/group."""
+    tables: list[dict[str, int]] = []
+    for name in ("passwd", "group"):
+        data = read_in_root(root, f"etc/{name}") or b""
+        table = {}
+        for line in data.decode(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[2].isdigit():
+                table[fields[0]] = int(fields[2])
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+def _tidy_rpmdb(root: Path, dbpath: str) -> None:
     """Checkpoint rpm's sqlite WAL into the database, so no -wal/-shm files stay in the image.
     Everything through the fd of the database's directory, resolved inside the root."""
     db = "rpmdb.sqlite"
-    with dir_in_root(root, DBPATH) as fd:
+    with dir_in_root(root, dbpath) as fd:
         if fd is None or not _regular(db, fd):
             return
         if _regular(db + "-wal", fd) or _regular(db + "-shm", fd):

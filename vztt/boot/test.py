@@ -55,7 +55,7 @@ from vztt.boot.checks import (Outcome, SshLogin, check_failed_units, check_hostn
                               check_package_db, check_smoke, network_diagnostics, shipped_host_keys, timed)
 from vztt.boot.network import BootNet, host_side, network_check_enabled, run_network, test_network
 from vztt.boot.report import FAILED_RESULT, PASSED, Check, Report
-from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale
+from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale, cpu
 from vztt.boot.runtime.hostnet import HostNet
 from vztt.netconfig import RawSettings
 from vztt.recipe.recipe import Recipe
@@ -158,8 +158,10 @@ def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: b
             configure(tree)            # the VM's scratch copy; its disk is made from it
             box = VM(tree, scratch, kernel, name=container_name(recipe.name, purpose), hostname=hostname,
                      osrelease=osrelease(recipe), console_log=console_log_path(cache, recipe.name, vm_purpose(purpose)),
-                     probe_cache=cache.kernel_dir / KVM_PROBE, link=link)
+                     probe_cache=cache.kernel_dir / KVM_PROBE, link=link, cpu_level=cpu_level(recipe))
         else:
+            # The container runs the template's programs on this host's CPU.
+            cpu.require_on_host(cpu_level(recipe), recipe.name)
             box = Container(tree, cache.containers_dir, name=container_name(recipe.name, purpose),
                             hostname=hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
                             console_log=console_log_path(cache, recipe.name, purpose), osrelease=osrelease(recipe),
@@ -178,6 +180,11 @@ def osrelease(recipe: Recipe) -> str | None:
     """The recipe's `osrelease` (what uname -r says inside), or None; checked
     against the settings table's pattern when the recipe was loaded."""
     return recipe.merged.get("osrelease") or None
+
+
+def cpu_level(recipe: Recipe) -> str:
+    """The x86-64 level the recipe's programs need (`cpu_level`; the baseline if unset)."""
+    return recipe.merged.get("cpu_level") or cpu.BASELINE
 
 
 def boot_timeout(recipe: Recipe) -> int:

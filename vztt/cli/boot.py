@@ -67,10 +67,11 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
       network:ping   the host side of the link answers ping from inside
       network:ssh    ssh -i <throwaway key> root@<address> uname -n, from the host
                      side, prints the hostname (sshd's host key made at first boot)
-      package-db     the package database is consistent (dpkg --audit)
+      package-db     the package database is consistent (dpkg --audit; rpm -Va)
       smoke:NAME     each recipe smoke check (/bin/sh -c inside)
       poweroff       a clean poweroff in time
-    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here.
+    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here,
+    or this host's CPU lacks the recipe's cpu_level (x86-64-v3 for EL 10).
 
     \b
     The network: the link's other end is in a network namespace the test makes

@@ -258,9 +258,11 @@ class VzttGroup(click.Group):
 
 @click.group(cls=VzttGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vztt")
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VZTT_CACHE",
+# Absolute at once: the dnf worker and hooks run in other directories, where a relative path
+# would name something else.
+@click.option("--cache-dir", type=click.Path(path_type=Path, resolve_path=True), envvar="VZTT_CACHE",
               help="Cache root: templates, locks, package cache. [env: VZTT_CACHE]")
-@click.option("--recipes", type=click.Path(path_type=Path), envvar="VZTT_RECIPES",
+@click.option("--recipes", type=click.Path(path_type=Path, resolve_path=True), envvar="VZTT_RECIPES",
               help="Recipes directory. [env: VZTT_RECIPES]")
 @click.option("--mirror", multiple=True, metavar="NAME=URL",
               help="Set a mirror variable for this run, e.g. --mirror DEBIAN_MIRROR=file:///srv/debian (repeatable).")

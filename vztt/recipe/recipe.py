@@ -371,7 +371,8 @@ def _copy(value: Any) -> Any:
 
 
 def _template_vars(merged: dict[str, Any]) -> dict[str, Any]:
-    v = {k: merged.get(k) for k in ("name", "distro", "release", "version", "arch", "hostname", "summary")}
+    v = {k: merged.get(k) for k in ("name", "distro", "release", "version", "arch", "hostname", "summary",
+                                    "cpu_level")}
     v["deb_arch"] = DEB_ARCH.get(merged.get("arch") or "", "")
     v.update(merged.get("variables") or {})
     return v

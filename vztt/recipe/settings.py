@@ -114,6 +114,10 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel.virt_osrelease, vztt's kernel patch: in the VM runtime (`vztt test --vm`) always; in the "
             "container runtime only on a host kernel that has it (otherwise noted and skipped).",
             pattern=OSRELEASE_PATTERN, pattern_doc=OSRELEASE_WORDS),
+    Setting("cpu_level", "str", "x86-64 microarchitecture level the template's programs are built for: boot "
+            "tests refuse a host CPU without it (containers, KVM) and give a TCG VM a model with it. EL 9 is built "
+            "for x86-64-v2, EL 10 for x86-64-v3 (AVX2, FMA, BMI2, MOVBE: Intel Haswell, AMD Zen and later).",
+            default="x86-64", choices=("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")),
     Setting("variables", "dict[str,str]", "Extra variables for templates.", default={}, merge=MERGE),
     Setting("merged_usr", "bool", "Create the merged-/usr symlinks before unpacking (debootstrap's way) and pick usr-is-merged over usrmerge.", default=True),
     Setting("packages.priority", "str", "apt: the priority set installed besides Essential packages (`required` is mmdebstrap's minbase).",
@@ -207,7 +211,8 @@ def reference_markdown() -> str:
     out += [
         "",
         "Template variables (jinja2, in `files`, templated keys and `.j2` sources): `name`, `distro`, `release`, "
-        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`. Templates render in "
+        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, `cpu_level`, and everything in `variables`. "
+        "Templates render in "
         "jinja2's sandbox with these variables only (no globals such as `range` or `cycler`); `{% include %}`, "
         "`{% import %}` and `{% extends %}` are refused.",
         "",
