@@ -212,6 +212,14 @@ def check_names(recipe: Recipe) -> list[str]:
             + ["package-db"] + [f"smoke:{s.name}" for s in recipe.smoke] + ["poweroff"])
 
 
+def _vm_boots_plain(recipe: Recipe, vm: bool, fmt: str) -> None:
+    """The VM's disk is made from a tree it writes its agent into: the plain archive's
+    unpacked tree. Another format's tree (ploop's read-only partition) boots in a container."""
+    if vm and fmt != formats.SOURCE:
+        raise BadUsage(f"{recipe.name}: --vm boots the plain archive (the VM's disk is made from its tree); "
+                       f"the {fmt} artifact boots in the container runtime (without --vm)")
+
+
 def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], progress: Progress | None = None,
               vm: bool = False, fmt: str = "plain", given: RawSettings | None = None,
               hostname: str | None = None) -> Report:
@@ -223,6 +231,7 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], 
     `given`: network settings from the command line, over the recipe's boot.* defaults
     (a bad value: BadUsage, before anything is unpacked); `hostname` over the recipe's."""
     progress = progress or Progress(quiet=True)
+    _vm_boots_plain(recipe, vm, fmt)
     files = [archive] if isinstance(archive, Path) else list(archive)
     archive = files[0]
     hostname = hostname or recipe.hostname
@@ -346,6 +355,7 @@ def run_command(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path]
     settings (--ip ...: a link to a host side of its own, the files written as `vztt
     create` writes them); none: loopback only."""
     progress = progress or Progress(quiet=True)
+    _vm_boots_plain(recipe, vm, fmt)
     files = [archive] if isinstance(archive, Path) else list(archive)
     wanted = run_network(recipe, given, BadUsage) if given is not None else None
     with contextlib.ExitStack() as stack:
