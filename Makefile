@@ -8,6 +8,9 @@ STAMP := $(VENV)/.deps-stamp
 
 # Debian packages: the tools we drive and the Python libraries we import
 # (from Debian, because dnf's bindings exist only for Debian's python3).
+# openssh-client: the boot test's network check logs in to the booted template
+# with ssh (and makes its throwaway key with ssh-keygen); python3-yaml: the tests
+# read the netplan files vztt writes.
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
@@ -19,7 +22,14 @@ APT_PACKAGES := \
 	ploop qemu-utils fdisk gdisk \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl \
-	python3-yaml python3-xmltodict python3-attr rsync chromium fonts-dejavu-core
+	squashfs-tools openssh-client python3-yaml python3-xmltodict python3-attr rsync chromium fonts-dejavu-core
+
+# The other container hosts, whose own programs the tests run against our formats and mirror
+# (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.
+HOST_PACKAGES := lxc wget podman skopeo runc uidmap systemd-container openssl
+# Incus exists for Debian 12 only in bookworm-backports (.ci/add-backports.sh adds that suite
+# from the host's own Debian mirror). Never install lxd beside it: both claim root's subuid range.
+BACKPORTS_PACKAGES := incus-base incus-extra
 
 DEMO ?= debian-12-x86_64-minimal
 
@@ -68,7 +78,23 @@ $(GCL): $(NODE_TOOLS)/package.json $(NODE_TOOLS)/package-lock.json
 	npm ci --prefix $(NODE_TOOLS) --no-audit --no-fund
 	@touch $@
 
-test: setup $(TEST_STAMP) $(GCL)
+# The hosts' packages, installed with a policy-rc.d that keeps their services (lxc-net, lxcfs,
+# incus) from starting: the tests start what they need, privately, and stop it.
+HOSTS_STAMP := $(VENV)/.hosts-stamp
+$(HOSTS_STAMP): Makefile .ci/add-backports.sh
+	@.ci/add-backports.sh
+	@missing=$$(for p in $(HOST_PACKAGES) $(BACKPORTS_PACKAGES); do \
+	  [ "$$(dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null)" = "ii " ] || echo $$p; done); \
+	if [ -n "$${missing// /}" ]; then \
+	  echo "installing: "$$missing; guard=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  rc=$$?; [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	fi
+	@touch $@
+
+test: setup $(TEST_STAMP) $(HOSTS_STAMP) $(GCL)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.

@@ -1,6 +1,9 @@
 """Shared test fixtures: run the real CLI, and build the real Debian 12
 template once per session (every test that needs a real template reuses it).
 
+The bootable EL fixture distribution (tests/rpmdist.py) is built once per
+change of its scripts and kept in FIXTURE_CACHE.
+
 The package cache is shared with `make demo` (cache/packages in the checkout,
 or VZTT_TEST_PACKAGE_CACHE), so a developer's second test run downloads
 nothing; CI's fresh machine fills it once.
@@ -20,6 +23,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 PACKAGE_CACHE = Path(os.environ.get("VZTT_TEST_PACKAGE_CACHE") or REPO / "cache" / "packages")
+# Fixtures that take minutes to make (tests/rpmdist.py's distribution), kept between runs
+# under the checkout's gitignored cache/, keyed by the digest of the scripts that make them.
+FIXTURE_CACHE = Path(os.environ.get("VZTT_TEST_FIXTURE_CACHE") or REPO / "cache" / "fixtures")
 
 
 @dataclass
@@ -75,6 +81,19 @@ def leftovers(cache: Path) -> list[str]:
     return found
 
 
+def processes_naming(path: Path) -> list[str]:
+    """Processes whose command line names `path` (what a test must not leave running)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
 @dataclass
 class BuiltTemplate:
     cache: Path
@@ -100,3 +119,11 @@ def debian12(tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
     doc = result.json()
     lock = json.loads((cache / "locks" / f"{name}.lock.json").read_text())
     return BuiltTemplate(cache=cache, name=name, archive=Path(doc["archive"]), lock=lock, build=result)
+
+
+@pytest.fixture(scope="session")
+def el_distribution():  # type: ignore[no-untyped-def]
+    """The bootable EL fixture distribution (rpmdist.Distribution), from FIXTURE_CACHE
+    or built (a few minutes; the Debian mirror is needed then)."""
+    from rpmdist import build_distribution
+    return build_distribution(FIXTURE_CACHE, log=lambda line: sys.stderr.write(f"rpmdist: {line}\n"))

@@ -65,6 +65,23 @@ def stage_locked_debs(lock: dict, package_cache: Path, dest: Path) -> list[Path]
     return out
 
 
+def fetch_locked(lock_file: Path, package_cache: Path) -> None:
+    """Every package of a lock into a package cache, with vztt's own fetcher (each file's
+    sha256 checked against the lock; the mirror variables as vztt reads them)."""
+    from vztt.builder.fetch import Fetcher
+    from vztt.recipe import variables
+    from vztt.recipe.lock import Lock
+    from vztt.store.packages import Download, PackageCache
+    lock = Lock.read(lock_file)
+    mirrors = variables.load(environ={k: v for k, v in os.environ.items() if k.startswith("VZTT_MIRROR_")})
+    downloads = []
+    for p in lock.packages:
+        base = mirrors.expand(lock.repository(p.repository).url, f"{lock_file}: {p.repository}")
+        downloads.append(Download(label=f"{p.name} {p.version}", url=f"{base.rstrip('/')}/{p.filename}",
+                                  sha256=p.sha256, size=p.size))
+    Fetcher(PackageCache(Path(package_cache))).fetch_all(downloads)
+
+
 def publish_suites(root: Path, debs: dict[str, list[Path]], suites: list[str], key: GpgKey,
                    components: tuple[str, ...] = ("main",),
                    date: str = "Sat, 01 Jun 2024 00:00:00 UTC") -> dict[str, Repo]:

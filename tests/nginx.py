@@ -84,6 +84,10 @@ class Nginx:
     def url(self, location: str) -> str:
         return f"http://127.0.0.1:{self.port}/{location}/"
 
+    def config(self) -> str:
+        """nginx.conf for this run (subclasses add servers)."""
+        return CONF.format(prefix=self.prefix, port=self.port, mirror=self.mirror_root, dav=self.dav_root)
+
     def start(self) -> "Nginx":
         for d in (self.prefix / "logs", self.prefix / "tmp", self.mirror_root, self.dav_root):
             d.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,7 @@ class Nginx:
         for attempt in range(5):       # the port could be taken between free_port() and bind
             self.port = free_port()
             conf = self.prefix / "nginx.conf"
-            conf.write_text(CONF.format(prefix=self.prefix, port=self.port, mirror=self.mirror_root, dav=self.dav_root))
+            conf.write_text(self.config())
             self.proc = subprocess.Popen([NGINX, "-p", str(self.prefix), "-c", str(conf), "-e",
                                           str(self.prefix / "logs" / "error.log")],
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -25,6 +25,8 @@ __all__ = [
     "RpmRepo",
     "build_rpm",
     "build_rpms",
+    "rpmbuild_argv",
+    "run",
     "busybox_shell",
     "is_static_elf",
     "export_armored",
@@ -132,19 +134,25 @@ def build_rpm(pkg: RpmPackage, outdir: Path) -> Path:
         spec = top / f"{pkg.name}.spec"
         spec.write_text(_spec(pkg))
         env = dict(os.environ, SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH), HOME=str(top), LC_ALL="C")
-        _run(["rpmbuild", "-bb", "--quiet",
-              "--define", f"_topdir {top}",
-              "--define", f"_rpmdir {outdir}",
-              "--define", "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
-              "--define", "_buildhost fixture.invalid",
-              "--define", "use_source_date_epoch_as_buildtime 1",
-              "--define", "clamp_mtime_to_source_date_epoch 1",
-              "--define", "_binary_payload w2.xzdio",
-              str(spec)], env=env)
+        run(rpmbuild_argv(spec, top, outdir, payload="w2.xzdio"), env=env)
     out = outdir / pkg.filename
     if not out.is_file():
         raise RuntimeError(f"rpmbuild did not write {out}")
     return out
+
+
+def rpmbuild_argv(spec: Path, top: Path, outdir: Path, *, payload: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """rpmbuild -bb of `spec`, reproducible (build time and mtimes from SOURCE_DATE_EPOCH,
+    a fixed build host), the package written as outdir/NAME-VERSION-RELEASE.ARCH.rpm."""
+    return ["rpmbuild", "-bb", "--quiet", *extra,
+            "--define", f"_topdir {top}",
+            "--define", f"_rpmdir {outdir}",
+            "--define", "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
+            "--define", "_buildhost fixture.invalid",
+            "--define", "use_source_date_epoch_as_buildtime 1",
+            "--define", "clamp_mtime_to_source_date_epoch 1",
+            "--define", f"_binary_payload {payload}",
+            str(spec)]
 
 
 def build_rpms(pkgs: list[RpmPackage], outdir: Path) -> list[Path]:
@@ -186,7 +194,7 @@ def busybox_shell(name: str = "fixture-shell", applets: tuple[str, ...] = (
 
 def export_armored(key_home: Path, fingerprint: str, dest: Path) -> Path:
     """The public key, ASCII-armored: what rpmkeys --import and dnf's gpgkey= take."""
-    out = _run(["gpg", "--homedir", str(key_home), "--batch", "--armor", "--export", fingerprint],
+    out = run(["gpg", "--homedir", str(key_home), "--batch", "--armor", "--export", fingerprint],
                env=_gpg_env(key_home)).stdout
     dest.write_text(out)
     return dest
@@ -195,7 +203,7 @@ def export_armored(key_home: Path, fingerprint: str, dest: Path) -> Path:
 def sign_rpms(rpms: list[Path], key_home: Path, fingerprint: str) -> None:
     """rpmsign --addsign in place (Debian's default %__gpg names a missing gpg2)."""
     try:
-        _run(["rpmsign", "--define", "__gpg /usr/bin/gpg", "--define", f"_gpg_name {fingerprint}",
+        run(["rpmsign", "--define", "__gpg /usr/bin/gpg", "--define", f"_gpg_name {fingerprint}",
               "--define", f"_gpg_path {key_home}", "--addsign", *map(str, rpms)],
              env={**_gpg_env(key_home), "HOME": str(key_home)})
     finally:
@@ -229,7 +237,7 @@ def make_rpm_repo(root: Path, rpms: list[Path], key_home: Path | None = None, fi
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(rpm, dest / rpm.name)
     shutil.rmtree(root / "repodata", ignore_errors=True)
-    _run(["createrepo_c", "--quiet", "--no-database", "--checksum", "sha256", "--general-compress-type", "gz",
+    run(["createrepo_c", "--quiet", "--no-database", "--checksum", "sha256", "--general-compress-type", "gz",
           "--revision", str(revision), "--set-timestamp-to-revision", str(root)])
     repo = RpmRepo(root=root, key_home=key_home)
     if key_home is not None:
@@ -241,7 +249,7 @@ def sign_repomd(repo: RpmRepo, key_home: Path, fingerprint: str) -> None:
     asc = repo.repomd.with_name("repomd.xml.asc")
     asc.unlink(missing_ok=True)
     try:
-        _run(["gpg", "--homedir", str(key_home), "--batch", "--yes", "--pinentry-mode", "loopback",
+        run(["gpg", "--homedir", str(key_home), "--batch", "--yes", "--pinentry-mode", "loopback",
               "--passphrase", "", "--local-user", fingerprint, "--digest-algo", "SHA256",
               "--detach-sign", "--armor", "--output", str(asc), str(repo.repomd)], env=_gpg_env(key_home))
     finally:
@@ -271,10 +279,11 @@ def _kill_agent(home: Path) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
-         ) -> subprocess.CompletedProcess:
+def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run a fixture-making tool; RuntimeError with its command line and the end of its output."""
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
-                           f"{proc.stdout}{proc.stderr}")
+                           f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return proc

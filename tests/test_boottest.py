@@ -234,10 +234,12 @@ def test_debian12_boots_and_passes_its_checks(debian12: BuiltTemplate, tmp_path:
     r = run_vztt("test", debian12.name, "--junit", junit, cache=debian12.cache, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     names = boottest.check_names(RecipeStore(RECIPES).load(debian12.name))
-    assert names[:5] == ["boot", "failed-units", "hostname", "loopback", "package-db"] and names[-1] == "poweroff"
+    assert names[:8] == ["boot", "failed-units", "hostname", "loopback", "network:address", "network:ping",
+                         "network:ssh", "package-db"] and names[-1] == "poweroff"
     assert "smoke:os-release" in names
     assert check_rows(r.stdout) == {n: "ok" for n in names}, r.stdout
-    assert re.search(r"PASSED, 9 of 9 checks passed", r.stdout), r.stdout
+    assert re.search(r"PASSED, 12 of 12 checks passed", r.stdout), r.stdout
+    assert re.search(r"^network:ssh\s+ok\s.*ssh root@192\.0\.2\.2 uname -n: localhost; host key ", r.stdout, re.M)
     assert junit_cases(junit) == {n: "passed" for n in names}
     for step in ("unpack", "boot", "checks", "poweroff"):
         assert re.search(rf"^\s+{step}\s.*\bok\b", r.stderr, re.M), r.stderr

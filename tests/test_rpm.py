@@ -1,6 +1,8 @@
 """The dnf backend, through the real command line, against a local EL-like
 repository built here with the real tools (tests/rpmrepo.py: rpmbuild,
-rpmsign, createrepo_c, gpg). No network.
+rpmsign, createrepo_c, gpg). No network, but for the last tests: the same
+refusals on the bootable fixture distribution (tests/rpmdist.py, built from
+Debian's mirror when its cache is cold).
 
 The test recipe extends the shipped almalinux-9-x86_64-minimal: its
 repositories point at the fixture (with the fixture's key) and its
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +251,38 @@ def test_build_from_signed_fixture(setup: Setup) -> None:
     assert again.json()["sha256"] == r.json()["sha256"]
 
 
+PUBLIC_BASEOS = "http://mirror.example.invalid/el/9/BaseOS/x86_64/os"
+
+
+def test_repo_files_ship_the_public_url(setup: Setup, fixture_repo: Fixture) -> None:
+    """The fixture's release package ships no repo file: vztt writes one per repository the
+    image keeps, with the shipped URL (image_url), gpgcheck and the key, as dnf reads it.
+    Built again from another mirror holding the same repository: the same bytes."""
+    path = setup.recipes / f"{NAME}.toml"
+    path.write_text(path.read_text().replace('url = "$FIXTURE_MIRROR"\n', 'url = "$FIXTURE_MIRROR"\n'
+                                             'image_url = "${FIXTURE_PUBLIC:-$FIXTURE_MIRROR}"\n'))
+    copy = setup.tmp / "second-mirror"
+    shutil.copytree(fixture_repo.repo.root, copy)
+    sha = []
+    for mirror in (setup.mirror, f"file://{copy}"):
+        r = run_vztt("build", NAME, "--no-test", "--json", cache=setup.cache, recipes=setup.recipes, timeout=300,
+                     env={"VZTT_MIRROR_FIXTURE_MIRROR": mirror, "VZTT_MIRROR_FIXTURE_PUBLIC": PUBLIC_BASEOS,
+                          "VZTT_PACKAGE_CACHE": str(setup.packages)})
+        assert r.returncode == 0, r.stderr
+        sha.append(r.json()["sha256"])
+    assert sha[0] == sha[1]
+    tree = extract(setup.cache / f"{NAME}.plain.tar.lz4", setup.tmp / "tree")
+    assert os.listdir(tree / "etc/yum.repos.d") == ["baseos.repo"]          # appstream is disabled
+    assert (tree / "etc/pki/rpm-gpg/fixture.asc").read_bytes() == fixture_repo.key.read_bytes()
+    # dnf's own configuration parser, on the host, reads what a container's dnf will.
+    code = ("import dnf, dnf.conf, sys; c = dnf.conf.Conf(); c.substitutions.update(releasever='9', "
+            "basearch='x86_64'); c.reposdir = [sys.argv[1]]; b = dnf.Base(c); b.read_all_repos(); "
+            "r = b.repos['baseos']; print(r.baseurl[0], r.enabled, r.gpgcheck, r.repo_gpgcheck, r.gpgkey[0])")
+    out = subprocess.run(["/usr/bin/python3", "-c", code, str(tree / "etc/yum.repos.d")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [PUBLIC_BASEOS, "True", "True", "True", "file:///etc/pki/rpm-gpg/fixture.asc"]
+
+
 # ==========================================================================
 # refusals
 # ==========================================================================
@@ -342,3 +377,50 @@ def test_no_el_mirror_host_is_named() -> None:
         text = p.read_text(errors="replace").lower()
         for h in hosts:
             assert h not in text, f"{p} names {h}"
+
+
+# ==========================================================================
+# the bootable fixture (tests/rpmdist.py): each bad input refused at the
+# step that can know it, on the shipped EL recipes
+# ==========================================================================
+
+# variant -> (exit status, the step that fails, words of the error line)
+REFUSALS = {
+    "unsigned": (EXIT_BUILD, "install", ["fixture-unsigned-1.0-1.el9.noarch (repository baseos)",
+                                         "package signature check failed", "not signed"]),
+    "wrong-key": (EXIT_BUILD, "install", ["fixture-wrong-key-1.0-1.el9.noarch (repository baseos)",
+                                          "not in keyring", "RPM-GPG-KEY-vztt-fixture"]),
+    "bad-signature": (EXIT_BUILD, "install", ["fixture-bad-signature-1.0-1.el9.noarch (repository baseos)",
+                                              "package signature check failed", "Signature, key ID", ": BAD"]),
+    "failing-pre": (EXIT_BUILD, "install", ["fixture-failing-pre-1.0-1.el9.noarch", "%prein scriptlet failed",
+                                            "exit status 4"]),
+    "unresolvable": (EXIT_RESOLVE, "resolve", ["fixture-unresolvable", "libvztt-nowhere.so.1()(64bit)"]),
+    "bad-repomd-signature": (EXIT_RESOLVE, "resolve", ["repository baseos", "repomd.xml", "signature"]),
+}
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_the_bootable_fixture_s_bad_inputs_are_refused(kind: str, el_distribution, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each refused with one line naming the package (or repository), the documented
+    exit status, at the step that can know it, and no template or half-made file left."""
+    from rpmdist import VARIANTS, make_variant
+    from test_el_fixture import NAME as EL_FIXTURE, el_recipes
+    assert set(REFUSALS) == set(VARIANTS)
+    code, step, words = REFUSALS[kind]
+    variant = make_variant(el_distribution, kind, tmp_path / "mirror")
+    recipes = el_recipes(tmp_path / "recipes", el_distribution.key)
+    name = "el9-fixture-bad-x86_64-minimal"
+    (recipes / f"{name}.toml").write_text(f'extends = "{EL_FIXTURE}"\n\n[packages]\n'
+                                          f'include = {json.dumps([variant.package] if variant.package else [])}\n')
+    cache = tmp_path / "cache"
+    result = run_vztt("build", name, cache=cache, recipes=recipes, timeout=600,
+                      env={"VZTT_MIRROR_FIXTURE_MIRROR": variant.repo.url})
+    line = fails(result, code)
+    for w in words:
+        assert w in line, line
+    assert re.search(rf"^  {step} +[\d.]+s +FAILED", result.stderr, re.M), result.stderr
+    assert not (cache / f"{name}.plain.tar.lz4").exists() and not (cache / f"{name}.manifest.json").exists()
+    assert leftovers(cache) == [] and list((cache / "state" / name).glob("install-*")) == []
+    if step == "resolve":
+        assert not (cache / "locks" / f"{name}.lock.json").exists()

@@ -20,12 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PACKAGE_CACHE, REPO, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
-from test_kernel import built_kernel, kernel_env  # noqa: F401  (the session's kernel fixture)
+from conftest import (PACKAGE_CACHE, REPO, RECIPES, BuiltTemplate, leftovers, one_line_error, processes_naming,
+                      run_vztt)
+import test_kernel
+from test_kernel import kernel_env
 from vztt.store.templates import TemplateCache
 from vztt.boot.runtime import OSRELEASE_SYSCTL, guest, vm
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting templates needs root")
+
+# The session's kernel fixture, bound here for pytest (assigned, not imported by name:
+# pyflakes reads a test's parameter of an imported name as a redefinition)
+built_kernel = test_kernel.built_kernel
+
 OSRELEASE = "2.6.32-vztt"
 
 # Smoke checks of the sysctl's rules, run in the guest (util-linux's nsenter,
@@ -82,15 +89,7 @@ output = 'virt_osrelease: Permission denied'
 
 def qemu_processes(cache: Path) -> list[str]:
     """qemu processes booting a disk under `cache`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "qemu-system" in cmdline and str(cache) in cmdline:
-            found.append(f"{pid}: {cmdline[:200]}")
-    return found
+    return [p for p in processes_naming(cache) if "qemu-system" in p]
 
 
 def nothing_left(cache: Path) -> list[str]:
@@ -148,8 +147,12 @@ def test_debian12_boots_in_a_vm_and_passes_its_checks(debian12: BuiltTemplate, b
     report = result.json()
     assert report["result"] == "passed"
     names = [c["name"] for c in report["checks"]]
-    assert names[:5] == ["boot", "failed-units", "hostname", "loopback", "package-db"]
-    assert names[-1] == "poweroff" and all(n.startswith("smoke:") for n in names[5:-1])
+    assert names[:8] == ["boot", "failed-units", "hostname", "loopback", "network:address", "network:ping",
+                         "network:ssh", "package-db"]
+    assert names[-1] == "poweroff" and all(n.startswith("smoke:") for n in names[8:-1])
+    # virtio-net: the same network rows as in a container
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["network:ssh"]["detail"].startswith("ssh root@192.0.2.2 uname -n: localhost; host key ")
     boot = report["checks"][0]["detail"]
     assert re.match(r"(running|degraded) in [\d.]+ s \(qemu microvm, (kvm|tcg)", boot), boot
     if not vm.kvm_usable(shutil.which(vm.QEMU) or vm.QEMU, next(built_kernel.glob("*/bzImage")))[0]:
@@ -176,6 +179,14 @@ def test_debian13_boots_in_a_vm_with_no_failed_unit(built_kernel: Path, tmp_path
     report = result.json()
     failed = {c["name"]: c.get("detail") for c in report["checks"] if c["result"] != "passed"}
     assert result.returncode == 0 and not failed, failed or result.stderr[-2000:]
+    assert {"network:address", "network:ping", "network:ssh"} <= {c["name"] for c in report["checks"]}
+    # and in a container: every row, the network's included (debian-13's only container boot in `make test`)
+    result = run_vztt("test", name, "--json", cache=cache)
+    report = result.json()
+    failed = {c["name"]: (c.get("detail"), c.get("output", "")[-1500:]) for c in report["checks"]
+              if c["result"] != "passed"}
+    assert result.returncode == 0 and not failed, failed or result.stderr[-2000:]
+    assert [c["name"] for c in report["checks"]][4:7] == ["network:address", "network:ping", "network:ssh"]
     state = run_vztt("run", name, "--vm", "--", "systemctl", "show", "-p", "LoadState,ActiveState",
                      "systemd-modules-load.service", cache=cache, env=kernel_env(built_kernel))
     assert state.returncode == 0, state.stderr[-2000:]

@@ -27,8 +27,8 @@ def expected_members(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def both(debian12: BuiltTemplate) -> dict:
-    """The same lock built again with --format all."""
-    r = run_vztt("build", debian12.name, "--locked", "--format", "all", "--json", cache=debian12.cache)
+    """The same lock built again with both of vztt's own formats."""
+    r = run_vztt("build", debian12.name, "--locked", "--format", "plain,ploop", "--json", cache=debian12.cache)
     assert r.returncode == 0, r.stderr
     return json.loads((debian12.cache / f"{debian12.name}.manifest.json").read_text())
 
@@ -64,6 +64,8 @@ def test_member_names_follow_vztt(debian12: BuiltTemplate, both: dict) -> None:
 def test_plain_archive_is_unchanged_by_format_all(debian12: BuiltTemplate, both: dict) -> None:
     assert both["formats"] == ["plain", "ploop"]
     assert both["archives"]["plain"]["sha256"] == debian12.manifest["archive"]["sha256"]
+    # What ships to Virtuozzo was booted too: from the ploop cache's own disk.
+    assert both["boot_test"]["formats"]["ploop"]["result"] == "passed"
 
 
 def test_ploop_tools_accept_the_image(unpacked: Path, both: dict, tmp_path: Path) -> None:
@@ -159,31 +161,3 @@ def test_inspect_refuses_a_truncated_archive(debian12: BuiltTemplate, both: dict
     r = run_vztt("inspect", cut, cache=tmp_path / "c")
     assert r.returncode == 6
     assert "cut.plain.ploopv2.tar.lz4" in one_line_error(r)
-
-
-def _members(archive: Path) -> dict[str, tuple]:
-    """name -> (type, mode, uid, gid, mtime, size, content sha256) of a .tar.lz4."""
-    import hashlib
-    out = {}
-    with lz4.frame.open(archive, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
-        for m in tf:
-            data = tf.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
-            out[m.name] = (m.type, m.mode, m.uid, m.gid, m.mtime, m.size, m.linkname,
-                           hashlib.sha256(data).hexdigest(), sorted(m.pax_headers.items()))
-    return out
-
-
-def test_same_lock_same_bytes_in_another_cache(debian12: BuiltTemplate, both: dict, tmp_path: Path) -> None:
-    """Reproducible builds: a second cache, the same lock, byte-identical archives (plain and ploop)."""
-    lock = debian12.cache / "locks" / f"{debian12.name}.lock.json"
-    other = tmp_path / "other-cache"
-    r = run_vztt("build", debian12.name, "--locked", "--lock", lock, "--format", "all", "--no-test", "--json",
-                 cache=other)
-    assert r.returncode == 0, r.stderr
-    for fmt in ("plain", "ploop"):
-        a = debian12.cache / both["archives"][fmt]["file"]
-        b = other / both["archives"][fmt]["file"]
-        if subprocess.run(["cmp", "-s", str(a), str(b)]).returncode != 0:
-            ma, mb = _members(a), _members(b)
-            differ = sorted(n for n in ma.keys() | mb.keys() if ma.get(n) != mb.get(n))
-            pytest.fail(f"{fmt} archives differ; members: {differ[:20]}")

@@ -11,7 +11,11 @@ only when complete; removed on any failure):
 
 Every layout gets a fresh filesystem UUID (ext4, ploop), an empty
 /etc/machine-id (systemd makes one at first boot) and, with --hostname,
-/etc/hostname and a 127.0.1.1 line in /etc/hosts. Archives are unpacked
+/etc/hostname and a 127.0.1.1 line in /etc/hosts. With --ip, --gateway,
+--nameserver, --search-domain, --ssh-key, --root-password-hash, the network and
+root's access go into the distribution's own files (vztt.netconfig: its table
+says which, per distro); those values are checked before anything is made
+(BadUsage, exit 2), the distro's row before anything is unpacked. Archives are unpacked
 through formats.safetar's guard, and the archive's sha256 is checked against
 the manifest (or the signed index) on the way.
 
@@ -28,34 +32,34 @@ kernel module (formats/ploop/resize.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import re
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from vztt import formats as formats_registry
+from vztt import netconfig
+from vztt.netconfig.identity import personalize, validate_hostname
 from vztt.base import proc
-from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
+from vztt.base.errors import BadUsage, BuildError, FetchError, RecipeError
 from vztt.base.mounts import Mounts, enter_private_namespace, force_cleanup, require_root
 from vztt.base.progress import Progress
-from vztt.base.inroot import read_in_root, remove_in_root, write_in_root
+from vztt.base.space import SLACK, MiB, check_space, free_bytes
 from vztt.formats import ploop
 from vztt.formats.ploop import resize
-from vztt.formats.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks
+from vztt.formats.safetar import UnsafeArchive, extract_lz4, file_chunks
 from vztt.mirror import config as mirror_config
 from vztt.mirror import pull
+from vztt.mirror.index import archive_records
 from vztt.store.manifest import ArchiveRecord, Manifest
 from vztt.store.templates import Entry, TemplateCache, pid_alive
 
 LAYOUTS = ("dir", "ext4", "ploop")
 DEFAULT_SIZE = 10 << 30
-HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-MiB = 1 << 20
-SLACK = 64 * MiB              # beyond the estimate, in every free-space check
 # The tools each layout runs (and the Debian package of each): checked before anything is made.
 LAYOUT_TOOLS = {"dir": (), "ext4": (("mkfs.ext4", "e2fsprogs"), ("e2fsck", "e2fsprogs")), "ploop": resize.TOOLS}
 
@@ -75,6 +79,7 @@ class CreateOptions:
     keyrings: tuple[Path, ...] = ()
     offline: bool = False
     build: str | None = None
+    network: netconfig.RawSettings | None = None   # --ip ... as given; checked by create()
 
 
 @dataclass
@@ -91,6 +96,8 @@ class CreateResult:
     pulled: dict[str, Any] | None = None
     seconds: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
+    network: dict[str, Any] | None = None      # the settings given (NetSettings.as_dict)
+    configured: list[str] = field(default_factory=list)   # the files they were written to, as inside
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -98,48 +105,37 @@ class CreateResult:
         return d
 
 
+@dataclass(frozen=True)
+class Personal:
+    """What makes a container its own: the hostname, and the network and access
+    settings for the template's distro (None: none given)."""
+
+    hostname: str | None = None
+    distro: str = ""
+    network: netconfig.NetSettings | None = None
+
+    def apply(self, root: Path, result: CreateResult | None = None) -> None:
+        personalize(root, self.hostname)
+        if self.network is not None:
+            written = netconfig.configure(root, self.distro, self.network)
+            if result is not None:
+                result.configured = written
+
+
 # --------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------
-
-def _free(path: Path) -> int:
-    p = path
-    while not p.exists():
-        p = p.parent
-    st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize
-
-
-def check_space(where: Path, need: int, what: str) -> None:
-    free = _free(where)
-    if free < need + SLACK:
-        raise EnvironmentProblem(f"{where}: {free / 1e6:.0f} MB free, {what} needs about "
-                                 f"{(need + SLACK) / 1e6:.0f} MB")
-
 
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def validate_hostname(hostname: str | None) -> None:
-    if hostname is not None and not HOSTNAME_RE.fullmatch(hostname):
-        raise RecipeError(f"--hostname {hostname!r}: not a valid host name (letters, digits, '-', dots between labels)")
-
-
-def personalize(root: Path, hostname: str | None) -> None:
-    """Empty machine-id (first boot makes one), the host name; never through a symlink of the tree."""
-    write_in_root(root, "etc/machine-id", b"", 0o444)
-    data = read_in_root(root, "var/lib/dbus/machine-id")
-    if data is not None:                       # a real file (a symlink to /etc/machine-id is fine)
-        remove_in_root(root, "var/lib/dbus/machine-id")
-    if hostname:
-        write_in_root(root, "etc/hostname", f"{hostname}\n".encode())
-        hosts = read_in_root(root, "etc/hosts")
-        if hosts is not None:
-            short = hostname.split(".")[0]
-            line = f"127.0.1.1\t{hostname}" + (f" {short}" if short != hostname else "")
-            lines = [l for l in hosts.decode(errors="replace").splitlines() if not l.startswith("127.0.1.1")]
-            write_in_root(root, "etc/hosts", ("\n".join(lines + [line]) + "\n").encode())
+def personal_for(options: CreateOptions, settings: netconfig.NetSettings | None, distro: str, what: str) -> Personal:
+    """The template's distro must have a row in netconfig's table if settings were given
+    (checked before anything is unpacked)."""
+    if settings is not None:
+        netconfig.family_for(distro, what)
+    return Personal(hostname=options.hostname, distro=distro, network=settings)
 
 
 # --------------------------------------------------------------------------
@@ -162,7 +158,13 @@ def making(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        os.rename(tmp, dest)        # replaces an empty directory, never a populated one
+        try:
+            os.rename(tmp, dest)        # replaces an empty directory, never a populated one
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise CreateError(f"{dest}: was created meanwhile (by another process, e.g. a second vztt create); "
+                              "it is left as it is, and this container was removed") from None
     except BaseException:
         _remove(tmp)
         raise
@@ -189,16 +191,12 @@ def _clean_stale(parent: Path, name: str) -> None:
 # Unpacking a plain archive into a root (dir, ext4 image, scratch tree for ploop)
 # --------------------------------------------------------------------------
 
-def plain_limits(rec: ArchiveRecord, where: Path) -> Limits:
-    bound = rec.tar_size if rec.tar_size else max(_free(where) - SLACK, 0)
-    return Limits(max_bytes=bound)
-
-
 def unpack_plain(chunks: Any, root: Path, rec: ArchiveRecord, what: str, verified_source: bool = False) -> int:
     """Unpack, check the sha256 of what was read against `rec` (the manifest's or index's
     record); a `verified_source` (a mirror download) checks size and sha256 itself."""
     os.chmod(root, 0o755)
-    res = extract_lz4(chunks, root, plain_limits(rec, root), what=what, hash_input=not verified_source)
+    limits = formats_registry.get(rec.format).guard_limits(rec, free_bytes(root) - SLACK)
+    res = extract_lz4(chunks, root, limits, what=what, hash_input=not verified_source)
     if res.size != rec.size or (not verified_source and res.sha256 != rec.sha256):
         raise FetchError(f"{what}: sha256 {res.sha256[:16]}... ({res.size} bytes) does not match the "
                          f"{rec.sha256[:16]}... ({rec.size} bytes) it should be; pull it again")
@@ -231,18 +229,12 @@ def ext4_image(tmp: Path, work: Path, size: int) -> Iterator[tuple[Path, str]]:
 # ploop (the disk work itself: formats/ploop/resize.py)
 # --------------------------------------------------------------------------
 
-def _ploop_member(path: str, kind: str) -> bool:
-    return (path in (ploop.IMAGE_NAME, ploop.DESCRIPTOR_NAME, "templates") and kind == ("dir" if path == "templates" else "file")) \
-        or (path.startswith("templates/") and path.count("/") <= 2 and kind in ("file", "dir"))
-
-
 def ploop_from_ploop_cache(archive: Path, rec: ArchiveRecord, tmp: Path, work: Path, size: int,
-                           hostname: str | None, progress: Progress) -> tuple[str, int]:
+                           personal: Callable[[Path], None], progress: Progress) -> tuple[str, int]:
     cache_dir = work / "cache"
     cache_dir.mkdir()
     with progress.step("unpack") as st:
-        limits = Limits(max_bytes=max(_free(work) - SLACK, 0), max_members=64,
-                        types=frozenset({"file", "dir"}), allow=_ploop_member)
+        limits = ploop.FORMAT.guard_limits(rec, free_bytes(work) - SLACK)
         res = extract_lz4(file_chunks(archive), cache_dir, limits, what=str(archive))
         if res.size != rec.size or res.sha256 != rec.sha256:
             raise FetchError(f"{archive}: sha256 does not match the manifest; pull it again")
@@ -261,7 +253,7 @@ def ploop_from_ploop_cache(archive: Path, rec: ArchiveRecord, tmp: Path, work: P
         st.note(f"{info.disk_size >> 20} MiB -> {size >> 20} MiB disk, filesystem resized to fill it")
     with progress.step("personalize"):
         with resize.mounted_partition(raw, work / "mnt", size, fs_uuid, CreateError) as root:
-            personalize(root, hostname)
+            personal(root)
     with progress.step("image") as st:
         vzpackages = cache_dir / "templates" / "vzpackages"
         resize.write_private_area(raw, tmp, vzpackages.read_bytes() if vzpackages.is_file() else None)
@@ -270,12 +262,12 @@ def ploop_from_ploop_cache(archive: Path, rec: ArchiveRecord, tmp: Path, work: P
 
 
 def ploop_from_plain(archive: Path, rec: ArchiveRecord, manifest: Manifest, tmp: Path, work: Path,
-                     size: int, hostname: str | None, progress: Progress) -> tuple[str, int]:
+                     size: int, personal: Callable[[Path], None], progress: Progress) -> tuple[str, int]:
     tree = work / "tree"
     tree.mkdir()
     with progress.step("unpack") as st:
         members = unpack_plain(file_chunks(archive), tree, rec, str(archive))
-        personalize(tree, hostname)
+        personal(tree)
         st.note(f"{members} members")
     fs_uuid = str(uuid.uuid4())
     raw = work / "disk.raw"
@@ -322,18 +314,13 @@ def _content_estimate(rec: ArchiveRecord) -> int:
     return int(rec.tar_size or rec.size * 3) * 11 // 10
 
 
-def _index_records(name: str, remote: pull.Remote) -> dict[str, ArchiveRecord]:
-    """The archives of a build on a mirror, as the manifest will record them."""
-    return {fmt: ArchiveRecord.from_json({**rec, "file": formats_registry.get(fmt).file_name(name)}, fmt)
-            for fmt, rec in remote.build["archives"].items()}
-
-
 def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
            progress: Progress | None = None) -> CreateResult:
     progress = progress or Progress(quiet=True)
     started = time.monotonic()
     mirror_config.check_name(name)
     validate_hostname(options.hostname)
+    settings = netconfig.check(options.network, BadUsage) if options.network is not None else None
     if options.layout is not None and options.layout not in LAYOUTS:
         raise RecipeError(f"--layout {options.layout}: one of {', '.join(LAYOUTS)}")
     dest = Path(dest).absolute()
@@ -348,23 +335,30 @@ def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
     if entry is None:
         if options.offline:
             pull.offline_entry(cache, name, options.build)      # raises: not cached
-        result = _create_pulling(cache, name, dest, options, progress)
+        result = _create_pulling(cache, name, dest, options, settings, progress)
     else:
-        result = _create_from_cache(cache, entry, dest, options, progress)
+        result = _create_from_cache(cache, entry, dest, options, settings, progress)
     result.seconds = round(time.monotonic() - started, 3)
     result.steps = dict(progress.timings)
     return result
 
 
 def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: CreateOptions,
-                       progress: Progress, pulled: dict[str, Any] | None = None) -> CreateResult:
+                       settings: netconfig.NetSettings | None, progress: Progress,
+                       pulled: dict[str, Any] | None = None) -> CreateResult:
     manifest = entry.manifest
+    personal = personal_for(options, settings, manifest.distro, entry.name)
     layout, fmt = _layout_for(formats_registry.ordered(list(manifest.archives)), options.layout)
     rec = manifest.archives[fmt]
     archive = cache.root / rec.file
     size = _size_for(options, manifest.archives, layout)
     result = CreateResult(name=entry.name, dest=dest, layout=layout, build=pull.local_build(entry) or "",
-                          format=fmt, size=size, hostname=options.hostname, pulled=pulled)
+                          format=fmt, size=size, hostname=options.hostname, pulled=pulled,
+                          network=settings.as_dict() if settings else None)
+
+    def apply(root: Path) -> None:
+        personal.apply(root, result)
+
     need = _content_estimate(rec)
     if size is not None and layout == "ext4" and size < need:
         raise RecipeError(f"--size {size >> 20} MiB is too small for {entry.name} (about {need >> 20} MiB of files)")
@@ -373,66 +367,70 @@ def _create_from_cache(cache: TemplateCache, entry: Entry, dest: Path, options: 
         if layout == "dir":
             with progress.step("unpack") as st:
                 result.members = unpack_plain(file_chunks(archive), tmp, rec, str(archive))
-                personalize(tmp, options.hostname)
+                apply(tmp)
                 st.note(f"{result.members} members, sha256 ok")
         elif layout == "ext4":
             assert size is not None
             with progress.step("unpack") as st:
                 with ext4_image(tmp, work, size) as (mnt, fs_uuid):
                     result.members = unpack_plain(file_chunks(archive), mnt, rec, str(archive))
-                    personalize(mnt, options.hostname)
+                    apply(mnt)
                 result.fs_uuid = fs_uuid
                 st.note(f"{result.members} members into a {size >> 20} MiB ext4 image")
         else:
             assert size is not None
             if fmt == "ploop":
                 result.fs_uuid, result.members = ploop_from_ploop_cache(archive, rec, tmp, work, size,
-                                                                        options.hostname, progress)
+                                                                        apply, progress)
             else:
                 result.fs_uuid, result.members = ploop_from_plain(archive, rec, manifest, tmp, work, size,
-                                                                  options.hostname, progress)
+                                                                  apply, progress)
     return result
 
 
 def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
-                    progress: Progress) -> CreateResult:
+                    settings: netconfig.NetSettings | None, progress: Progress) -> CreateResult:
     """Not cached: pull it, streaming into the container for dir and ext4 layouts."""
     mirrors = mirror_config.mirror_list(options.mirrors)
     keyring = mirror_config.keyring_for(options.keyrings)
-    with cache.building(name, timeout=pull.LOCK_WAIT):
+    with cache.building(name, timeout=pull.LOCK_WAIT, on_wait=pull.waiting_for(progress, name)):
         entry = cache.entry(name)           # another process may have pulled it while we waited
         if entry is not None and (not options.build or pull.local_build(entry) == options.build):
-            return _create_from_cache(cache, entry, dest, options, progress)
+            return _create_from_cache(cache, entry, dest, options, settings, progress)
 
         def attempt(source: pull.Source, _failed: list[str]) -> CreateResult:
             with progress.step("index") as st:
-                remote = pull.find_build(source, name, keyring, options.build)
+                remote = pull.find_build(source, name, keyring, cache, options.build)
                 st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
+            personal = personal_for(options, settings, str(remote.build.get("distro", "")), f"{name} {remote.id}")
             formats = formats_registry.ordered(list(remote.build["archives"]))
             layout, fmt = _layout_for(formats, options.layout)
             pulled = {"mirror": source.label, "build": remote.id, "signer": remote.signer.fingerprint}
             if layout == "ploop":
                 # The disk conversion needs the whole archive first: pull, then create from the cache.
+                pull.check_space_for(remote, cache, [fmt])
                 with progress.step("download") as st:
-                    part = pull.download(remote, cache, fmt)
-                    st.note(f"{fmt}: {remote.build['archives'][fmt]['size'] / 1e6:.1f} MB, sha256 ok")
+                    parts = pull.download(remote, cache, fmt)
+                    size = sum(f.size for f in archive_records(name, remote.build)[fmt].files)
+                    st.note(f"{fmt}: {size / 1e6:.1f} MB, sha256 ok, archive checked")
                 with progress.step("install"):
-                    entry = pull.install(cache, name, remote, {fmt: part})
-                return _create_from_cache(cache, entry, dest, options, progress, pulled)
-            return _stream_create(cache, name, dest, options, progress, remote, layout, pulled)
+                    entry = pull.install(cache, name, remote, {fmt: parts})
+                return _create_from_cache(cache, entry, dest, options, settings, progress, pulled)
+            return _stream_create(cache, name, dest, options, personal, progress, remote, layout, pulled)
 
         return pull.from_first_mirror(name, mirrors, progress, attempt)
 
 
-def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions, progress: Progress,
-                   remote: pull.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
-    records = _index_records(name, remote)
+def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions, personal: Personal,
+                   progress: Progress, remote: pull.Remote, layout: str, pulled: dict[str, Any]) -> CreateResult:
+    records = archive_records(name, remote.build)
     rec = records["plain"]
     path = remote.build["archives"]["plain"]["path"]
     where = remote.source.where(path)
     size = _size_for(options, records, layout)
     result = CreateResult(name=name, dest=dest, layout=layout, build=remote.id, format="plain", size=size,
-                          hostname=options.hostname, pulled=pulled)
+                          hostname=options.hostname, pulled=pulled,
+                          network=personal.network.as_dict() if personal.network else None)
     need = _content_estimate(rec)
     if size is not None and size < need:
         raise RecipeError(f"--size {size >> 20} MiB is too small for {name} (about {need >> 20} MiB of files)")
@@ -445,19 +443,23 @@ def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateO
             with progress.step("pull+unpack") as st:
                 if layout == "dir":
                     result.members = unpack_plain(chunks, tmp, rec, where, True)
-                    personalize(tmp, options.hostname)
+                    personal.apply(tmp, result)
                 else:
                     assert size is not None
                     with ext4_image(tmp, work, size) as (mnt, fs_uuid):
                         result.members = unpack_plain(chunks, mnt, rec, where, True)
-                        personalize(mnt, options.hostname)
+                        personal.apply(mnt, result)
                     result.fs_uuid = fs_uuid
                 if chunks.gi_frame is not None:          # the download's own size and sha256 check never ran
                     raise FetchError(f"{where}: the download did not complete")
                 st.note(f"{rec.size / 1e6:.1f} MB, {result.members} members, sha256 ok"
                         + (f", resumed {remote.source.resumed}x" if remote.source.resumed else ""))
             with progress.step("install"):        # the verified archive into the cache; then DEST goes in place
-                pull.install(cache, name, remote, {"plain": part})
+                pull.install(cache, name, remote, {"plain": [part]})
+    except UnsafeArchive:
+        chunks.close()
+        part.unlink(missing_ok=True)              # a refused archive is never resumed
+        raise
     finally:
         chunks.close()
     return result

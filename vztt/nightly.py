@@ -23,6 +23,7 @@ from vztt.recipe.variables import Mirrors
 from vztt.store.templates import TemplateCache
 
 CURRENT, OUTDATED, NEW = "current", "outdated", "not built"
+NOT_CONFIGURED = "not configured"      # a mirror variable it needs has no value on this host
 
 
 @dataclass
@@ -108,7 +109,7 @@ def diff(cache: TemplateCache, name: str) -> dict[str, Any]:
         raise RecipeError(f"{name}: {len(history)} build(s) in {cache.history_dir(name)}; diff needs two")
     old, new = history[-2], history[-1]
     changes = package_changes(old.package_rows(), new.package_rows())
-    sizes = {fmt: {"old": old.archives[fmt].size if fmt in old.archives else None, "new": a.size}
+    sizes = {fmt: {"old": old.archives[fmt].total_size if fmt in old.archives else None, "new": a.total_size}
              for fmt, a in new.archives.items()}
     return {"name": name, "old": old.build_id, "new": new.build_id,
             "added": [c.__dict__ for c in changes if c.old is None],

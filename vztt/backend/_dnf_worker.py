@@ -101,6 +101,16 @@ def _repomd_facts(path: Path) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "timestamp": max(stamps, default=0)}
 
 
+def _checksig(vroot: Path, rpm: str) -> str:
+    """rpm's own first verdict against the keys of `vroot`'s database ("Header V4 RSA/SHA256
+    Signature, key ID ...: BAD"): dnf says only that it could not open a package whose
+    header does not match its signature."""
+    out = run(["rpmkeys", "--root", str(vroot), "--checksig", "--verbose", rpm], what=f"rpmkeys --checksig {rpm}",
+              env=dict(os.environ), check=False)
+    bad = [line.strip() for line in out.stdout.splitlines() if re.search(r": (BAD|NOKEY|NOTTRUSTED)\b", line)]
+    return bad[0] if bad else ""
+
+
 def resolve_job(req: dict[str, Any]) -> dict[str, Any]:
     import dnf
     import dnf.exceptions
@@ -173,6 +183,15 @@ def resolve_job(req: dict[str, Any]) -> dict[str, Any]:
         return {"packages": packages, "repos": repos}
     finally:
         base.close()
+        _stop_gpg_agents(state / "cache")
+
+
+def _stop_gpg_agents(cachedir: Path) -> None:
+    """librepo checks repomd.xml.asc with gpgme in <cachedir>/<repo>-<hash>/pubring, and gpg
+    starts a gpg-agent there that would outlive the build (one per repository, per resolve)."""
+    for pubring in sorted(cachedir.glob("*/pubring")):
+        run(["gpgconf", "--homedir", str(pubring), "--kill", "gpg-agent"], what=f"stopping gpg-agent of {pubring}",
+            env=dict(os.environ), check=False)
 
 
 def install_job(req: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +228,8 @@ def install_job(req: dict[str, Any]) -> dict[str, Any]:
                     elif "Public key" in msg and "not installed" in msg:
                         why = f"signed with a key that is not in keyring {keyring}"
                     else:
-                        why = f"{msg or 'the signature does not verify'} (keyring {keyring})"
+                        verdict = _checksig(vroot, p["path"]) or msg or "the signature does not verify"
+                        why = f"{verdict} (keyring {keyring})"
                     raise _Fail("build", f"{p['nevra']} (repository {p['repository']}): package signature "
                                          f"check failed: {why}")
         finally:

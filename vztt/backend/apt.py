@@ -33,6 +33,7 @@ from vztt.backend.aptlists import LISTS, SharedRepo, provide, shared_repo, share
 from vztt.backend.debcopyright import declared_licenses
 from vztt.base.errors import BuildError, ResolveError
 from vztt.base.files import atomic_write
+from vztt.base.inroot import clear_in_root, mkdir_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
 
@@ -204,7 +205,7 @@ class AptBackend(Backend):
         return request
 
     def _known(self, package: str, env: dict[str, str]) -> bool:
-        proc = run(["apt-cache", "show", "--no-all-versions", package], env=env, check=False,
+        proc = run(["apt-cache", "show", "--no-all-versions", "--", package], env=env, check=False,
                    what=f"apt-cache show {package}", error=ResolveError)
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
@@ -245,7 +246,8 @@ class AptBackend(Backend):
 
     def _print_uris(self, request: list[str], env: dict[str, str]) -> list[tuple[str, str, str, int, str, str]]:
         # -q, not -qq: -qq hides the "X : Depends: Y but it is not installable" lines of a failure.
-        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", *request], log=self.log, env=env,
+        # "--": the names and patterns that follow are never options, whatever they look like.
+        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", "--", *request], log=self.log, env=env,
                    check=False, what="apt-get install --print-uris", error=ResolveError)
         if proc.returncode != 0:
                 raise ResolveError(f"{self.recipe.name}: cannot resolve the package set: "
@@ -359,13 +361,14 @@ class AptBackend(Backend):
                 raise BuildError(f"{lock.recipe}: {p.name} {p.version} is {state} in the image after install")
 
     def _write_sources(self, root: Path) -> None:
-        """apt sources inside the image, so apt works in containers made from it."""
-        urls = self.base_urls()
+        """apt sources inside the image, so apt works in containers made from it: each
+        repository's shipped URL (image_url), not necessarily the one the build used."""
+        urls = self.image_urls()
         lines = ["# written by vztt from the recipe's repositories"]
         for r in self.recipe.repositories:
-            if r.image_sources and not urls[r.name].startswith("file:"):
+            if r.name in urls and not urls[r.name].startswith("file:"):
                 lines.append(f"deb {urls[r.name]} {r.suite} {' '.join(r.components)}")
-        (root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+        write_in_root(root, "etc/apt/sources.list", ("\n".join(lines) + "\n").encode())
 
     def installed(self, root: Path) -> list[InstalledPackage]:
         proc = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
@@ -395,19 +398,11 @@ class AptBackend(Backend):
                     "var/cache/debconf/config.dat-old", "var/cache/debconf/templates.dat-old",
                     "var/lib/dpkg/status-old", "var/lib/dpkg/diversions-old", "var/lib/dpkg/available-old",
                     "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
-            p = root / rel
-            if p.is_file() or p.is_symlink():
-                p.unlink()
+            remove_in_root(root, rel)
         for rel in ("var/cache/apt", "var/lib/apt/lists", "var/log/apt"):
-            d = root / rel
-            if d.is_dir():
-                for child in d.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    elif child.name != "lock" or rel != "var/lib/apt/lists":
-                        child.unlink()
-        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+            clear_in_root(root, rel, keep=("lock",) if rel == "var/lib/apt/lists" else ())
+        mkdir_in_root(root, "var/lib/apt/lists/partial")
+        mkdir_in_root(root, "var/cache/apt/archives/partial")
 
 
 def _settle_shared_dirs(root: Path, listings: list[dict[str, int]]) -> None:

@@ -5,9 +5,11 @@ Python API, in a worker process of its own (`python -m vztt.backend._dnf_worker`
 
 - rpm and the `rpmkeys` process dnf starts to check signatures read their
   database path from `~/.rpmmacros` (Debian's rpm defaults to `~/.rpmdb`), so
-  the worker gets a HOME whose .rpmmacros says `%_dbpath /var/lib/rpm` and
-  switches off rpm's transaction plugins (syslog, D-Bus, audit, SELinux: they
-  would talk to the host);
+  the worker gets a HOME whose .rpmmacros names the release's own database
+  path (EL 9: /var/lib/rpm; EL 10: /usr/lib/sysimage/rpm, where its rpm
+  looks, /var/lib/rpm being its rpm package's symlink to it) and switches off
+  rpm's transaction plugins (syslog, D-Bus, audit, SELinux: they would talk to
+  the host; so the image's files carry no SELinux labels);
 - rpm chroots the process that runs a transaction into the image.
 
 Resolve: a `dnf.Base` configured from nothing but the recipe (no
@@ -31,15 +33,19 @@ fails; the transaction display catches it and the build fails. dnf's cache,
 history and logs live in the scratch directory, never in the image.
 
 EL 7 and 8 keep their rpm database in BerkeleyDB, which Debian's rpm cannot
-write: such recipes are refused.
+write: such recipes are refused. EL 9 and 10 read the sqlite database
+Debian's rpm 4.18 writes (rpmdb.sqlite; EL 9 has rpm 4.16, EL 10 4.19).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import re
 import shutil
 import sqlite3
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -47,15 +53,23 @@ from typing import Any
 
 from vztt.backend import Backend, InstalledPackage, PackageInfo
 from vztt.base.errors import BuildError, RecipeError, ResolveError, VzttError
+from vztt.base.inroot import clear_in_root, dir_in_root, list_in_root, read_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import TOOL_ENV, run, summarize
 
 MIN_RELEASE = 9
-DBPATH = "/var/lib/rpm"
+REPOS_DIR = "/etc/yum.repos.d"
+KEYS_DIR = "/etc/pki/rpm-gpg"
+# Where the image's rpm keeps its database, by EL major release: EL 10 moved it below /usr,
+# as Fedora did in release 36 (its rpm package makes /var/lib/rpm a symlink there).
+DBPATH_EL9 = "/var/lib/rpm"
+DBPATH_EL10 = "/usr/lib/sysimage/rpm"
 # rpm's transaction plugins would reach out to the host (syslog, D-Bus, audit, SELinux, IMA).
 _PLUGINS = ("audit", "dbus_announce", "fapolicyd", "fsverity", "ima", "prioreset", "selinux", "syslog",
             "systemd_inhibit")
-RPMMACROS = f"%_dbpath {DBPATH}\n" + "".join(f"%__transaction_{p} %{{nil}}\n" for p in _PLUGINS)
+# Made mount points by BuildImage.mount_api before the filesystem package came: their
+# modes are mkdir's, not the package's (EL's /proc is 0555).
+MOUNT_POINTS = ("proc", "dev")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]     # the directory holding the vztt package
 WORKER = "vztt.backend._dnf_worker"
 
@@ -63,6 +77,16 @@ WORKER = "vztt.backend._dnf_worker"
 def el_major(recipe_release: str) -> int | None:
     m = re.match(r"(\d+)", recipe_release)
     return int(m.group(1)) if m else None
+
+
+def dbpath_for(major: int) -> str:
+    """The rpm database directory EL `major`'s own rpm reads."""
+    return DBPATH_EL9 if major < 10 else DBPATH_EL10
+
+
+def rpmmacros(dbpath: str) -> str:
+    """The worker's ~/.rpmmacros: the image's database path, rpm's plugins off."""
+    return f"%_dbpath {dbpath}\n" + "".join(f"%__transaction_{p} %{{nil}}\n" for p in _PLUGINS)
 
 
 def _evr(epoch: int | str | None, ver: str, rel: str) -> str:
@@ -83,6 +107,7 @@ class DnfBackend(Backend):
             raise RecipeError(f"{where}: release: {recipe.release!r}: EL {major} keeps its rpm database in "
                               "BerkeleyDB, which Debian's rpm cannot write; vztt builds EL 9 and later")
         self.major = major
+        self.dbpath = dbpath_for(major)
 
     # ------------------------------------------------------------------ worker
     def _worker(self, op: str, request: dict[str, Any], scratch: Path, what: str, error: type[VzttError],
@@ -90,7 +115,7 @@ class DnfBackend(Backend):
         """Run one dnf job in a child Python with our HOME; its errors come back as JSON."""
         home = scratch / "home"
         home.mkdir(parents=True, exist_ok=True)
-        (home / ".rpmmacros").write_text(RPMMACROS)
+        (home / ".rpmmacros").write_text(rpmmacros(self.dbpath))
         req, res = scratch / "request.json", scratch / "result.json"
         req.write_text(json.dumps(request))
         res.unlink(missing_ok=True)
@@ -171,6 +196,24 @@ class DnfBackend(Backend):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self._check_installed(lock, root)
+        self._write_repo_files(root)
+
+    def _write_repo_files(self, root: Path) -> None:
+        """/etc/yum.repos.d/<name>.repo for each repository, with its shipped URL (image_url),
+        gpgcheck and its key in /etc/pki/rpm-gpg/, so dnf works in containers made from the
+        template. Only when the image has no repo file: a distribution's release package
+        (almalinux-release, rocky-release, ...) ships its own, with the public mirrors."""
+        if any(n.endswith(".repo") for n in list_in_root(root, REPOS_DIR)):
+            return
+        urls = self.image_urls()
+        for r in self.recipe.repositories:
+            if r.name not in urls or urls[r.name].startswith("file:"):
+                continue
+            key = f"{KEYS_DIR}/{r.keyring.name}"
+            if read_in_root(root, key) is None:
+                write_in_root(root, key, r.keyring.read_bytes())
+            write_in_root(root, f"{REPOS_DIR}/{r.name}.repo", repo_file(r.name, urls[r.name], key,
+                                                                         r.repo_gpgcheck).encode())
 
     def _check_installed(self, lock: Lock, root: Path) -> None:
         have = {(p.name, p.arch): p for p in self.installed(root)}
@@ -186,12 +229,12 @@ class DnfBackend(Backend):
                              f"{', '.join(extra[:5])}")
 
     def installed(self, root: Path) -> list[InstalledPackage]:
-        if not (root / DBPATH.lstrip("/") / "rpmdb.sqlite").is_file():
+        if not (root / self.dbpath.lstrip("/") / "rpmdb.sqlite").is_file():
             return []
-        proc = run(["rpm", "--root", str(root), "--dbpath", DBPATH, "-qa", "--qf",
+        proc = run(["rpm", "--root", str(root), "--dbpath", self.dbpath, "-qa", "--qf",
                     r"%{NAME}\t%{ARCH}\t%{EPOCHNUM}\t%{VERSION}\t%{RELEASE}\n"],
                    log=self.log, what="rpm -qa in the image", error=BuildError)
-        _tidy_rpmdb(root)      # a reader leaves sqlite's -shm/-wal behind; keep the image as finish() left it
+        _tidy_rpmdb(root, self.dbpath)   # a reader leaves sqlite's -shm/-wal behind
         out = []
         for line in proc.stdout.splitlines():
             name, arch, epoch, ver, rel = line.split("\t")
@@ -199,12 +242,12 @@ class DnfBackend(Backend):
         return out
 
     def package_info(self, root: Path) -> dict[tuple[str, str], PackageInfo]:
-        if not (root / DBPATH.lstrip("/") / "rpmdb.sqlite").is_file():
+        if not (root / self.dbpath.lstrip("/") / "rpmdb.sqlite").is_file():
             return {}
-        proc = run(["rpm", "--root", str(root), "--dbpath", DBPATH, "-qa", "--qf",
+        proc = run(["rpm", "--root", str(root), "--dbpath", self.dbpath, "-qa", "--qf",
                     r"%{NAME}\t%{ARCH}\t%{SOURCERPM}\t%{LICENSE}\n"],
                    log=self.log, what="rpm -qa in the image", error=BuildError)
-        _tidy_rpmdb(root)
+        _tidy_rpmdb(root, self.dbpath)
         out = {}
         for line in proc.stdout.splitlines():
             name, arch, srpm, license_tag = line.split("\t")
@@ -220,33 +263,83 @@ class DnfBackend(Backend):
         for rel in ("var/cache/dnf", "var/lib/dnf/history.sqlite", "var/lib/dnf/history.sqlite-shm",
                     "var/lib/dnf/history.sqlite-wal", "var/lib/dnf/repos", "var/cache/ldconfig/aux-cache",
                     "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
-            p = root / rel
-            if p.is_dir() and not p.is_symlink():
-                for child in p.iterdir():
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-            elif p.is_file() or p.is_symlink():
-                p.unlink()
-        logs = root / "var/log"
-        for pattern in ("dnf*.log*", "hawkey.log*", "yum.log*"):
-            for f in logs.glob(pattern):
-                f.unlink()
-        for f in (root / DBPATH.lstrip("/")).glob("__db.*"):
-            f.unlink()
-        _tidy_rpmdb(root)
+            clear_in_root(root, rel)        # a directory: emptied (and kept)
+            remove_in_root(root, rel)       # anything else: removed
+        for rel, patterns in (("var/log", ("dnf*.log*", "hawkey.log*", "yum.log*")), (self.dbpath, ("__db.*",))):
+            for name in list_in_root(root, rel):
+                if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                    remove_in_root(root, f"{rel}/{name}")
+        self._restore_mount_points(root)
+        _tidy_rpmdb(root, self.dbpath)
+
+    def _restore_mount_points(self, root: Path) -> None:
+        """/proc and /dev as the package database says (mode, owner), now that they are
+        unmounted: only these, so a recipe hook's own changes elsewhere stay."""
+        paths = [f"/{p}" for p in MOUNT_POINTS]
+        proc = run(["rpm", "--root", str(root), "--dbpath", self.dbpath, "-qf", "--qf",
+                    r"[%{FILENAMES}\t%{FILEMODES}\t%{FILEUSERNAME}\t%{FILEGROUPNAME}\n]", *paths],
+                   log=self.log, what="rpm -qf /proc /dev in the image", error=BuildError, check=False)
+        for line in proc.stdout.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 4 and fields[0] in paths:
+                _set_dir_attributes(root, fields[0].lstrip("/"), int(fields[1]), fields[2], fields[3])
 
 
-def _tidy_rpmdb(root: Path) -> None:
-    """Checkpoint rpm's sqlite WAL into the database, so no -wal/-shm files stay in the image."""
-    db = root / DBPATH.lstrip("/") / "rpmdb.sqlite"
-    if not db.is_file():
-        return
-    if db.with_name(db.name + "-wal").exists() or db.with_name(db.name + "-shm").exists():
-        con = sqlite3.connect(str(db))
-        try:
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            con.close()
-    for suffix in ("-wal", "-shm"):
-        f = db.with_name(db.name + suffix)
-        if f.exists() and (suffix == "-shm" or f.stat().st_size == 0):
-            f.unlink()
+def repo_file(name: str, url: str, key: str, repo_gpgcheck: bool) -> str:
+    return (f"# written by vztt from the recipe's repositories\n[{name}]\nname={name}\nbaseurl={url}\n"
+            f"enabled=1\ngpgcheck=1\nrepo_gpgcheck={int(repo_gpgcheck)}\ngpgkey=file://{key}\n")
+
+
+def _set_dir_attributes(root: Path, name: str, mode: int, user: str, group: str) -> None:
+    """chmod and chown root/name, a directory directly under root, never through a symlink."""
+    try:
+        fd = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return                  # not a directory (or a link): not what the package made
+    try:
+        ids = _ids_in_root(root)
+        os.fchown(fd, ids[0].get(user, 0), ids[1].get(group, 0))
+        os.fchmod(fd, stat.S_IMODE(mode))
+    finally:
+        os.close(fd)
+
+
+def _ids_in_root(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """User and group names -> ids, from the image's /etc/passwd and /etc/group."""
+    tables: list[dict[str, int]] = []
+    for name in ("passwd", "group"):
+        data = read_in_root(root, f"etc/{name}") or b""
+        table = {}
+        for line in data.decode(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[2].isdigit():
+                table[fields[0]] = int(fields[2])
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+def _tidy_rpmdb(root: Path, dbpath: str) -> None:
+    """Checkpoint rpm's sqlite WAL into the database, so no -wal/-shm files stay in the image.
+    Everything through the fd of the database's directory, resolved inside the root."""
+    db = "rpmdb.sqlite"
+    with dir_in_root(root, dbpath) as fd:
+        if fd is None or not _regular(db, fd):
+            return
+        if _regular(db + "-wal", fd) or _regular(db + "-shm", fd):
+            con = sqlite3.connect(f"/proc/self/fd/{fd}/{db}")
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                con.close()
+        for suffix in ("-wal", "-shm"):
+            st = _regular(db + suffix, fd)
+            if st is not None and (suffix == "-shm" or st.st_size == 0):
+                os.unlink(db + suffix, dir_fd=fd)
+
+
+def _regular(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None

@@ -176,7 +176,14 @@ def export_public(fingerprint: str) -> bytes:
     return data
 
 
-def sign_detached(data: bytes, fingerprint: str) -> bytes:
-    """An armored detached signature over `data`, made by `fingerprint`."""
-    return _gpg(["--local-user", fingerprint, "--armor", "--detach-sign", "--output", "-", "-"],
-                input=data, what=f"signing with {fingerprint}")
+def sign_detached(data: bytes, fingerprint: str, armor: bool = True) -> bytes:
+    """A detached signature over `data`, made by `fingerprint`: armored, or binary
+    (systemd-pull's SHA256SUMS.gpg)."""
+    return _gpg(["--local-user", fingerprint, *(["--armor"] if armor else []), "--detach-sign", "--output", "-",
+                 "-"], input=data, what=f"signing with {fingerprint}")
+
+
+def sign_file(path: Path, fingerprint: str) -> bytes:
+    """An armored detached signature over the file `path` (read by gpg, never held in memory)."""
+    return _gpg(["--local-user", fingerprint, "--armor", "--detach-sign", "--output", "-", "--", str(path)],
+                what=f"signing {path} with {fingerprint}")

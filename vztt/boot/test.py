@@ -1,10 +1,12 @@
 """Boot tests: boot a packed template in the container runtime and check it.
 
-    archive -> scratch tree -> container (overlay) -> checks -> poweroff -> gone
+    artifact -> its tree (the format's bootable_tree) -> container (overlay) -> checks -> poweroff -> gone
 
-The archive is unpacked once, with GNU tar, into a tmpfs in the cache's
-scratch area (`cache.scratch("<name>.boot")`) and booted through overlayfs
-(boot.runtime), so the tree stays as shipped; the runtime's scratch and state
+The boot test asks the artifact's format for a bootable tree, made in the
+cache's scratch area (`cache.scratch("<name>.boot")`): a plain archive is
+unpacked with GNU tar into a tmpfs; a ploop cache's root.hds is read back
+into a disk whose partition is mounted read-only. The tree is booted
+through overlayfs (boot.runtime), so it stays as shipped; the runtime's scratch and state
 live in `cache.containers_dir`, the console log is `cache.log_path(name,
 "console")` (kept: BootError names it). Callers enter a private mount
 namespace first, so no mount outlives a killed vztt; the runtime's
@@ -18,6 +20,13 @@ Checks (boot/checks.py), in order, each reported by name (boot/report.py):
   osrelease      uname -r is the recipe's `osrelease`, if it sets one (kernel.virt_osrelease;
                  a kernel without it: "not applied", not a failure)
   loopback       lo has 127.0.0.1, `localhost` resolves, a TCP echo over 127.0.0.1 works
+  network:address  the template's interface holds the address(es) it was given (boot.ip or
+                 --ip: written into its own network files by netconfig, as `vztt create` does)
+  network:ping   the host side of the link answers ping from inside
+  network:ssh    `ssh -i <throwaway key> root@<address> uname -n`, run from the host side's
+                 network namespace, prints the hostname; sshd's host key was made at first boot
+                 (the three network rows: unless the recipe says boot.network = false; see
+                 boot/network.py; a failure's report keeps `ip addr` and sshd's journal)
   package-db     the package database is consistent (per family: PACKAGE_DB_CHECKS)
   smoke:<name>   each recipe smoke check, run with /bin/sh -c inside
   poweroff       a clean poweroff within POWEROFF_TIMEOUT
@@ -38,18 +47,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vztt.base.errors import RecipeError
-from vztt.base.proc import run, tool_env
+from vztt import formats, netconfig
+from vztt.base.errors import BadUsage, RecipeError
 from vztt.base.progress import Progress
-from vztt.boot.checks import (Outcome, check_failed_units, check_hostname, check_loopback, check_osrelease,
-                              check_package_db, check_smoke, timed)
+from vztt.boot.checks import (Outcome, SshLogin, check_failed_units, check_hostname, check_loopback,
+                              check_network_address, check_network_ping, check_network_ssh, check_osrelease,
+                              check_package_db, check_smoke, network_diagnostics, shipped_host_keys, timed)
+from vztt.boot.network import BootNet, host_side, network_check_enabled, run_network, test_network
 from vztt.boot.report import FAILED_RESULT, PASSED, Check, Report
-from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale
+from vztt.boot.runtime import BootError, Container, RuntimeUnavailable, cleanup_stale, cpu
+from vztt.boot.runtime.hostnet import HostNet
+from vztt.netconfig import RawSettings
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
 
 POWEROFF_TIMEOUT = 30.0
-UNPACK_TIMEOUT = 600.0
 MEMORY_MAX = 2 << 30             # a runaway check cannot take the host down
 PIDS_MAX = 4096
 
@@ -81,16 +93,26 @@ def prepare_host(cache: TemplateCache, what: str) -> list[str]:
 
 
 def cached_archive(cache: TemplateCache, name: str) -> Path:
-    """The cached plain archive of NAME, the one a boot test boots."""
+    """The cached plain archive of NAME."""
+    return cached_files(cache, name, "plain")[1][0]
+
+
+def cached_files(cache: TemplateCache, name: str, fmt: str | None = None) -> tuple[str, list[Path]]:
+    """(format, its cached files) a boot test of NAME boots: `fmt`'s, else the first
+    bootable format the cache holds (plain before ploop)."""
     entry = cache.entry(name)
     if entry is None:
         raise RecipeError(f"{name}: not in the cache {cache.root}; run `vztt build {name}` first")
     archives = entry.manifest.archives
-    plain = archives.get("plain")
-    if plain is None:
-        raise RecipeError(f"{name}: the cache holds no plain archive to boot (formats: {', '.join(archives)}); "
-                          f"build it with --format all")
-    return cache.root / plain.file
+    bootable = formats.bootable()
+    if fmt is not None and fmt not in bootable:
+        raise formats.NotBootable(f"format {formats.get(fmt).name}: vztt boots {' and '.join(bootable)}; "
+                                  f"the other hosts' own tools boot {fmt}")
+    chosen = fmt or next((f for f in bootable if f in archives), None)
+    if chosen is None or chosen not in archives:
+        raise RecipeError(f"{name}: the cache holds no {chosen or ' or '.join(bootable)} archive to boot "
+                          f"(formats: {', '.join(archives)}); build it with --format {chosen or 'plain'}")
+    return chosen, [cache.root / f.file for f in archives[chosen].files]
 
 
 def container_name(template: str, purpose: str) -> str:
@@ -100,53 +122,51 @@ def container_name(template: str, purpose: str) -> str:
     return slug[:63 - len(suffix)] + suffix
 
 
-def unpack(archive: Path, dest: Path, timeout: float = UNPACK_TIMEOUT) -> None:
-    """Extract our own .tar.lz4 with GNU tar, owners, modes, xattrs, ACLs kept.
-    GNU tar refuses members with `..` and delays symlinks that could redirect
-    later members; dest is an empty directory. A timeout or Ctrl-C stops tar and
-    its lz4 too."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = ["tar", "--extract", "--use-compress-program=lz4", f"--file={archive}", f"--directory={dest}", "--numeric-owner",
-           "--same-permissions", "--xattrs", "--xattrs-include=*", "--acls", "--no-overwrite-dir"]
-    # The C locale, as the archive was written (formats/plain.py): names pass through as bytes.
-    run(cmd, what=f"cannot unpack {archive}", error=RuntimeUnavailable, env=tool_env(LC_ALL="C"), timeout=timeout)
-
-
 @contextlib.contextmanager
-def scratch_tree(cache: TemplateCache, name: str) -> Iterator[Path]:
-    """An empty tmpfs in the scratch area <name>.boot to unpack the archive
-    into: faster than the disk both ways, and it goes with one umount.
-    Removed on the way out, whatever happens; in a private mount namespace
-    (test, run, build) the kernel drops it even after SIGKILL, and
-    clean_stale_work removes the directory."""
+def artifact_tree(cache: TemplateCache, name: str, fmt: str, files: list[Path]) -> Iterator[Path]:
+    """The root tree of a template's artifact (`files`, of format `fmt`), made by the
+    format in the scratch area <name>.boot, for the runtime to boot. Removed on the way
+    out, whatever happens; in a private mount namespace (test, run, build) the kernel
+    drops its mounts even after SIGKILL, and clean_stale_work removes the directory."""
     with cache.scratch(f"{name}.boot") as scratch:
-        tree = scratch / "tree"
-        tree.mkdir()
-        run(["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid", "vztt-boottest", tree],
-            what=f"cannot mount a tmpfs on {tree}", error=RuntimeUnavailable)
-        yield tree
+        with formats.get(fmt).bootable_tree(files, scratch) as tree:
+            yield tree
     if scratch.exists():
         raise RuntimeUnavailable(f"cannot remove the scratch tree {scratch}")
 
 
 @contextlib.contextmanager
-def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: bool = False) -> Iterator[Container]:
-    """A started container of `tree`, with the recipe's hostname; closed on the way out.
-    vm=True: a qemu VM with vztt's kernel instead (boot.runtime.vm, the same interface);
-    `tree` is then a scratch copy that the VM's disk is made from."""
+def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: bool = False,
+           hostname: str | None = None, net: tuple[HostNet, BootNet] | None = None) -> Iterator[Container]:
+    """A started container of `tree`, with the recipe's hostname (or `hostname`); closed on
+    the way out. vm=True: a qemu VM with vztt's kernel instead (boot.runtime.vm, the same
+    interface); `tree` is then a scratch copy that the VM's disk is made from. `net`: the
+    link's host side, and the settings written into the tree (netconfig) before boot."""
+    hostname = hostname or recipe.hostname
+    link, bootnet = net if net is not None else (None, None)
+
+    def configure(root: Path) -> None:
+        if bootnet is not None:
+            netconfig.configure(root, recipe.distro, bootnet.settings)
+
     with contextlib.ExitStack() as stack:
         if vm:
             from vztt.kernel.build import KVM_PROBE, vm_kernel
             from vztt.boot.runtime.vm import VM
             kernel = vm_kernel(cache).bzimage
             scratch = stack.enter_context(cache.scratch(f"{recipe.name}.vm"))
-            box = VM(tree, scratch, kernel, name=container_name(recipe.name, purpose), hostname=recipe.hostname,
+            configure(tree)            # the VM's scratch copy; its disk is made from it
+            box = VM(tree, scratch, kernel, name=container_name(recipe.name, purpose), hostname=hostname,
                      osrelease=osrelease(recipe), console_log=console_log_path(cache, recipe.name, vm_purpose(purpose)),
-                     probe_cache=cache.kernel_dir / KVM_PROBE)
+                     probe_cache=cache.kernel_dir / KVM_PROBE, link=link, cpu_level=cpu_level(recipe))
         else:
+            # The container runs the template's programs on this host's CPU.
+            cpu.require_on_host(cpu_level(recipe), recipe.name)
             box = Container(tree, cache.containers_dir, name=container_name(recipe.name, purpose),
-                            hostname=recipe.hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
-                            console_log=console_log_path(cache, recipe.name, purpose), osrelease=osrelease(recipe))
+                            hostname=hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
+                            console_log=console_log_path(cache, recipe.name, purpose), osrelease=osrelease(recipe),
+                            prepare=configure, link=link,
+                            link_iface=bootnet.settings.interface if bootnet else netconfig.DEFAULT_INTERFACE)
         with box:
             yield box  # type: ignore[misc]
 
@@ -160,6 +180,11 @@ def osrelease(recipe: Recipe) -> str | None:
     """The recipe's `osrelease` (what uname -r says inside), or None; checked
     against the settings table's pattern when the recipe was loaded."""
     return recipe.merged.get("osrelease") or None
+
+
+def cpu_level(recipe: Recipe) -> str:
+    """The x86-64 level the recipe's programs need (`cpu_level`; the baseline if unset)."""
+    return recipe.merged.get("cpu_level") or cpu.BASELINE
 
 
 def boot_timeout(recipe: Recipe) -> int:
@@ -178,36 +203,59 @@ def allowed_failed(recipe: Recipe) -> list[str]:
 # The test
 # --------------------------------------------------------------------------
 
+NETWORK_CHECKS = ["network:address", "network:ping", "network:ssh"]
+
+
 def check_names(recipe: Recipe) -> list[str]:
     return (["boot", "failed-units", "hostname"] + (["osrelease"] if osrelease(recipe) else [])
-            + ["loopback", "package-db"] + [f"smoke:{s.name}" for s in recipe.smoke] + ["poweroff"])
+            + ["loopback"] + (NETWORK_CHECKS if network_check_enabled(recipe) else [])
+            + ["package-db"] + [f"smoke:{s.name}" for s in recipe.smoke] + ["poweroff"])
 
 
-def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Progress | None = None,
-              vm: bool = False) -> Report:
-    """Unpack, boot, check, power off, clean up. Returns the report: a failed
+def _vm_boots_plain(recipe: Recipe, vm: bool, fmt: str) -> None:
+    """The VM's disk is made from a tree it writes its agent into: the plain archive's
+    unpacked tree. Another format's tree (ploop's read-only partition) boots in a container."""
+    if vm and fmt != formats.SOURCE:
+        raise BadUsage(f"{recipe.name}: --vm boots the plain archive (the VM's disk is made from its tree); "
+                       f"the {fmt} artifact boots in the container runtime (without --vm)")
+
+
+def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], progress: Progress | None = None,
+              vm: bool = False, fmt: str = "plain", given: RawSettings | None = None,
+              hostname: str | None = None) -> Report:
+    """Unpack, boot, check, power off, clean up. `archive`: the artifact's files (a
+    plain archive, or the files of format `fmt`). Returns the report: a failed
     boot or check is in it (Report.exception()); RuntimeUnavailable and
     KeyboardInterrupt propagate, after everything was cleaned up.
-    vm=True boots it in qemu with vztt's kernel instead of a container."""
+    vm=True boots it in qemu with vztt's kernel instead of a container.
+    `given`: network settings from the command line, over the recipe's boot.* defaults
+    (a bad value: BadUsage, before anything is unpacked); `hostname` over the recipe's."""
     progress = progress or Progress(quiet=True)
-    report = Report(name=recipe.name, archive=str(archive), hostname=recipe.hostname,
+    _vm_boots_plain(recipe, vm, fmt)
+    files = [archive] if isinstance(archive, Path) else list(archive)
+    archive = files[0]
+    hostname = hostname or recipe.hostname
+    wanted = test_network(recipe, given, BadUsage)
+    report = Report(name=recipe.name, archive=str(archive), hostname=hostname,
                     checks=[Check(n) for n in check_names(recipe)],
                     started=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
                     console_log=str(console_log_path(cache, recipe.name, vm_purpose("test") if vm else "test")))
     checks = {c.name: c for c in report.checks}
     started = time.monotonic()
-    with scratch_tree(cache, recipe.name) as tree:
+    with contextlib.ExitStack() as scratch:
         with progress.step("unpack") as st:
-            unpack(archive, tree)
+            tree = scratch.enter_context(artifact_tree(cache, recipe.name, fmt, files))
             report.unpack_seconds = time.monotonic() - started
             st.note(f"{archive.name} in {report.unpack_seconds:.1f} s")
+        net = scratch.enter_context(host_side(cache, recipe.name, wanted, throwaway_key=True)) if wanted else None
+        shipped_keys = shipped_host_keys(tree)             # before boot: what the archive holds
         current = checks["boot"]
         booting = time.monotonic()
         try:
             with contextlib.ExitStack() as stack:
                 with progress.step("boot") as st:
                     booting = time.monotonic()
-                    box = stack.enter_context(booted(recipe, cache, tree, "test", vm=vm))
+                    box = stack.enter_context(booted(recipe, cache, tree, "test", vm=vm, hostname=hostname, net=net))
                     state, failed = box.wait_running(timeout=boot_timeout(recipe))
                     report.boot_seconds = box.boot_seconds
                     current.result, current.seconds = PASSED, time.monotonic() - booting
@@ -216,23 +264,47 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path, progress: Pro
 
                 steps: list[tuple[str, Callable[[], Outcome]]] = [
                     ("failed-units", lambda: check_failed_units(box, failed, allowed_failed(recipe))),
-                    ("hostname", lambda: check_hostname(box, recipe.hostname)),
+                    ("hostname", lambda: check_hostname(box, hostname)),
                 ]
                 if release := osrelease(recipe):
                     steps.append(("osrelease", lambda: check_osrelease(box, release)))
-                steps += [
-                    ("loopback", lambda: check_loopback(box)),
-                    ("package-db", lambda: check_package_db(box, recipe.family)),
-                ]
+                steps.append(("loopback", lambda: check_loopback(box)))
+                slowdown = float(getattr(box, "slowdown", 1.0))      # a VM under TCG: longer time bounds
+                if net is not None:
+                    steps += [("network:address", lambda: check_network_address(box, net[1].settings, slowdown)),
+                              ("network:ping", lambda: check_network_ping(box, net[1].ping_targets, slowdown))]
+                steps.append(("package-db", lambda: check_package_db(box, recipe.family)))
                 steps += [(f"smoke:{s.name}", lambda s=s: check_smoke(box, s.command, s.exit_status, s.output))
                           for s in recipe.smoke]
                 with progress.step("checks") as st:
+                    login: SshLogin | None = None
                     for name, fn in steps:
                         current = checks[name]
+                        if name == "network:ping" and not checks["network:address"].ok:
+                            current.detail = "not run: the interface lacks its address"
+                            continue
                         timed(current, fn)
+                        if name == "network:address" and current.ok and net is not None:
+                            # ssh from the host side goes on while the checks inside run
+                            link, bootnet = net
+                            assert bootnet.key is not None
+                            login = SshLogin(link, bootnet.key, bootnet.ssh_target, slowdown)
+                            stack.callback(login.cancel)
+                    if login is not None:
+                        current = checks["network:ssh"]
+                        timed(current, lambda: check_network_ssh(box, login, hostname, shipped_keys))
+                        current.seconds = login.seconds        # its own time, not the rows it overlapped
+                    elif net is not None:
+                        checks["network:ssh"].detail = "not run: the interface lacks its address"
+                    if net is not None and any(checks[n].result == FAILED_RESULT for n in NETWORK_CHECKS):
+                        family = net[1].family
+                        first = next(checks[n] for n in NETWORK_CHECKS if checks[n].result == FAILED_RESULT)
+                        first.output = (first.output.rstrip("\n") + "\n"
+                                        + network_diagnostics(box, family.ssh_unit, family.network_units))
                     report.ready_seconds = time.monotonic() - booting
                     bad = [c.name for c in report.failed]
-                    st.note(f"{len(steps) - len(bad)} of {len(steps)} passed"
+                    rows = len(steps) + (net is not None)          # network:ssh is judged apart
+                    st.note(f"{rows - len(bad)} of {rows} passed"
                             + (f"; FAILED: {', '.join(bad)}" if bad else ""))
 
                 current = checks["poweroff"]
@@ -275,19 +347,30 @@ def _tail(path: Path, lines: int = 25) -> str:
 # A throwaway container for a maintainer (`vztt run`)
 # --------------------------------------------------------------------------
 
-def run_command(recipe: Recipe, cache: TemplateCache, archive: Path, argv: list[str], timeout: float,
-                progress: Progress | None = None, vm: bool = False) -> tuple[int, str]:
+def run_command(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], argv: list[str], timeout: float,
+                progress: Progress | None = None, vm: bool = False, fmt: str = "plain",
+                given: RawSettings | None = None, hostname: str | None = None) -> tuple[int, str]:
     """Boot the template, run argv inside once it is up, power off, clean up.
-    Returns (exit status, output); BootError if it does not boot."""
+    Returns (exit status, output); BootError if it does not boot. `given`: network
+    settings (--ip ...: a link to a host side of its own, the files written as `vztt
+    create` writes them); none: loopback only."""
     progress = progress or Progress(quiet=True)
-    with scratch_tree(cache, recipe.name) as tree:
+    _vm_boots_plain(recipe, vm, fmt)
+    files = [archive] if isinstance(archive, Path) else list(archive)
+    wanted = run_network(recipe, given, BadUsage) if given is not None else None
+    with contextlib.ExitStack() as stack:
         with progress.step("unpack") as st:
             started = time.monotonic()
-            unpack(archive, tree)
-            st.note(f"{archive.name} in {time.monotonic() - started:.1f} s")
-        with contextlib.ExitStack() as stack:
+            tree = stack.enter_context(artifact_tree(cache, recipe.name, fmt, files))
+            st.note(f"{files[0].name} in {time.monotonic() - started:.1f} s")
+        net = stack.enter_context(host_side(cache, recipe.name, wanted, throwaway_key=False)) if wanted else None
+        if wanted is not None:
+            addresses = ", ".join(a.with_prefixlen for a in wanted.settings.addresses)
+            progress.say(f"network: {wanted.settings.interface} {addresses}; host side "
+                         f"{', '.join(wanted.host_addresses)} (a namespace of its own)")
+        with contextlib.ExitStack() as boxes:
             with progress.step("boot") as st:
-                box = stack.enter_context(booted(recipe, cache, tree, "run", vm=vm))
+                box = boxes.enter_context(booted(recipe, cache, tree, "run", vm=vm, hostname=hostname, net=net))
                 state, failed = box.wait_running(timeout=boot_timeout(recipe))
                 st.note(f"{state} in {box.boot_seconds:.2f} s" + (f" (failed: {', '.join(failed)})" if failed else ""))
             status, out = box.exec(list(argv), timeout=timeout)

@@ -1,19 +1,21 @@
 """The recipe's own touches after the packages: files, hooks, final cleaning.
 
-Paths are resolved inside the image with chroot semantics: a symlink in the
-image that points to /etc points to the image's /etc, and `..` stops at the
-image root, so no recipe file and no link planted by a package can make a
-write land on the host.
+Every write and removal goes through base/inroot.py: paths are resolved inside
+the image with chroot semantics (a symlink in the image that points to /etc
+points to the image's /etc, `..` stops at the image root), by the kernel
+(openat2 RESOLVE_IN_ROOT), and a link at the name itself is replaced, never
+written through, so no recipe file and no link planted by a package or a hook
+can make a write land on the host.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 from pathlib import Path
 
 from vztt.base.errors import BuildError
-from vztt.base.files import atomic_file
+from vztt.base.inroot import UnsafePath, clear_in_root, stat_in_root, write_in_root
 from vztt.base.proc import TOOL_ENV, Log, run
 from vztt.recipe.recipe import FileSpec, Hook
 
@@ -21,7 +23,8 @@ MAX_LINKS = 40
 
 
 def path_in_root(root: Path, path: str) -> Path:
-    """Host path of `path` in the image; intermediate symlinks followed inside root, the last one not."""
+    """Host path of `path` in the image; intermediate symlinks followed inside root, the last one not.
+    For reading a tree nobody changes meanwhile (tests, reports); writes go through base.inroot."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
     hops = 0
@@ -50,16 +53,10 @@ def path_in_root(root: Path, path: str) -> Path:
 
 def write_files(root: Path, files: tuple[FileSpec, ...]) -> None:
     for f in files:
-        dest = path_in_root(root, f.path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink() or dest.exists():
-            if dest.is_dir() and not dest.is_symlink():
-                raise BuildError(f"files[{f.path}]: a directory is in the way in the image")
-            dest.unlink()
-        # The owner first: chown clears setuid bits, which atomic_file's final chmod sets.
-        with atomic_file(dest, f.mode, fsync=False) as fh:
-            fh.write(f.content)
-            os.fchown(fh.fileno(), f.uid, f.gid)
+        try:
+            write_in_root(root, f.path, f.content, f.mode, f.uid, f.gid)
+        except UnsafePath as e:
+            raise BuildError(f"files[{f.path}]: {e}") from None
 
 
 def run_hooks(root: Path, hooks: tuple[Hook, ...], env: dict[str, str], log: Log, recipe_name: str) -> None:
@@ -75,14 +72,9 @@ def run_hooks(root: Path, hooks: tuple[Hook, ...], env: dict[str, str], log: Log
 
 def clean_root(root: Path) -> None:
     """What no template should carry, whatever its distro (mmdebstrap's list)."""
-    machine_id = root / "etc/machine-id"
-    if machine_id.is_file() and not machine_id.is_symlink():
-        machine_id.write_text("")          # empty: systemd makes one at first boot
+    st = stat_in_root(root, "etc/machine-id")
+    if st is not None and stat.S_ISREG(st.st_mode):
+        # empty: systemd makes one at first boot; owner and mode as the package left them
+        write_in_root(root, "etc/machine-id", b"", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
     for rel in ("run", "tmp"):
-        d = root / rel
-        if d.is_dir():
-            for child in d.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+        clear_in_root(root, rel)

@@ -16,7 +16,7 @@ from vztt import __version__
 from vztt import formats as formats_registry
 from vztt.backend import Backend, InstalledPackage, PackageInfo, backend_for
 from vztt.builder.gate import gate
-from vztt.base.errors import ResolveError
+from vztt.base.errors import BuildError, ResolveError
 from vztt.base.files import atomic_write
 from vztt.base.mounts import enter_private_namespace, require_root
 from vztt.base.proc import Log, mark_children
@@ -41,7 +41,7 @@ class BuildOptions:
     lock_path: Path | None = None   # default: <cache>/locks/<name>.lock.json
     jobs: int = 8                   # parallel downloads
     test: bool = True               # boot-test the packed archive before promote (--no-test)
-    format: str | None = None       # plain | ploop | all (or a list: plain,ploop); None: the recipe's setting
+    format: str | None = None       # a format, all, or a list (plain,lxc); None: the recipe's setting
     wait: float = 0                 # seconds to wait for another build of the same template
 
 
@@ -61,6 +61,7 @@ class BuildResult:
     manifest: Manifest
     log: Path
     fetch: dict[str, int] = field(default_factory=dict)    # this build's downloads: cached/downloaded/bytes
+    removed: list[str] = field(default_factory=list)       # cached files of formats this build dropped
 
 
 def _backend(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, log: Log) -> Backend:
@@ -104,6 +105,8 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
     cache.clean_stale_work()
     started = time.monotonic()
     name = recipe.name
+    formats = formats_registry.parse(options.format or recipe.format)
+    preflight_formats(recipe, formats)      # a missing tool fails now, not after the install
     with cache.building(name, timeout=options.wait):
         log = cache.new_log(name, "build")
         work = cache.work_dir(name)
@@ -113,6 +116,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
         pkg_lock = contextlib.ExitStack()
         try:
             backend = _backend(recipe, cache, mirrors, log)
+            backend.image_urls()        # an unset variable in a shipped URL: one line now, not after the install
             lock_path = options.lock_path or cache.lock_file(name)
             if options.locked:
                 with progress.step("lock") as st:
@@ -135,7 +139,6 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                         f"({s.bytes_downloaded / 1e6:.1f} MB)")
 
             env = {**recipe.environment, "SOURCE_DATE_EPOCH": str(lock.source_date_epoch)}
-            formats = formats_registry.parse(options.format or recipe.format)
             with BuildImage(work, recipe.image_size, log) as image:
                 with progress.step("install") as st:
                     image.mount_api()
@@ -162,7 +165,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 context = FormatContext(name=name, tree=image.root, out=work, work=work,
                                         source_date_epoch=lock.source_date_epoch, lock_digest=lock.digest,
                                         packages=installed, settings=recipe.merged, log=log)
-                archives, outputs = _write_formats(formats, context, cache, progress, temps)
+                archives, outputs = write_formats(formats, context, cache, progress, temps)
             created = datetime.now(timezone.utc).replace(microsecond=0)
             manifest = Manifest(
                 name=name,
@@ -183,23 +186,48 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             manifest.boot_test = gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
             manifest.steps, manifest.build_seconds = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
+                removed = _other_formats(cache, manifest, progress)
                 manifest.write(tmp_manifest)
                 sboms = _write_sboms(cache, manifest, temps)
                 cache.promote(name, outputs + sboms + [(tmp_manifest, manifest_path)])
-                # A format not built this time must not linger beside the new manifest.
-                for fmt in set(formats_registry.names()) - set(formats):
-                    cache.file(formats_registry.get(fmt).file_name(name)).unlink(missing_ok=True)
+                # A format the new manifest does not name must not linger beside it.
+                for fmt in set(formats_registry.names()) - set(manifest.archives):
+                    for file_name in formats_registry.get(fmt).file_names(name):
+                        cache.file(file_name).unlink(missing_ok=True)
                 cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))
             manifest.steps = dict(progress.timings)
             return BuildResult(name=name, archive=outputs[0][1], manifest_path=manifest_path, manifest=manifest,
-                               log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats))
+                               log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats), removed=removed)
         finally:
             pkg_lock.close()
             for t in temps:
                 t.unlink(missing_ok=True)
             log.close()
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _other_formats(cache: TemplateCache, manifest: Manifest, progress: Progress) -> list[str]:
+    """A build that writes fewer formats than the cached template has (`--format ploop` over
+    plain and ploop): the cached files of the other formats stay, named in the new manifest,
+    if they were built from the same lock (the bytes this build would have written); else
+    they are removed at promote, which one line says. Returns the file names removed."""
+    old = cache.entry(manifest.name)
+    if old is None:
+        return []
+    others = [f for f in formats_registry.ordered(list(old.manifest.archives)) if f not in manifest.archives
+              and cache.path(old.manifest.archives[f]).is_file()]
+    if not others:
+        return []
+    if old.manifest.lock_digest == manifest.lock_digest:
+        manifest.archives.update({f: old.manifest.archives[f] for f in others})
+        manifest.formats = formats_registry.ordered([*manifest.formats, *others])   # as a build of all would
+        return []
+    removed = [part.file for f in others for part in old.manifest.archives[f].files]
+    progress.say(f"  {manifest.name}: removed the cached {', '.join(removed)}: built from another lock "
+                 f"({old.manifest.lock_digest[:19]}...) than this {'/'.join(manifest.formats)} build "
+                 f"({manifest.lock_digest[:19]}...); build with --format all to have both")
+    return removed
 
 
 def _package_records(installed: list[InstalledPackage], info: dict[tuple[str, str], PackageInfo],
@@ -225,26 +253,41 @@ def _write_sboms(cache: TemplateCache, manifest: Manifest, temps: list[Path]) ->
     return pairs
 
 
-def _write_formats(wanted: tuple[str, ...], context: FormatContext, cache: TemplateCache, progress: Progress,
+def write_formats(wanted: tuple[str, ...], context: FormatContext, cache: TemplateCache, progress: Progress,
                    temps: list[Path]) -> tuple[dict[str, ArchiveRecord], list[tuple[Path, Path]]]:
     """Write every wanted format, each as a step of its own, under temporary names (listed
     in `temps`). The source format (plain) is written first whether wanted or not: the
     others are made from it; not wanted, it is dropped with the temporary files.
-    Returns the records of the wanted formats and their (temporary, final) pairs."""
+    Returns the records of the wanted formats and the (temporary, final) pairs of all
+    their files. A format that cannot be written is one line naming it (and its tool)."""
     archives: dict[str, ArchiveRecord] = {}
     outputs: list[tuple[Path, Path]] = []
     source = formats_registry.SOURCE
     for fmt_name in [source, *(f for f in wanted if f != source)]:
         fmt = formats_registry.get(fmt_name)
-        final = cache.file(formats_registry.get(fmt_name).file_name(context.name))
-        tmp = cache.temp_path(final)
-        temps.append(tmp)
+        pairs = []
+        for part in fmt.part_list():
+            final = cache.file(part.cache_name(context.name))
+            tmp = cache.temp_path(final)
+            temps.append(tmp)
+            pairs.append((part.suffix, tmp, final))
+        outs = {suffix: tmp for suffix, tmp, _ in pairs}
         with progress.step(fmt.step) as st:
-            record = fmt.write(dataclasses.replace(context, out=tmp))
+            try:
+                record = fmt.write(dataclasses.replace(context, out=pairs[0][1], outs=outs))
+            except OSError as e:          # what Python itself wrote: no space, I/O error
+                raise BuildError(f"format {fmt_name}: writing {e.filename or pairs[0][1]}: {e.strerror}") from None
             st.note(fmt.describe(record))
         if fmt_name == source:
-            context.plain, context.plain_record = tmp, record
+            context.plain, context.plain_record = pairs[0][1], record
         if fmt_name in wanted:
             archives[fmt_name] = record
-            outputs.append((tmp, final))
+            outputs += [(tmp, final) for _, tmp, final in pairs]
     return archives, outputs
+
+
+def preflight_formats(recipe: Recipe, wanted: tuple[str, ...]) -> None:
+    """Before anything is built: every program the wanted formats (and the source format)
+    run is here, and each can write this recipe; else one line naming the format."""
+    for fmt_name in dict.fromkeys([formats_registry.SOURCE, *wanted]):
+        formats_registry.get(fmt_name).preflight(recipe.name, recipe.merged)

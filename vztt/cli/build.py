@@ -40,16 +40,19 @@ def build_report(obj: Context, result: Any) -> dict[str, Any]:
     return {"name": result.name, "archive": str(result.archive), "manifest": str(result.manifest_path),
             "log": str(result.log), "sha256": m.archive.sha256, "size": m.archive.size,
             "archives": {k: str(obj.cache.path(a)) for k, a in m.archives.items()},
+            "files": {k: [str(obj.cache.file(f.file)) for f in a.files] for k, a in m.archives.items()},
             "fetch": result.fetch, "boot_test": m.boot_test, "build_id": m.build_id,
             "lock_digest": m.lock_digest, "recipe_digest": m.recipe_digest, "package_count": m.package_count,
-            "steps": m.steps, "build_seconds": m.build_seconds}
+            "steps": m.steps, "build_seconds": m.build_seconds, "removed": result.removed}
 
 
 def _print_build(obj: Context, result: Any) -> None:
     m = result.manifest
     for fmt_name, a in m.archives.items():
         click.echo(f"{obj.cache.path(a)}")
-        click.echo(f"  size      {a.size / 1e6:.1f} MB ({formats.get(fmt_name).describe(a)})")
+        for part in a.parts:
+            click.echo(f"{obj.cache.file(part.file)}")
+        click.echo(f"  size      {a.total_size / 1e6:.1f} MB ({formats.get(fmt_name).describe(a)})")
         click.echo(f"  sha256    {a.sha256}")
     click.echo(f"  manifest  {result.manifest_path}")
     click.echo(f"  packages  {m.package_count}   lock {m.lock_digest[:19]}...")
@@ -83,7 +86,12 @@ def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | No
       clean      drop caches, logs, machine-id
       pack       reproducible tar, lz4
       ploop      ext4 disk -> ploop v2 image -> Virtuozzo cache tar, lz4 (format ploop)
+      lxc        rootfs.tar.xz + meta.tar.xz for LXC (format lxc)
+      incus      rootfs.squashfs + incus.tar.xz for Incus and LXD (format incus)
+      oci        OCI image layout tar for podman and skopeo (format oci)
+      nspawn     <name>.tar.xz for systemd-pull / machinectl (format nspawn)
       test       boot the packed archive in a container, run its checks (`vztt test`);
+                 test-ploop the same from the ploop cache's own disk;
                  a template that fails stays as <file>-failed, with its report
       promote    atomically replace the cached template (the old one stays until then)
     """

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
 from vztt import formats
 from vztt.base.progress import Progress
 from vztt.cli.main import Context, FormatList, emit, from_option, guarded, json_option, keyring_option, main
+from vztt.cli.netopts import NETWORK_HELP, network_options, raw_settings
+
+
+def _parse_duration_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    from vztt.mirror.freshness import parse_duration
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -39,28 +50,39 @@ def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | 
 @click.option("--url", default="", envvar="VZTT_PUBLISH_URL", metavar="URL",
               help="Where hosts fetch this mirror from, for the commands its index.html shows "
                    "[default: the --to URL when it is http(s)]. [env: VZTT_PUBLISH_URL]")
+@click.option("--expires", "validity", default="30d", show_default=True, envvar="VZTT_PUBLISH_EXPIRES",
+              metavar="DURATION", callback=_parse_duration_option,
+              help="How long hosts believe the index signed now (30d, 12h, 90m, 2w): past it, pulls refuse "
+                   "the mirror as frozen. A publish signs the index again when less than half is left, even "
+                   "if nothing else changed: publish at least that often. [env: VZTT_PUBLISH_EXPIRES]")
 @keyring_option
 @json_option
 @click.pass_obj
 @guarded
 def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep: int, allow_untested: bool,
-            url: str, keyrings: tuple[Path, ...], as_json: bool) -> None:
+            url: str, validity: timedelta, keyrings: tuple[Path, ...], as_json: bool) -> None:
     """Publish cached templates (NAME..., default: all) to a mirror, with a signed index.
 
     \b
     Uploads only what the mirror lacks (by sha256): archives, then SBOMs and
-    manifests, then index.json.asc and index.json, each under a temporary name
-    renamed (directory) or MOVEd (WebDAV) into place; then the pages for
-    browsers (index.html, templates/NAME/index.html). WebDAV credentials:
+    manifests, then the other hosts' indexes (LXC's meta/1.0/index-system,
+    Incus's and LXD's streams/v1/, each build's SHA256SUMS and SHA256SUMS.gpg
+    for systemd-pull, all signed with the same key), then index.json.asc and
+    index.json, each under a temporary name renamed (directory) or MOVEd
+    (WebDAV) into place; then the pages for browsers (index.html,
+    templates/NAME/index.html). WebDAV credentials:
     VZTT_PUBLISH_USER / VZTT_PUBLISH_PASSWORD, else netrc.
     The mirror's current index must verify against the signing key (or a
-    --keyring key) before it is re-signed. Exit 11: a template failed its boot
+    --keyring key) before it is re-signed. The index carries a serial (one
+    more each time) and an expiry (--expires): hosts refuse an older serial
+    than they saw, and an expired index. Exit 11: a template failed its boot
     test, or skipped it without --allow-untested; nothing was uploaded.
     """
     from vztt.mirror import publish as publishing
     progress = Progress(quiet=as_json)
     result = publishing.publish(obj.cache, list(names), dest, publishing.PublishOptions(
-        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings, url=url), progress)
+        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings, url=url,
+        validity=validity), progress)
     if as_json:
         emit(result.as_dict())
         return
@@ -72,8 +94,9 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
         click.echo(f"{name}: already on the mirror")
     for removed in result.removed:
         click.echo(f"removed {removed}")
-    click.echo(f"{result.target}: index serial {result.serial}" + (f", signed by {result.signer}"
-                                                                   if result.index_written else " (unchanged)"))
+    click.echo(f"{result.target}: index serial {result.serial}"
+               + (f", signed by {result.signer}" if result.index_written else " (unchanged)")
+               + (f", expires {result.expires}" if result.expires else ""))
 
 
 @main.command()
@@ -93,11 +116,16 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
 
     \b
     The index and its signature are fetched and verified with gpgv against the
-    trusted keys; the newest build (or --build) is downloaded with resume and
-    retries, its size and sha256 checked, and installed atomically (the previous
-    template is kept as -old until the new one is in place). A tampered index,
-    a bad signature, a wrong sha256 or a truncated download leaves the cache as
-    it was (exit 5); with several mirrors the next one is tried.
+    trusted keys, and the index is refused if it is older than one this cache
+    saw from the mirror (a rollback) or past its expiry (a frozen mirror). The
+    newest build (or --build) is downloaded with resume and retries, its size
+    and sha256 checked, read through the guard `vztt create` unpacks with
+    (exit 6 for an archive it refuses), and installed atomically (the previous
+    template is kept as -old until the new one is in place). A tampered,
+    rolled-back or expired index, a bad signature, a wrong sha256 or a
+    truncated download leaves the cache as it was (exit 5); with several
+    mirrors the next one is tried. Exit 7: no room for it, or a cache this
+    user cannot write.
     """
     from vztt.mirror import config, pull as pulling
     cache = obj.cache
@@ -124,7 +152,23 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
         click.echo(f"  {f:<6} {path}")
 
 
-@main.command()
+CREATE_HELP = """Create a container at DEST from template NAME (pulled first if it is not cached).
+
+\b
+  vztt create debian-12-x86_64-minimal /srv/ct/1 --layout dir --hostname ct1 \\
+      --ip 192.0.2.10/24 --gateway 192.0.2.1 --nameserver 192.0.2.53 --ssh-key ~/.ssh/id_ed25519.pub
+
+\b
+The archive is unpacked safely (no absolute paths, no '..', nothing
+through links, no device nodes but the harmless ones, bounded sizes) and
+its sha256 checked; the container gets a fresh filesystem UUID, an empty
+machine-id (first boot makes one) and --hostname. It is made beside DEST
+and renamed into place when complete; a failure leaves nothing.
+
+""" + NETWORK_HELP
+
+
+@main.command(help=CREATE_HELP)
 @click.argument("name")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--layout", type=click.Choice(["dir", "ext4", "ploop"]),
@@ -133,6 +177,7 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
 @click.option("--size", callback=_parse_size_option, metavar="SIZE",
               help="Disk size for ext4 and ploop (e.g. 10G). [default: the template's disk size, else 10G]")
 @click.option("--hostname", help="Written to /etc/hostname and /etc/hosts (127.0.1.1).")
+@network_options
 @from_option
 @click.option("--build", "build_id", metavar="ID", help="This build of the template.")
 @click.option("--offline", is_flag=True, help="Never pull: the template must be in the cache.")
@@ -142,21 +187,13 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
 @guarded
 def create(obj: Context, name: str, dest: Path, layout: str | None, size: int | None, hostname: str | None,
            mirror_urls: tuple[str, ...], build_id: str | None, offline: bool, keyrings: tuple[Path, ...],
-           as_json: bool) -> None:
-    """Create a container at DEST from template NAME (pulled first if it is not cached).
-
-    \b
-    The archive is unpacked safely (no absolute paths, no '..', nothing
-    through links, no device nodes but the harmless ones, bounded sizes) and
-    its sha256 checked; the container gets a fresh filesystem UUID, an empty
-    machine-id (first boot makes one) and --hostname. It is made beside DEST
-    and renamed into place when complete; a failure leaves nothing.
-    """
+           as_json: bool, **net: Any) -> None:
+    """Create a container at DEST from template NAME (help: CREATE_HELP)."""
     from vztt import create as create_mod
     progress = Progress(quiet=as_json)
     result = create_mod.create(obj.cache, name, dest, create_mod.CreateOptions(
         layout=layout, size=size, hostname=hostname, mirrors=mirror_urls, keyrings=keyrings, offline=offline,
-        build=build_id), progress)
+        build=build_id, network=raw_settings(net)), progress)
     if as_json:
         emit(result.as_dict())
         return

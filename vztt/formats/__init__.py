@@ -7,6 +7,12 @@ tree and are reproducible). The pipeline asks the registry for the formats a
 build wants, calls `write()` for each, and promotes what they wrote together.
 `vztt inspect` asks each format whether it recognises a file.
 
+A format may write several files (`Format.parts`: LXC's rootfs.tar.xz and
+meta.tar.xz); each has its name in the cache (`<template>.<suffix>`) and its
+name in a build's directory on a mirror (what the host's own tool asks for).
+A format whose tree vztt can boot says how (`bootable_tree`): the boot test
+asks the format, so what is tested is the artifact that ships.
+
 To add a format: a module in this package with a `Format` subclass, listed
 in `_MODULES` below; nothing else in vztt names formats.
 """
@@ -15,12 +21,14 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from vztt.base.errors import RecipeError, VzttError
-from vztt.base.proc import Log
+from vztt.base.proc import Log, require_tool
+from vztt.formats.targuard import Limits
 from vztt.store.manifest import ArchiveRecord, PackageRecord
 
 
@@ -37,7 +45,7 @@ class FormatContext:
 
     name: str                      # template name
     tree: Path                     # the installed root tree (read only for formats)
-    out: Path                      # where to write this format's file (a temporary name; the pipeline promotes)
+    out: Path                      # where to write this format's (primary) file (a temporary name; the pipeline promotes)
     work: Path                     # scratch directory for this build
     source_date_epoch: int         # every timestamp a format writes
     lock_digest: str               # seeds identifiers (UUIDs) so one lock gives one set of bytes
@@ -47,6 +55,25 @@ class FormatContext:
     # The plain archive of `tree`, already written (None while it is the one being written).
     plain: Path | None = None
     plain_record: ArchiveRecord | None = None
+    # Every file of the format by its part's suffix -> temporary name (the primary's is `out`).
+    outs: dict[str, Path] = field(default_factory=dict)
+
+    def out_for(self, part: "Part") -> Path:
+        return self.outs.get(part.suffix, self.out)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file a format writes."""
+
+    suffix: str                    # the cached file is <template>.<suffix>
+    published: str                 # its name in the build's directory on a mirror; {name} is the template
+
+    def cache_name(self, template: str) -> str:
+        return f"{template}.{self.suffix}"
+
+    def mirror_name(self, template: str) -> str:
+        return self.published.format(name=template)
 
 
 @dataclass
@@ -77,18 +104,67 @@ class Inspection:
                 *self.notes]
 
 
+class NotBootable(VzttError):
+    """A format whose tree vztt cannot boot (the hosts' own tools test those)."""
+
+    exit_code = 3
+    kind = "format"
+
+
 class Format(ABC):
     name: ClassVar[str]            # registry name (`--format NAME`)
-    suffix: ClassVar[str]          # the cached file is <template>.<suffix>
+    suffix: ClassVar[str]          # the cached (primary) file is <template>.<suffix>
     summary: ClassVar[str]         # one line for --help and docs
     step: ClassVar[str]            # the build step that writes it (shown with its time, kept in the manifest)
+    # Its record must say how big the unpacked tar is (`tar_size`): what bounds unpacking
+    # it (a mirror's index without it is refused).
+    needs_tar_size: ClassVar[bool] = False
+    # Every file it writes, the primary first; () means one file, <template>.<suffix>, published as is.
+    parts: ClassVar[tuple[Part, ...]] = ()
+    # The programs it runs, (program, Debian package): checked before a build starts.
+    tools: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Whether a mirror may serve its files from another build's directory when the bytes are
+    # the same (False when a host's index names the build's directory and expects the files there).
+    shares_files: ClassVar[bool] = True
+    # Whether vztt itself unpacks and boots it (`vztt create`, the boot test): its primary file
+    # then goes through the tar guard (guard_limits) at pull and at unpack.
+    bootable: ClassVar[bool] = False
 
     def file_name(self, template: str) -> str:
         return f"{template}.{self.suffix}"
 
+    def part_list(self) -> tuple[Part, ...]:
+        return self.parts or (Part(self.suffix, "{name}." + self.suffix),)
+
+    def file_names(self, template: str) -> list[str]:
+        """Every file's name in the cache, the primary first."""
+        return [p.cache_name(template) for p in self.part_list()]
+
+    def mirror_names(self, template: str) -> list[str]:
+        """Every file's name in a build's directory on a mirror, in file_names' order."""
+        return [p.mirror_name(template) for p in self.part_list()]
+
+    def preflight(self, template: str, settings: dict[str, Any]) -> None:
+        """Before a build starts: what this format needs is here (its tools), and the recipe
+        is one it can write; EnvironmentProblem or BuildError naming the format otherwise."""
+        for tool, package in self.tools:
+            require_tool(tool, package, why=f"format {self.name}")
+
+    def bootable_tree(self, files: list[Path], scratch: Path) -> AbstractContextManager[Path]:
+        """The root tree in the artifact `files` (the cache's, primary first), ready for the
+        boot runtime to lay an overlay on: made below the empty directory `scratch`, gone
+        when the context ends. NotBootable for a format vztt does not boot."""
+        raise NotBootable(f"format {self.name}: vztt does not boot it (its host's own tools do)")
+
     def describe(self, record: ArchiveRecord) -> str:
         """The build step's line about what was written (sizes)."""
         return f"{record.size / 1e6:.0f} MB"
+
+    def guard_limits(self, record: ArchiveRecord, free: int) -> Limits:
+        """What the tar guard lets through when a file of this format from elsewhere is
+        unpacked (`vztt create`) or checked (`vztt pull`): a root tree, bounded by the
+        record's `tar_size`, else by `free` bytes."""
+        return Limits(max_bytes=record.tar_size if record.tar_size else max(free, 0))
 
     @abstractmethod
     def write(self, ctx: FormatContext) -> ArchiveRecord:
@@ -104,7 +180,7 @@ class Format(ABC):
 
 
 # Registry order is the order formats are written, listed and published in.
-_MODULES = ("plain", "ploop")
+_MODULES = ("plain", "ploop", "lxc", "incus", "oci", "nspawn")
 # The format every build writes first, whatever was asked for: the others are made from it
 # (FormatContext.plain). It is dropped after the build if it was not asked for.
 SOURCE = "plain"
@@ -152,6 +228,11 @@ def parse(choice: str | Sequence[str]) -> tuple[str, ...]:
     if not wanted:
         raise RecipeError(f"format {choice!r}: name at least one of {', '.join(names())}, or {ALL}")
     return tuple(ordered(wanted))
+
+
+def bootable() -> tuple[str, ...]:
+    """The formats vztt can boot, in registry order."""
+    return tuple(n for n, f in _load().items() if f.bootable)
 
 
 def format_of_file(path: Path) -> Format:

@@ -7,22 +7,37 @@ Layout of a mirror (a directory a web server serves, or a WebDAV location):
     templates/<name>/<build id>/<name>.plain.tar.lz4
     templates/<name>/<build id>/<name>.plain.ploopv2.tar.lz4     (builds made with --format ploop/all)
     templates/<name>/<build id>/<name>.manifest.json
+    templates/<name>/<build id>/rootfs.tar.xz, meta.tar.xz, ...  the other hosts' formats, by the names
+                                                  their tools ask for (each format's Part.published), and
+                                                  SHA256SUMS(.gpg), *.asc (mirror/hostindex.py)
     templates/<name>/<build id>/<name>.spdx.json, .cdx.json       its SBOMs (mirror/sboms.py)
     index.html, templates/<name>/index.html       pages for browsers (mirror/browse.py)
+    meta/1.0/index-system, streams/v1/*.json      the other hosts' indexes (mirror/hostindex.py)
+
+`serial` grows by one with every publish; `expires` (ISO 8601, UTC) is when hosts stop
+believing this index (publish --expires, default 30 days): mirror/freshness.py refuses an
+older serial than one seen before, and an index past or without its expiry.
 
 A build id is the manifest's `build_id` (`<created, UTC, YYYYmmddTHHMMSSZ>-<lock
 digest prefix>`), or for older manifests `<created>-<first 12 hex of the primary
 archive's sha256>`: sortable by time, and the same build gets the same id on
 every mirror. index.json (format 1):
 
-    {"format": 1, "serial": 7, "generated": "...", "generator": "vztt 0.1.0",
+    {"format": 1, "serial": 7, "generated": "...", "expires": "...", "generator": "vztt 0.1.0",
      "templates": {"<name>": {"builds": [            # newest first
         {"id": ..., "created": ..., "published": ..., "distro": ..., "release": ..., "version": ...,
          "arch": ..., "recipe_digest": ..., "lock_digest": ..., "package_count": 135,
          "formats": ["plain"], "boot_test": "passed",
          "manifest": {"path": "templates/...json", "sha256": ..., "size": ...},
          "sbom": {"spdx": {"path": "templates/...spdx.json", "sha256": ..., "size": ...}, "cyclonedx": {...}},
-         "archives": {"plain": {"path": "templates/...tar.lz4", "sha256": ..., "size": ..., "tar_size": ...}}}]}}}
+         "archives": {"plain": {"path": "templates/...tar.lz4", "sha256": ..., "size": ..., "tar_size": ...},
+                      "lxc": {"path": ".../rootfs.tar.xz", ..., "parts": [{"path": ".../meta.tar.xz", "sha256", "size"}],
+                              "host": {"os", "release", "releases", "variant", "arch", "description"}}},
+         "host_files": [{"path": ".../SHA256SUMS", "sha256", "size"}, ...]}]}}}
+
+`parts`, `host_files` and `sbom` are absent from builds without the other hosts'
+formats (and from every index older vztt wrote); a format this vztt does not
+know is kept in the index and left alone by pull.
 
 This module reads, checks and builds that document; mirror/publish.py writes
 it, mirror/pull.py believes it only after its signature checked out.
@@ -41,7 +56,7 @@ from vztt import __version__
 from vztt import formats as formats_registry
 from vztt.base.errors import FetchError
 from vztt.mirror.config import NAME_RE
-from vztt.store.manifest import Manifest
+from vztt.store.manifest import ArchivePart, ArchiveRecord, Manifest
 
 INDEX, SIGNATURE = "index.json", "index.json.asc"
 INDEX_FORMAT = 1
@@ -95,15 +110,52 @@ def _safe_rel(path: Any, where: str) -> str:
     return path
 
 
-def _file_record(doc: Any, where: str) -> dict[str, Any]:
+def _count(value: Any) -> bool:
+    """A JSON integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _file_record(doc: Any, where: str, needs_tar_size: bool = False) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise MirrorError(f"{where}: not a file record")
     _safe_rel(doc.get("path"), where)
     if not isinstance(doc.get("sha256"), str) or not SHA_RE.fullmatch(doc["sha256"]):
         raise MirrorError(f"{where}: bad sha256")
-    if not isinstance(doc.get("size"), int) or isinstance(doc.get("size"), bool) or doc["size"] < 0:
+    if not _count(doc.get("size")):
         raise MirrorError(f"{where}: bad size")
+    if needs_tar_size and not _count(doc.get("tar_size")):
+        raise MirrorError(f"{where}: no tar_size (the unpacked size, which bounds unpacking it): refused")
     return doc
+
+
+def expires_at(index: Index) -> datetime | None:
+    """When the index stops being believed (None: it does not say; parse_index checked the rest)."""
+    value = index.get("expires")
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _check_dates(doc: Index, where: str) -> None:
+    if doc.get("serial") is not None and not _count(doc.get("serial")):
+        raise MirrorError(f"{where}: bad serial {str(doc.get('serial'))[:40]!r}")
+    expires = doc.get("expires")
+    if expires is None:
+        return
+    try:
+        ok = isinstance(expires, str) and datetime.fromisoformat(expires).tzinfo is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise MirrorError(f"{where}: bad expires {str(expires)[:40]!r} (an ISO 8601 time with its time zone)")
+
+
+def _host_record(doc: Any, where: str) -> None:
+    """An archive's `host` fields (what the other hosts' indexes are made of)."""
+    ok = isinstance(doc, dict) and all(isinstance(doc.get(k), str) and doc[k] and "\n" not in doc[k]
+                                       for k in ("os", "release", "variant", "arch", "description")) \
+        and isinstance(doc.get("releases"), list) and doc["releases"] \
+        and all(isinstance(r, str) and r for r in doc["releases"])
+    if not ok:
+        raise MirrorError(f"{where}: bad host fields")
 
 
 def parse_index(data: bytes, where: str) -> Index:
@@ -114,6 +166,7 @@ def parse_index(data: bytes, where: str) -> Index:
         raise MirrorError(f"{where}: not JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("templates"), dict):
         raise MirrorError(f"{where}: not a vztt mirror index of format {INDEX_FORMAT}")
+    _check_dates(doc, where)
     for name, tmpl in doc["templates"].items():
         if not NAME_RE.fullmatch(name) or not isinstance(tmpl, dict) or not isinstance(tmpl.get("builds"), list):
             raise MirrorError(f"{where}: bad template entry {name[:100]!r}")
@@ -123,10 +176,27 @@ def parse_index(data: bytes, where: str) -> Index:
             w = f"{where}: {name} build {b['id']}"
             _file_record(b.get("manifest"), f"{w}: manifest")
             archives = b.get("archives")
-            if not isinstance(archives, dict) or not archives or any(f not in formats_registry.names() for f in archives):
+            if not isinstance(archives, dict) or not archives \
+                    or not any(f in formats_registry.names() for f in archives):
                 raise MirrorError(f"{w}: bad archives")
             for fmt, rec in archives.items():
-                _file_record(rec, f"{w}: {fmt} archive")
+                known = fmt in formats_registry.names()     # a newer vztt's format: kept, not used
+                _file_record(rec, f"{w}: {fmt} archive", known and formats_registry.get(fmt).needs_tar_size)
+                parts = rec.get("parts", [])
+                if not isinstance(parts, list):
+                    raise MirrorError(f"{w}: {fmt} archive: bad parts")
+                for part in parts:
+                    _file_record(part, f"{w}: {fmt} archive part")
+                if "host" in rec:
+                    _host_record(rec["host"], f"{w}: {fmt} archive")
+                if known and len(parts) + 1 != len(formats_registry.get(fmt).part_list()):
+                    raise MirrorError(f"{w}: {fmt} archive: {len(parts) + 1} files, the format has "
+                                      f"{len(formats_registry.get(fmt).part_list())}")
+            host_files = b.get("host_files", [])
+            if not isinstance(host_files, list):
+                raise MirrorError(f"{w}: bad host_files")
+            for rec in host_files:
+                _file_record(rec, f"{w}: host file")
             sboms = b.get("sbom", {})
             if not isinstance(sboms, dict) or any(kind not in ("spdx", "cyclonedx") for kind in sboms):
                 raise MirrorError(f"{w}: bad sbom")
@@ -144,8 +214,31 @@ def newest_first(builds: list[Build]) -> list[Build]:
 
 
 def files_of(build: Build) -> list[dict[str, Any]]:
-    """The file records of a build: its manifest, its archives, its SBOMs."""
-    return [build["manifest"], *build["archives"].values(), *build.get("sbom", {}).values()]
+    """The file records of a build: its manifest, its archives' files, its SBOMs, the files
+    written for the other hosts' tools (SHA256SUMS, signatures)."""
+    return [build["manifest"], *(f for rec in build["archives"].values() for f in archive_files(rec)),
+            *build.get("sbom", {}).values(), *build.get("host_files", [])]
+
+
+def archive_files(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """An index archive record's files: the primary, then its parts."""
+    return [rec, *rec.get("parts", [])]
+
+
+def archive_records(name: str, build: Build) -> dict[str, ArchiveRecord]:
+    """The known formats of an index build as the cache's manifest records them (cache
+    file names by the format, sizes and digests from the index)."""
+    out = {}
+    for fmt, rec in build["archives"].items():
+        if fmt not in formats_registry.names():
+            continue
+        names = formats_registry.get(fmt).file_names(name)
+        files = [ArchivePart(n, f["sha256"], f["size"]) for n, f in zip(names, archive_files(rec))]
+        extra = {k: v for k, v in rec.items() if k not in ("path", "parts", "sha256", "size", "file")}
+        out[fmt] = ArchiveRecord.from_json({**extra, "file": files[0].file, "sha256": files[0].sha256,
+                                            "size": files[0].size}, fmt)
+        out[fmt].parts = files[1:]
+    return out
 
 
 def files_by_sha256(index: Index) -> dict[str, str]:
@@ -163,14 +256,21 @@ def has_build(builds: list[Build], manifest: Manifest, bid: str) -> bool:
 
 # -- writing ---------------------------------------------------------------------------------
 
-def index_entry(manifest: Manifest, mbytes: bytes, paths: dict[str, str], manifest_path: str) -> Build:
+# What an index's archive record keeps of a manifest's (beyond path, sha256, size).
+INDEXED_DETAILS = ("tar_size", "disk_size", "clusters", "combined_sha256", "host")
+
+
+def index_entry(manifest: Manifest, mbytes: bytes, paths: dict[str, list[str]], manifest_path: str) -> Build:
     """The index's entry for a build whose manifest (as published: `mbytes`) is at
-    `manifest_path` and whose archives are at `paths` (format -> path)."""
+    `manifest_path` and whose archives' files are at `paths` (format -> paths, primary first)."""
     archives = {}
     for fmt, a in manifest.archives.items():
         doc = a.to_json()
-        archives[fmt] = {"path": paths[fmt], "sha256": a.sha256, "size": a.size,
-                         **{extra: doc[extra] for extra in ("tar_size", "disk_size", "clusters") if extra in doc}}
+        archives[fmt] = {"path": paths[fmt][0], "sha256": a.sha256, "size": a.size,
+                         **{extra: doc[extra] for extra in INDEXED_DETAILS if extra in doc}}
+        if a.parts:
+            archives[fmt]["parts"] = [{"path": path, "sha256": p.sha256, "size": p.size}
+                                      for path, p in zip(paths[fmt][1:], a.parts)]
     return {
         "id": build_id(manifest), "created": manifest.created, "published": now(),
         **{k: getattr(manifest, k) for k in ("distro", "release", "version", "arch", "recipe_digest", "lock_digest",

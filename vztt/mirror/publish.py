@@ -1,17 +1,21 @@
 """`vztt publish`: cached templates to a mirror, under a signed index.
 
-Publish writes archives first, then manifests, then the signature and the
-index, each through a temporary name and a rename (directory) or a temporary
-path and MOVE (WebDAV): the index never names a file that is missing or half
-written. The mirror's current index must verify against the signing key (or
+Publish writes archives first, then manifests (and, for builds in the other
+hosts' formats, their SHA256SUMS and signatures), then the other hosts'
+indexes (mirror/hostindex.py), then the signature and the index, each through
+a temporary name and a rename (directory) or a temporary path and MOVE
+(WebDAV): no index ever names a file that is missing or half written. The mirror's current index must verify against the signing key (or
 a --keyring key) before it is re-signed. Old builds beyond `keep` go only
-after the new index is in place.
+after the new index is in place. Every index written says until when hosts
+may believe it (`expires`, mirror/freshness.py); an index with less than half
+of its validity left (or none) is signed again even when nothing else changed.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,9 @@ from vztt import formats as formats_registry
 from vztt.base import signing
 from vztt.base.errors import PublishRefused, RecipeError
 from vztt.base.progress import Progress
-from vztt.mirror import browse, sboms
+from vztt.mirror import browse, hostindex, sboms
 from vztt.mirror.config import NAME_RE, check_name, is_http
+from vztt.mirror.freshness import DEFAULT_VALIDITY, expiry, needs_refresh, parse_duration
 from vztt.mirror.index import (INDEX, MAX_INDEX, MAX_SIGNATURE, SIGNATURE, Index, build_dir, build_id, builds_of,
                                dropped, empty_index, files_by_sha256, has_build, index_bytes, index_entry,
                                keep_newest, now, parse_index)
@@ -38,6 +43,7 @@ class PublishOptions:
     allow_untested: bool = False
     keyrings: tuple[Path, ...] = ()      # more keys the mirror's current index may be signed with
     url: str = ""                        # where readers fetch the mirror (the pages' commands); "": the --to URL
+    validity: timedelta = field(default_factory=lambda: parse_duration(DEFAULT_VALIDITY))   # until `expires`
 
 
 @dataclass
@@ -49,6 +55,8 @@ class PublishResult:
     serial: int = 0
     signer: str = ""
     index_written: bool = False
+    expires: str | None = None                                       # of the index on the mirror now
+    host_indexes: list[str] = field(default_factory=list)           # LXC's, Incus's indexes written
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,8 +83,15 @@ def _publishable(cache: TemplateCache, name: str, allow_untested: bool) -> Entry
         raise PublishRefused(f"{name}: refused: its boot test was {result}; run `vztt build {name}` with the test, "
                              f"or publish with --allow-untested")
     for fmt, a in entry.manifest.archives.items():
-        if not (cache.root / a.file).is_file():
-            raise RecipeError(f"{name}: the manifest names {a.file} ({fmt}), which is not in {cache.root}")
+        for f in a.files:
+            if not (cache.root / f.file).is_file():
+                raise RecipeError(f"{name}: the manifest names {f.file} ({fmt}), which is not in {cache.root}")
+        if fmt in formats_registry.names() and len(a.files) != len(formats_registry.get(fmt).part_list()):
+            raise RecipeError(f"{name}: the manifest names {len(a.files)} files for {fmt}, which writes "
+                              f"{len(formats_registry.get(fmt).part_list())}; rebuild it")
+        if formats_registry.get(fmt).needs_tar_size and not a.tar_size:
+            raise RecipeError(f"{name}: the manifest's {fmt} archive has no tar_size, which hosts need to bound "
+                              f"unpacking it (and refuse an index without); build {name} again")
     return entry
 
 
@@ -98,7 +113,7 @@ def _current_index(target: Target, trusted: bytes, progress: Progress) -> Index:
 
 
 def _upload(target: Target, cache: TemplateCache, entry: Entry, index: Index, have: dict[str, str],
-            keep: int, progress: Progress, result: PublishResult) -> None:
+            keep: int, fingerprint: str, progress: Progress, result: PublishResult) -> None:
     """One template's build onto the mirror (what it lacks, by sha256) and into `index`."""
     name, manifest = entry.name, entry.manifest.published()
     bid = build_id(manifest)
@@ -110,41 +125,57 @@ def _upload(target: Target, cache: TemplateCache, entry: Entry, index: Index, ha
             index["templates"][name]["builds"] = keep_newest(builds, keep)
         return
     uploaded, sent = [], 0
-    paths: dict[str, str] = {}
+    paths: dict[str, list[str]] = {}
+    local: dict[str, Path] = {}              # mirror path -> the cache's file with those bytes
+    directory = build_dir(name, bid)
+    mirror_names = [n for fmt in manifest.archives if fmt in formats_registry.names()
+                    for n in formats_registry.get(fmt).mirror_names(name)]
+    if len(set(mirror_names)) != len(mirror_names) or f"{name}.manifest.json" in mirror_names:
+        raise RecipeError(f"{name}: two of its formats' files would have the same name on the mirror "
+                          f"({', '.join(sorted(mirror_names))}); rename the template")
     with progress.step("upload") as st:
         for fmt in formats_registry.names():
             a = manifest.archives.get(fmt)
             if a is None:
                 continue
-            if a.sha256 in have:
-                paths[fmt] = have[a.sha256]
-                continue
-            rel = f"{build_dir(name, bid)}/{a.file}"
-            target.put_file(rel, cache.root / a.file, a.sha256, a.size)
-            paths[fmt] = have[a.sha256] = rel
-            uploaded.append(rel)
-            sent += a.size
-        sbom_records = sboms.upload(target, manifest, build_dir(name, bid))
+            shares = formats_registry.get(fmt).shares_files
+            paths[fmt] = []
+            for f, mirror_name in zip(a.files, formats_registry.get(fmt).mirror_names(name)):
+                if shares and f.sha256 in have:
+                    paths[fmt].append(have[f.sha256])
+                    continue
+                rel = f"{directory}/{mirror_name}"
+                target.put_file(rel, cache.root / f.file, f.sha256, f.size)
+                paths[fmt].append(rel)
+                have[f.sha256], local[rel] = rel, cache.root / f.file
+                uploaded.append(rel)
+                sent += f.size
+        sbom_records = sboms.upload(target, manifest, directory)
         uploaded += [rec["path"] for rec in sbom_records.values()]
         mbytes = manifest.to_bytes()
-        mrel = f"{build_dir(name, bid)}/{name}.manifest.json"
+        mrel = f"{directory}/{name}.manifest.json"
         target.put_bytes(mrel, mbytes)
         uploaded.append(mrel)
+        new = index_entry(manifest, mbytes, paths, mrel)
+        if sbom_records:
+            new["sbom"] = sbom_records
+        host_files = hostindex.build_files(target, new, local, fingerprint)
+        if host_files:
+            new["host_files"] = host_files
+            uploaded += [rec["path"] for rec in host_files]
         st.note(f"{name} {bid}: {len(uploaded)} files, {sent / 1e6:.1f} MB")
-    new = index_entry(manifest, mbytes, paths, mrel)
-    if sbom_records:
-        new["sbom"] = sbom_records
     index["templates"].setdefault(name, {"builds": []})
     index["templates"][name]["builds"] = keep_newest([b for b in builds if b["id"] != bid] + [new], keep)
     result.published.append({"name": name, "id": bid, "uploaded": uploaded, "bytes": sent,
                              "boot_test": new["boot_test"]})
 
 
-def _commit(target: Target, index: Index, old_serial: int, fingerprint: str, own_key: bytes,
+def _commit(target: Target, index: Index, old_serial: int, fingerprint: str, own_key: bytes, validity: timedelta,
             progress: Progress, result: PublishResult) -> None:
     """The signature, then the index: the new index is what readers see from here on."""
     index["serial"] = old_serial + 1
     index["generated"] = now()
+    index["expires"] = expiry(validity)
     index["generator"] = f"vztt {__version__}"
     data = index_bytes(index)
     with progress.step("sign") as st:
@@ -154,8 +185,8 @@ def _commit(target: Target, index: Index, old_serial: int, fingerprint: str, own
     with progress.step("commit") as st:
         target.put_bytes(SIGNATURE, sig)
         target.put_bytes(INDEX, data)
-        result.index_written, result.serial = True, index["serial"]
-        st.note(f"{INDEX} serial {index['serial']}")
+        result.index_written, result.serial, result.expires = True, index["serial"], index["expires"]
+        st.note(f"{INDEX} serial {index['serial']}, expires {index['expires']}")
 
 
 def _retention(target: Target, old: Index, new: Index, progress: Progress, result: PublishResult) -> None:
@@ -189,13 +220,17 @@ def publish(cache: TemplateCache, names: list[str], location: str, options: Publ
         old_index = copy.deepcopy(index)
         have = files_by_sha256(index)          # what the mirror has is not uploaded again
         for entry in entries:
-            _upload(target, cache, entry, index, have, options.keep, progress, result)
-        if index == old_index:
-            result.serial = index.get("serial", 0)
-            browse.write_pages(target, index, options.url or _default_url(location), progress)
+            _upload(target, cache, entry, index, have, options.keep, fingerprint, progress, result)
+        url = options.url or _default_url(location)
+        if index == old_index and not needs_refresh(index, options.validity):
+            result.serial, result.expires = index.get("serial", 0), index.get("expires")
+            browse.write_pages(target, index, url, progress)
             return result
-        _commit(target, index, int(old_index.get("serial") or 0), fingerprint, own_key, progress, result)
-        browse.write_pages(target, index, options.url or _default_url(location), progress)
+        # The other hosts' indexes name only files already in place, and go in just before index.json.
+        result.host_indexes = hostindex.write_indexes(target, old_index, index, fingerprint, progress)
+        _commit(target, index, int(old_index.get("serial") or 0), fingerprint, own_key, options.validity, progress,
+                result)
+        browse.write_pages(target, index, url, progress)
         _retention(target, old_index, index, progress, result)
     return result
 

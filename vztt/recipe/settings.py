@@ -23,7 +23,7 @@ BY_KEY = "by-key"     # lists of records: records with the same key are merged f
 @dataclass(frozen=True)
 class Setting:
     key: str
-    type: str                      # str, bool, int, list[str], dict[str,str], records
+    type: str                      # str, bool, int, list[str], str|list[str], dict[str,str], records
     doc: str
     default: Any = None
     merge: str = REPLACE
@@ -37,20 +37,30 @@ class Setting:
 
     @property
     def toml_type(self) -> str:
-        return {"records": "array of tables"}.get(self.type, self.type)
+        return {"records": "array of tables", "str|list[str]": "string or array of strings"}.get(self.type, self.type)
 
 
 # What uname(2) can carry (__NEW_UTS_LEN is 64), restricted to what release strings are made of.
 OSRELEASE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}"
 OSRELEASE_WORDS = "1 to 64 letters, digits and . _ + ~ -, starting with a letter or digit"
 
+# A repository's name is a dnf repo id and a file name in the image (/etc/yum.repos.d/<name>.repo).
+REPOSITORY_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]*"
+REPOSITORY_NAME_WORDS = "letters, digits and _ . : -, starting with a letter or digit"
+
 DISTROS = ("debian", "ubuntu", "centos-stream", "almalinux", "rockylinux")
 ARCHES = ("x86_64", "aarch64")
 
 REPOSITORY_FIELDS = (
-    Setting("name", "str", "Identifies the repository; a child recipe overrides a parent's repository of the same name."),
+    Setting("name", "str", "Identifies the repository; a child recipe overrides a parent's repository of the same name.",
+            pattern=REPOSITORY_NAME, pattern_doc=REPOSITORY_NAME_WORDS),
     Setting("url", "str", "Base URL of the archive (dnf: the repository's baseurl, the directory holding repodata/). "
             "Name mirrors through variables ($DEBIAN_MIRROR), never a host.", templated=True),
+    Setting("image_url", "str", "The URL the template ships for this repository, which containers made from it use "
+            "(apt: the image's /etc/apt/sources.list; dnf: /etc/yum.repos.d/<name>.repo when the release package "
+            "ships no repo file); default: `url`, the URL the build used. Give it a mirror variable of its own "
+            "with the build's as fallback, `${DEBIAN_MIRROR_PUBLIC:-$DEBIAN_MIRROR}`, so that a build from an "
+            "internal or file:// mirror ships the public one (a file:// URL is never shipped).", templated=True),
     Setting("suite", "str", "apt suite (distribution) to use, e.g. `{{ release }}-updates`. apt only.", templated=True),
     Setting("components", "list[str]", "Archive components. apt only.", default=["main"]),
     Setting("keyring", "str", "OpenPGP keyring that signs the repository (dnf: the armored public key, "
@@ -65,7 +75,8 @@ FILE_FIELDS = (
     Setting("path", "str", "Absolute destination inside the image; must stay inside it."),
     Setting("content", "str", "Literal content."),
     Setting("template", "str", "jinja2 template text, rendered with the recipe's variables."),
-    Setting("source", "str", "File next to the recipe; rendered with jinja2 when its name ends in .j2."),
+    Setting("source", "str", "File next to the recipe, inside the recipes directory once symlinks are followed; "
+            "copied byte for byte, or rendered with jinja2 when its name ends in .j2 (UTF-8 text then)."),
     Setting("mode", "str", "Octal permission bits.", default="0644"),
     Setting("uid", "int", "Owner uid.", default=0),
     Setting("gid", "int", "Owner gid.", default=0),
@@ -76,7 +87,8 @@ HOOK_FIELDS = (
     Setting("where", "str", "`image`: run with /bin/sh chrooted into the image after install; `host`: run on the host with $VZTT_ROOT set to the image root.",
             default="image", choices=("image", "host")),
     Setting("run", "str", "Inline shell script.", templated=True),
-    Setting("script", "str", "Script file next to the recipe (instead of `run`)."),
+    Setting("script", "str", "Script file next to the recipe (instead of `run`), inside the recipes directory "
+            "once symlinks are followed; UTF-8 text."),
 )
 
 SMOKE_FIELDS = (
@@ -102,6 +114,10 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel.virt_osrelease, vztt's kernel patch: in the VM runtime (`vztt test --vm`) always; in the "
             "container runtime only on a host kernel that has it (otherwise noted and skipped).",
             pattern=OSRELEASE_PATTERN, pattern_doc=OSRELEASE_WORDS),
+    Setting("cpu_level", "str", "x86-64 microarchitecture level the template's programs are built for: boot "
+            "tests refuse a host CPU without it (containers, KVM) and give a TCG VM a model with it. EL 9 is built "
+            "for x86-64-v2, EL 10 for x86-64-v3 (AVX2, FMA, BMI2, MOVBE: Intel Haswell, AMD Zen and later).",
+            default="x86-64", choices=("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")),
     Setting("variables", "dict[str,str]", "Extra variables for templates.", default={}, merge=MERGE),
     Setting("merged_usr", "bool", "Create the merged-/usr symlinks before unpacking (debootstrap's way) and pick usr-is-merged over usrmerge.", default=True),
     Setting("packages.priority", "str", "apt: the priority set installed besides Essential packages (`required` is mmdebstrap's minbase).",
@@ -127,10 +143,30 @@ SETTINGS: tuple[Setting, ...] = (
             default=60),
     Setting("boot.allowed_failed", "list[str]", "Boot test: units allowed to fail at boot (shell patterns, "
             "e.g. `systemd-remount-fs.service`); any other failed unit fails the test.", default=[], merge=APPEND),
+    Setting("boot.network", "bool", "Boot test: give the booted template a network link (a veth pair, or virtio-net in "
+            "the VM) to a namespace of the test's own and run the network checks (address, ping from inside, ssh "
+            "from the host side with a throwaway key). Needs sshd and ping in the template.", default=True),
+    Setting("boot.ip", "list[str]", "Boot test: the template's addresses, ADDR/PREFIX, IPv4 or IPv6, written into its "
+            "own network files as `vztt create --ip` writes them (`vztt test --ip` replaces them).",
+            default=["192.0.2.2/24"]),
+    Setting("boot.gateway", "list[str]", "Boot test: the default route(s), one per IP version, inside a subnet of "
+            "`boot.ip`; the host side of the link takes this address (`vztt test --gateway`).",
+            default=["192.0.2.1"]),
+    Setting("boot.nameserver", "list[str]", "Boot test: DNS servers written into the template (resolv.conf or its "
+            "network files; nothing is looked up).", default=[]),
+    Setting("boot.search_domain", "list[str]", "Boot test: DNS search domains written into the template.", default=[]),
+    Setting("boot.interface", "str", "Boot test: the template's interface, as its network files name it.",
+            default="eth0"),
     Setting("image.size", "str", "Size of the sparse build image (K, M, G suffixes).", default="4G"),
-    Setting("format", "str", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
-            "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`) or `all` (both from one build).",
-            default="plain", choices=("plain", "ploop", "all")),
+    Setting("format", "str|list[str]", "Archive format(s) `vztt build` makes: `plain` (rootfs .tar.lz4), `ploop` "
+            "(Virtuozzo 7 `.plain.ploopv2.tar.lz4`), `lxc` (rootfs.tar.xz + meta.tar.xz), `incus` (incus.tar.xz + "
+            "rootfs.squashfs), `oci` (OCI layout tar), `nspawn` (systemd's .tar.xz), or `all`; a list "
+            "(`[\"plain\", \"lxc\"]`) or a comma-separated string makes several from one build.",
+            default="plain", choices=("plain", "ploop", "lxc", "incus", "oci", "nspawn", "all")),
+    Setting("compression.level", "int", "lxc, incus, oci, nspawn formats: 0 (fastest) to 9 (smallest). "
+            "xz preset for the .tar.xz files, gzip level for the OCI layer (at least 1), squashfs "
+            "compressor xz from 6 up, zstd (3 x level) below. The output is reproducible at every level.",
+            default=6),
     Setting("disk.size", "str", "ploop caches: size of the virtual disk (vztt's DISKSPACE); the ext4 inside is "
             "shrunk to the content plus headroom and grows when a container is created.", default="10G"),
     Setting("disk.ext4_features", "str", "ploop caches: `safe` leaves out ext4 features old Virtuozzo 7 kernels "
@@ -175,7 +211,15 @@ def reference_markdown() -> str:
     out += [
         "",
         "Template variables (jinja2, in `files`, templated keys and `.j2` sources): `name`, `distro`, `release`, "
-        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`.",
+        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, `cpu_level`, and everything in `variables`. "
+        "Templates render in "
+        "jinja2's sandbox with these variables only (no globals such as `range` or `cycler`); `{% include %}`, "
+        "`{% import %}` and `{% extends %}` are refused.",
+        "",
+        "Package names (`packages.include`, `exclude`, `base`) follow the distro's rules: Debian policy's "
+        "`[a-z0-9][a-z0-9+.-]+` (and `name:arch`) for apt; for dnf, names, provides (`name(...)`, with a "
+        "version), `@group` ids and absolute file paths. Mirror variables in URLs: `$NAME`, `${NAME}`, and "
+        "`${NAME:-FALLBACK}` (NAME's value if set, else FALLBACK, which may hold `$OTHER`).",
         "",
     ]
     return "\n".join(out)

@@ -14,7 +14,9 @@ JSON (format 1), keys sorted, one-space indent:
      "formats": ["plain", ...],                       # the first is the primary archive
      "archive": <the primary archive's record>,       # kept for readers of older vztt
      "archives": {"plain": {"file", "format", "sha256", "size", "tar_size"},
-                  "ploop": {"file", "format", "sha256", "size", "disk_size", "clusters", ...}},
+                  "ploop": {"file", "format", "sha256", "size", "disk_size", "clusters", ...},
+                  "lxc": {"file": <rootfs>, ..., "parts": [{"file": <meta>, "sha256", "size"}]}},
+                                                       # parts: a format's other files (absent: none)
      "packages": [{"name", "arch", "version",                       # the image's package database
                    "sha256", "source", "source_version", "licenses"}],  # (SBOM: these four when known)
      "package_count", "image_used_bytes",
@@ -48,9 +50,26 @@ class ManifestError(VzttError):
     kind = "manifest"
 
 
+@dataclass(frozen=True)
+class ArchivePart:
+    """One file of a format that writes several (lxc: meta.tar.xz beside rootfs.tar.xz)."""
+
+    file: str                      # the file name in the cache (no directory)
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ArchivePart":
+        return cls(file=str(doc["file"]), sha256=str(doc["sha256"]), size=int(doc["size"]))
+
+
 @dataclass
 class ArchiveRecord:
-    """One format's file of a build."""
+    """One format's file(s) of a build: the primary file here, the others (if the format
+    writes several) in `parts`. Manifests written before parts existed read as one file."""
 
     file: str                      # the file name in the cache (no directory)
     format: str                    # a formats registry name: plain, ploop, ...
@@ -58,21 +77,34 @@ class ArchiveRecord:
     size: int                      # bytes of the file
     tar_size: int | None = None    # plain: bytes of the uncompressed tar (bounds unpacking)
     details: dict[str, Any] = field(default_factory=dict)   # format-specific (ploop: disk_size, clusters...)
+    parts: list[ArchivePart] = field(default_factory=list)  # the format's other files, in its order
+
+    @property
+    def files(self) -> list[ArchivePart]:
+        """Every file of this format, the primary first."""
+        return [ArchivePart(self.file, self.sha256, self.size), *self.parts]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {**self.details, "file": self.file, "format": self.format, "sha256": self.sha256,
                                "size": self.size}
         if self.tar_size is not None:
             doc["tar_size"] = self.tar_size
+        if self.parts:
+            doc["parts"] = [p.to_json() for p in self.parts]
         return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], default_format: str) -> "ArchiveRecord":
-        known = {"file", "format", "sha256", "size", "tar_size"}
+        known = {"file", "format", "sha256", "size", "tar_size", "parts"}
         return cls(file=str(doc["file"]), format=str(doc.get("format") or default_format),
                    sha256=str(doc["sha256"]), size=int(doc["size"]),
                    tar_size=int(doc["tar_size"]) if doc.get("tar_size") is not None else None,
-                   details={k: v for k, v in doc.items() if k not in known})
+                   details={k: v for k, v in doc.items() if k not in known},
+                   parts=[ArchivePart.from_json(p) for p in doc.get("parts") or []])
 
 
 @dataclass(frozen=True)

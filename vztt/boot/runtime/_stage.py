@@ -11,6 +11,11 @@ Run by container.py as a script with the host's Python (never imported):
         the host), or `error: MESSAGE` if the setup or the exec failed; the
         pipe reaches end of file once init has been exec'd or has given up.
 
+        With "go_fd" in the config, PID 1 reads `go` from that pipe before it
+        execs init: the host puts the container's network interface in place
+        once it knows init's pid, before the distribution's own network
+        configuration runs.
+
     python3 _stage.py enter PROCS_FILE... -- COMMAND...
         join the container's cgroups, then exec COMMAND (nsenter).
 
@@ -59,6 +64,8 @@ def setup_mounts(root: str, console: str, container: str) -> None:
 
     def under(path: str) -> str:
         full = os.path.join(root, path)
+        if os.path.islink(full):   # a mount (or mkdir) there would follow it out of the tree
+            raise ValueError(f"/{path} is a symlink in the tree: nothing is mounted over a symlink")
         os.makedirs(full, exist_ok=True)
         return full
 
@@ -133,6 +140,10 @@ def container_init(config: dict, status_fd: int) -> None:
         L.interface_up("lo")
         for cap in (L.CAP_SYS_MODULE, L.CAP_SYS_TIME):  # host-wide knobs init should not turn
             L.prctl(L.PR_CAPBSET_DROP, cap)
+        if config.get("go_fd") is not None:  # the host gives us an interface first
+            if os.read(config["go_fd"], 2) != b"go":
+                raise RuntimeError("the host went away before the container's network was ready")
+            os.close(config["go_fd"])
         os.set_inheritable(status_fd, False)  # closes on exec: end of file tells success
         init = config["init"]
         try:

@@ -21,6 +21,9 @@ What a container is here (the recipe from NOTES.md, "Booting templates here"):
 - `container=vztt` in init's environment and /run/systemd/container;
   loopback up, hostname set (and written to /etc/hostname in the tree, which
   systemd would otherwise apply over ours);
+- with `link` (a hostnet.HostNet), a veth pair whose inside end (`link_iface`,
+  eth0) is in the container's network namespace before init runs: the
+  distribution's own network configuration finds it at boot;
 - with `osrelease`, the release uname(2) reports inside, set through
   kernel.virt_osrelease (vztt's kernel patch) in the container's UTS
   namespace; a kernel without it gets a note on the console, not an error;
@@ -52,10 +55,12 @@ from pathlib import Path
 from typing import Callable
 
 from vztt.base.errors import BootError, RuntimeUnavailable, VzttError
+from vztt.base.inroot import write_in_root
 from vztt.base.proc import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired, kill_tree, run, spawn
 from . import _linux, cgroup
 from .console import ConsoleLog, start_console
-from .host import EXEC_ENV, require, signals_deferred, write_into
+from .host import EXEC_ENV, require, signals_deferred
+from .hostnet import HostNet
 from .stale import cleanup_stale, teardown
 
 CONTAINER = "vztt"   # the value of $container and /run/systemd/container
@@ -79,7 +84,8 @@ class Container:
                  memory_max: int | None = None, pids_max: int | None = None,
                  init: tuple[str, ...] = ("/sbin/init",),
                  prepare: Callable[[Path], None] | None = None,
-                 console_log: str | os.PathLike | None = None, osrelease: str | None = None):
+                 console_log: str | os.PathLike | None = None, osrelease: str | None = None,
+                 link: HostNet | None = None, link_iface: str = "eth0"):
         self.tree = Path(tree).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.name = name or f"vztt-{uuid.uuid4().hex[:12]}"
@@ -91,6 +97,7 @@ class Container:
         self.init = tuple(init)
         self.prepare = prepare
         self.osrelease = osrelease          # uname -r inside, if the kernel has kernel.virt_osrelease
+        self.link, self.link_iface = link, link_iface   # a veth pair into the container, made before init runs
         self.scratch = self.state_dir / self.name
         self.root = self.scratch / "root"   # what the container sees as /
         self.console_log = Path(console_log) if console_log else self.state_dir / f"{self.name}.console.log"
@@ -313,15 +320,18 @@ class Container:
             raise RuntimeUnavailable(f"cannot mount overlayfs over {self.tree}: {e.strerror}") from None
 
     def _write_hostname(self) -> None:
-        write_into(self.root, "/etc/hostname", self.hostname + "\n", 0o644)
+        write_in_root(self.root, "/etc/hostname", (self.hostname + "\n").encode())
 
     def _boot(self) -> None:
         self._console = start_console(self.console_log)
         slave = self._console.slave
         status_read, status_write = os.pipe()
+        # With a link, init waits before exec until its interface is in place (`go` pipe).
+        go_read, go_write = os.pipe() if self.link is not None else (None, None)
         config = {
             "root": str(self.root), "hostname": self.hostname, "container": CONTAINER,
             "console": os.ttyname(slave), "owner_pid": os.getpid(), "status_fd": status_write,
+            "go_fd": go_read,
             "procs_files": [str(p) for p in cgroup.procs_files(self.cgroups.dirs)],
             "init": list(self.init), "osrelease": self.osrelease,
             "env": {"container": CONTAINER, "PATH": EXEC_ENV["PATH"]},
@@ -331,27 +341,47 @@ class Container:
             # Init gets config["env"] from the stage, which itself runs with PATH alone.
             self._stage = spawn([_python(), "-E", "-s", STAGE, "boot", json.dumps(config)],
                                 what=f"container {self.name}", error=RuntimeUnavailable,
-                                env={"PATH": EXEC_ENV["PATH"]}, mark=False,
-                                stdin=slave, stdout=slave, stderr=slave, pass_fds=[status_write])
+                                env={"PATH": EXEC_ENV["PATH"]}, mark=False, stdin=slave, stdout=slave,
+                                stderr=slave, pass_fds=[fd for fd in (status_write, go_read) if fd is not None])
         finally:
             os.close(status_write)
+            if go_read is not None:
+                os.close(go_read)
+        link_problem: RuntimeUnavailable | None = None
         try:
-            lines = _read_all(status_read, SETUP_TIMEOUT).splitlines()
+            deadline = time.monotonic() + SETUP_TIMEOUT
+            lines = _read_lines_until(status_read, deadline, "pid ")
+            for line in lines:
+                if line.startswith("pid "):
+                    self.init_pid = int(line[4:])
+                    # A pidfd stays valid even once the pid is reused: safe to signal.
+                    with contextlib.suppress(ProcessLookupError):
+                        self._pidfd = os.pidfd_open(self.init_pid)
+                    self._save()
+            if go_write is not None:
+                try:
+                    if self.init_pid is not None:
+                        self.link.veth_into(self.init_pid, self.link_iface)
+                except RuntimeUnavailable as e:
+                    link_problem = e        # unless init's own error explains it (below)
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.write(go_write, b"go")
+                    os.close(go_write)
+                    go_write = None
+            lines += _read_all(status_read, max(deadline - time.monotonic(), 0.1)).splitlines()
         finally:
             os.close(status_read)
-        for line in lines:
-            if line.startswith("pid "):
-                self.init_pid = int(line[4:])
-                # A pidfd stays valid even once the pid is reused: safe to signal.
-                with contextlib.suppress(ProcessLookupError):
-                    self._pidfd = os.pidfd_open(self.init_pid)
-                self._save()
+            if go_write is not None:
+                os.close(go_write)
         for line in lines:
             if line.startswith("unavailable: "):
                 raise RuntimeUnavailable(f"cannot create namespaces: {line[13:]}")
             if line.startswith("error: "):
                 raise BootError(f"container {self.name} did not boot: {line[7:]}; "
                                 f"console log: {self.console_log}")
+        if link_problem is not None:
+            raise link_problem
         if self.init_pid is None or self._pidfd is None:
             with contextlib.suppress(TimeoutExpired):
                 self._stage.wait(timeout=5)  # init is gone: let its parent report how
@@ -386,6 +416,26 @@ def _check_host(overlay: bool) -> None:
 
 def _python() -> str:
     return sys.executable or "/usr/bin/python3"
+
+
+def _read_lines_until(fd: int, deadline: float, prefix: str) -> list[str]:
+    """Whole lines from a pipe, up to and including the first that starts with
+    `prefix` (or all of them, at end of file); BootError at the deadline. Reads one
+    byte at a time: what follows that line is for the next reader."""
+    lines, line = [], b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise BootError(f"container setup did not finish within {SETUP_TIMEOUT:g} s")
+        byte = os.read(fd, 1)
+        if byte in (b"", b"\n"):
+            if line:
+                lines.append(line.decode("utf-8", "replace"))
+            if not byte or line.startswith(prefix.encode()):
+                return lines
+            line = b""
+        else:
+            line += byte
 
 
 def _read_all(fd: int, timeout: float) -> str:

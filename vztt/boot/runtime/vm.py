@@ -17,6 +17,9 @@ The interface is runtime.Container's, so the boot test's checks run unchanged.
   also powers it off), the kernel given with -kernel (no initramfs, no
   modules), the serial console written to the console log, -no-reboot so
   that a poweroff, a reboot or a panic (panic=-1) ends qemu.
+- The network (with `link`, a hostnet.HostNet): a virtio-net device backed by
+  a tap device in the link's own network namespace, where qemu runs (through
+  nsenter); the guest's kernel calls it eth0. Nothing reaches the host's network.
 - The result channel: a virtio-serial port named org.vztt.agent, backed by
   qemu's stdin and stdout. In the guest, vztt-agent.service (pulled into the
   boot with systemd.wants= on the kernel command line) opens the port, says
@@ -25,7 +28,10 @@ The interface is runtime.Container's, so the boot test's checks run unchanged.
   off. So the checks are the container's, command for command.
 - Acceleration (accel.py): KVM when a probe shows that it runs our kernel (a boot to
   the root-mount panic within PROBE_TIMEOUT; remembered per host boot), TCG
-  otherwise. VZTT_VM_ACCEL=kvm|tcg|auto overrides. Under TCG every time
+  otherwise. VZTT_VM_ACCEL=kvm|tcg|auto overrides. The CPU (cpu.py): the
+  host's under KVM, which must have the recipe's `cpu_level`; under TCG
+  qemu's `max` model with that level's flags enforced (qemu 7.2 emulates up
+  to x86-64-v3, what EL 10 needs). Under TCG every time
   bound a caller gives is TCG_SLOWDOWN times longer, and the guest kernel
   is told the host's TSC rate (tsc_early_khz=, measured by host_tsc_khz):
   a TCG guest reads the host's TSC, and calibrating it against the PIT
@@ -55,14 +61,15 @@ from pathlib import Path
 from vztt.base.errors import BootError, RuntimeUnavailable
 from vztt.base.proc import PIPE, Popen, TimeoutExpired, kill_tree, spawn
 from vztt.recipe.settings import OSRELEASE_PATTERN, OSRELEASE_WORDS
+from . import cpu
 from .accel import die_with_parent, host_tsc_khz, kvm_usable
 from .guest import INIT_PATH, PORT_NAME, UNIT_NAME, make_disk, prepare_tree
 from .host import require, signals_deferred
+from .hostnet import HostNet
 
 QEMU = "qemu-system-x86_64"
 REPLY_GRACE = 15.0           # beyond a command's own timeout (timeout -k 5, transfer)
 TIMED_OUT = 124              # as timeout(1), and as Container.exec
-TCG_CPU = "max"
 TCG_SLOWDOWN = 3.0           # under TCG every time bound a caller gives is this many times longer
 OSRELEASE = re.compile(OSRELEASE_PATTERN)
 
@@ -82,7 +89,8 @@ class VM:
     def __init__(self, tree: str | os.PathLike, scratch: str | os.PathLike, kernel: str | os.PathLike, *,
                  name: str = "vztt-vm", hostname: str | None = None, osrelease: str | None = None,
                  console_log: str | os.PathLike | None = None, accel: str | None = None,
-                 probe_cache: str | os.PathLike | None = None, memory_mb: int = 1024, cpus: int = 1):
+                 probe_cache: str | os.PathLike | None = None, memory_mb: int = 1024, cpus: int = 1,
+                 link: HostNet | None = None, cpu_level: str = cpu.BASELINE):
         self.tree = Path(tree).resolve()
         self.scratch = Path(scratch).resolve()
         self.kernel = Path(kernel).resolve()
@@ -95,6 +103,11 @@ class VM:
             raise RuntimeUnavailable(f"VZTT_VM_ACCEL={self.accel_wanted}: expected kvm, tcg or auto")
         self.probe_cache = Path(probe_cache) if probe_cache else None
         self.memory_mb, self.cpus = memory_mb, cpus
+        # A virtio-net device backed by a tap in the link's namespace (qemu runs there);
+        # the guest kernel names it eth0 (no udev in a template).
+        self.link = link
+        cpu.flags(cpu_level)               # ValueError for an unknown level
+        self.cpu_level = cpu_level         # what the guest's programs need (a recipe's cpu_level)
         self.disk = self.scratch / "disk.ext4"
         self.accel = ""                    # kvm or tcg, once started
         self.slowdown = 1.0                # TCG_SLOWDOWN under TCG: callers' time bounds are scaled
@@ -269,7 +282,11 @@ class VM:
     def _start_qemu(self, qemu: str) -> None:
         self.console_log.parent.mkdir(parents=True, exist_ok=True)
         self.console_log.unlink(missing_ok=True)
-        accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", TCG_CPU]
+        if self.accel == "kvm":                     # the host's own CPU: it must have the level
+            cpu.require_on_host(self.cpu_level, self.name)
+            accel = ["-accel", "kvm", "-cpu", "host"]
+        else:                                       # emulated: a model with the level, or qemu says no
+            accel = ["-accel", "tcg", "-cpu", cpu.qemu_cpu(self.cpu_level)]
         command = [
             qemu, "-machine", "microvm", *accel, "-m", str(self.memory_mb), "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -281,6 +298,11 @@ class VM:
             "-chardev", "stdio,id=agent,signal=off",
             "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
         ]
+        if self.link is not None:
+            tap = self.link.tap()
+            command += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no",
+                        "-device", "virtio-net-device,netdev=net0"]
+            command = self.link.command(command)   # qemu opens the tap from the link's namespace
         stderr = open(self.scratch / "qemu.stderr", "wb")
         self._started_at = time.monotonic()
         try:

@@ -4,6 +4,7 @@
   disk.py        the disk inside: ploop's GPT and ext4, made without mounting (make_disk)
   descriptor.py  DiskDescriptor.xml (descriptor_for: the one builder)
   cache.py       the cache file: members, package list, reproducible tar.lz4, inspect
+  boot.py        the disk's tree for the boot test (read back, mounted read-only)
 
 This package's names below are its API: callers (the build, `vztt create`)
 import `vztt.formats.ploop` and use `ploop.write_image`, `ploop.IMAGE_NAME`...
@@ -11,11 +12,14 @@ import `vztt.formats.ploop` and use `ploop.write_image`, `ploop.IMAGE_NAME`...
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from vztt.formats import Format, FormatContext, ImageFormatError, Inspection
-from vztt.formats.ploop.cache import (CacheMember, PloopResult, cache_members, inspect, pack_ploop,
-                                      vzpackages_text, write_tar_lz4)
+from vztt.formats.targuard import Limits
+from vztt.formats.ploop.boot import disk_tree
+from vztt.formats.ploop.cache import (CacheMember, PloopResult, cache_members, inspect, is_cache_member,
+                                      pack_ploop, vzpackages_text, write_tar_lz4)
 from vztt.formats.ploop.descriptor import (DESCRIPTOR_NAME, DESCRIPTOR_ROOT, NONE_GUID, TOPDELTA_GUID,
                                            descriptor_for, disk_descriptor_xml, disk_geometry)
 from vztt.formats.ploop.disk import (BALLOON_NAME, EXT4_PROFILES, FS_BLOCK, MIN_FS_BYTES, PARTITION_START,
@@ -33,7 +37,7 @@ __all__ = [
     "ImageInfo", "ImageStats", "MIN_FS_BYTES", "MiB", "NONE_GUID", "PARTITION_START", "PloopFormat",
     "PloopResult", "SECTOR", "SIGNATURE_DISK_IN_USE", "SIGNATURE_V1", "SIGNATURE_V2", "TOPDELTA_GUID",
     "TreeUsage", "cache_members", "convert_to_chs", "descriptor_for", "disk_descriptor_xml", "disk_geometry",
-    "e2fsprogs_env", "gpt_script", "inspect", "make_disk", "pack_ploop", "partition_bounds", "read_image",
+    "e2fsprogs_env", "gpt_script", "inspect", "is_cache_member", "make_disk", "pack_ploop", "partition_bounds", "read_image",
     "read_raw", "tree_usage", "vzpackages_text", "write_image", "write_tar_lz4",
 ]
 
@@ -46,6 +50,8 @@ class PloopFormat(Format):
     suffix = "plain.ploopv2.tar.lz4"
     summary = "Virtuozzo 7 ploop v2 cache (.plain.ploopv2.tar.lz4)"
     step = "ploop"
+    tools = (("mkfs.ext4", "e2fsprogs"), ("sfdisk", "fdisk"), ("losetup", "mount"))
+    bootable = True
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
         assert ctx.plain is not None, "the ploop disk is filled from the plain archive"
@@ -57,6 +63,12 @@ class PloopFormat(Format):
                              details={"disk_size": pl.disk_size, "clusters": pl.clusters,
                                       "ext4_features": features, "fs_uuid": pl.fs_uuid})
 
+    def guard_limits(self, record: ArchiveRecord, free: int) -> Limits:
+        """The cache's few members (root.hds, DiskDescriptor.xml, templates/...), files and
+        directories only."""
+        return Limits(max_bytes=max(free, 0), max_members=64, types=frozenset({"file", "dir"}),
+                      allow=is_cache_member)
+
     def describe(self, record: ArchiveRecord) -> str:
         d = record.details
         return f"{d['clusters']} MiB of {d['disk_size'] >> 30} GiB disk -> {record.size / 1e6:.0f} MB lz4"
@@ -66,6 +78,9 @@ class PloopFormat(Format):
 
     def inspect(self, path: Path, workdir: Path) -> Inspection:
         return inspect(path, workdir)
+
+    def bootable_tree(self, files: list[Path], scratch: Path) -> AbstractContextManager[Path]:
+        return disk_tree(files[0], scratch)
 
 
 FORMAT = PloopFormat()

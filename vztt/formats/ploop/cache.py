@@ -95,6 +95,13 @@ def cache_members(template_name: str, *, image: Path, disk_descriptor: str, vzpa
     ]
 
 
+def is_cache_member(path: str, kind: str) -> bool:
+    """Whether a member (normalized path, guard type) belongs in a ploop cache: what the
+    tar guard lets through when one is unpacked (vztt create, the boot test)."""
+    return (path in (IMAGE_NAME, DESCRIPTOR_NAME, "templates") and kind == ("dir" if path == "templates" else "file")) \
+        or (path.startswith("templates/") and path.count("/") <= 2 and kind in ("file", "dir"))
+
+
 @dataclass(frozen=True)
 class PloopResult:
     path: Path
