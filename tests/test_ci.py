@@ -55,6 +55,7 @@ def _github_commands() -> list[str]:
         for step in doc["jobs"][name]["steps"]:
             run = step.get("run", "")
             if ".venv/bin/vztt" in run:
+                run = re.sub(r"\$\{\{ vars\.(\w+) \|\| '([^']*)' \}\}", r'"${\1:-\2}"', run)   # a default, GitLab's way
                 out.append(run.replace(".venv/bin/vztt", "VZTT").replace("${{ matrix.template }}", "T")
                            .replace("${{ vars.", "$").replace(" }}", "").replace("apt-get update -q && ", ""))
     return out

@@ -35,9 +35,10 @@ def fill(command: str, template: str = TEMPLATE) -> str:
     def sub(m: re.Match[str]) -> str:
         word = m.group(1)
         if word.startswith("setting:"):
-            return "${{ vars.%s }}" % word.split(":", 1)[1]
+            name, bar, default = word.split(":", 1)[1].partition("|")
+            return "${{ vars.%s || '%s' }}" % (name, default) if bar else "${{ vars.%s }}" % name
         return {"vztt": ".venv/bin/vztt", "setup": "make setup", "template": template}[word]
-    return re.sub(r"\{(vztt|setup|template|setting:[A-Z_]+)\}", sub, command)
+    return re.sub(r"\{(vztt|setup|template|setting:[A-Z_]+(?:\|[\w,-]+)?)\}", sub, command)
 
 
 def _settings(n: Nightly) -> str:

@@ -57,9 +57,10 @@ def fill(command: str) -> str:
     def sub(m: re.Match[str]) -> str:
         word = m.group(1)
         if word.startswith("setting:"):
-            return "$" + word.split(":", 1)[1]
+            name, bar, default = word.split(":", 1)[1].partition("|")
+            return f'"${{{name}:-{default}}}"' if bar else "$" + name
         return {"vztt": "$VZTT", "setup": "$SETUP", "template": "$TEMPLATE"}[word]      # names need no quotes
-    return re.sub(r"\{(vztt|setup|template|setting:[A-Z_]+)\}", sub, command)
+    return re.sub(r"\{(vztt|setup|template|setting:[A-Z_]+(?:\|[\w,-]+)?)\}", sub, command)
 
 
 def _settings(n: Nightly) -> str:

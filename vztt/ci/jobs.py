@@ -8,9 +8,11 @@ time (`vztt matrix --format gitlab`: one job per template). `make ci` writes
 both files and tests/test_ci.py fails when a committed file differs from its
 rendering: neither can drift from this description, nor from the other.
 
-Commands use three placeholders the renderers fill in: `{vztt}` (the vztt
-that `make setup` installs), `{setup}` (`make setup`) and `{template}` (the
-template of a per-template job).
+Commands use placeholders the renderers fill in: `{vztt}` (the vztt that
+`make setup` installs), `{setup}` (`make setup`), `{template}` (the
+template of a per-template job) and `{setting:NAME}` or
+`{setting:NAME|default}` (a setting's value, or the default when it is unset
+or empty).
 """
 
 from __future__ import annotations
@@ -92,13 +94,14 @@ PUBLISH_SETTINGS = (
 SWITCHES = (
     Setting("KERNEL_CHECK", "false: skip `vztt kernel check` (the kernel is still built when kernel/ changed)"),
     Setting("VM_TEST_TEMPLATES", "templates booted in a VM as well, shell patterns (default: debian-* ubuntu-*)"),
+    Setting("TEMPLATE_FORMATS", "the formats built and published, as --format takes them (default: all)"),
 )
 VM_PATTERNS = ("debian-*", "ubuntu-*")      # Debian's and Ubuntu's: the EL9 ones have not been booted in a VM yet
 
 
 def template_files(template: str) -> tuple[str, ...]:
     """A build's files in the cache, as the publish job takes them: every format, the manifest, the SBOMs."""
-    names = [formats_registry.get(f).file_name(template) for f in formats_registry.names()]
+    names = [n for f in formats_registry.names() for n in formats_registry.get(f).file_names(template)]
     return tuple(f"cache/{n}" for n in names + [f"{template}.manifest.json"]
                  + [f"{template}.{suffix}" for suffix in SBOM_FILES.values()])
 
@@ -132,7 +135,7 @@ UPDATE = Job(
     ),
     steps=(
         Step("update (re-resolve; rebuild, boot-test and promote only if something changed)",
-             "{vztt} update {template} --format all"),
+             "{vztt} update {template} --format {setting:TEMPLATE_FORMATS|all}"),
         Step("boot test report", "{vztt} test {template} --junit junit-{template}.xml", when=ALWAYS),
         Step("boot test in a VM with vztt's kernel (TCG where KVM does not run it)",
              "{vztt} test {template} --vm --junit junit-vm-{template}.xml", when=ALWAYS, only="vm"),
