@@ -26,7 +26,8 @@ from vztt import __version__
 from vztt import formats as formats_registry
 from vztt.base.progress import Progress
 from vztt.mirror.charts import Point, line_chart
-from vztt.mirror.index import INDEX, MAX_MANIFEST, SIGNATURE, TEMPLATES, Build, Index, MirrorError, newest_first
+from vztt.mirror.index import (INDEX, MAX_MANIFEST, SIGNATURE, TEMPLATES, Build, Index, MirrorError, archive_files,
+                               newest_first)
 from vztt.mirror.targets import Target
 from vztt.store.manifest import Manifest, ManifestError
 
@@ -111,7 +112,7 @@ def _when(iso: str | None) -> str:
 def _sizes(build: Build, link: Callable[[str], str] | None = None) -> str:
     out = []
     for fmt, rec in _archives(build):
-        text = f"{escape(fmt)} {_size(rec['size'])}"
+        text = f"{escape(fmt)} {_size(sum(f['size'] for f in archive_files(rec)))}"     # every part (lxc: rootfs, meta)
         out.append(f'<a href="{escape(link(rec["path"]))}">{text}</a>' if link else text)
     return "<br>".join(out)
 
