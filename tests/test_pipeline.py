@@ -41,11 +41,12 @@ from conftest import PACKAGE_CACHE, RECIPES, BuiltTemplate
 from gitlabci import GCL, GitLabLocal, Run
 from minidist import stage_locked_debs
 from mirrorkit import Keys, keys, snapshot, web
+from vztt.mirror.index import files_of, parse_index
 from nginx import DAV_PASSWORD, DAV_USER, Nginx
 from sbomcheck import problems
 from test_kernel import built_kernel  # noqa: F401  (the session's kernel cache)
 
-__all__ = ["keys", "web"]
+__all__ = ["built_kernel", "keys", "web"]     # fixtures
 
 pytestmark = [pytest.mark.network, pytest.mark.slow,
               pytest.mark.skipif(not GCL.exists(), reason="gitlab-ci-local is installed by `make test` (tests/tools)")]
@@ -53,6 +54,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow,
 REPO = Path(__file__).resolve().parent.parent
 GOOD, BAD = ("fx-a", "fx-b"), "fx-bad"
 CHILD = "nightly.gitlab-ci.yml"
+FORMATS = "plain,lxc"       # the source format and one of the other hosts' (its parts, SHA256SUMS, LXC's index)
 
 RECIPE = """# A small Debian 12 for the pipeline test: Essential, apt, systemd and iproute2.
 distro = "debian"
@@ -74,6 +76,12 @@ keyring = "fixture.gpg"
 [[files]]
 path = "/etc/hosts"
 source = "hosts"
+
+[compression]
+level = 0
+
+[boot]
+network = false      # no ifupdown, sshd or ping here: test_network.py boots templates with a network
 
 [[smoke]]
 name = "os-release"
@@ -115,7 +123,7 @@ def _variables(tmp: Path, web: Nginx, keys: Keys, recipes: Path, kernel_cache: P
         "VZTT_MIRROR_FIXTURE_MIRROR": web.url("mirror") + "apt",
         "TEMPLATE_MIRROR": web.url("dav"), "TEMPLATE_MIRROR_URL": web.url("dav"),
         "SIGNING_KEY": str(signing_key), "SIGNING_KEY_ID": keys.publisher, "MIRROR_NETRC": str(netrc),
-        "KERNEL_CHECK": "false", "VM_TEST_TEMPLATES": "fx-a",
+        "KERNEL_CHECK": "false", "VM_TEST_TEMPLATES": "fx-a", "TEMPLATE_FORMATS": FORMATS,
     }
 
 
@@ -156,7 +164,7 @@ def _sha256(path: Path) -> str:
 def _assert_every_named_file_whole(index: dict, root: Path) -> None:
     for t in index["templates"].values():
         for b in t["builds"]:
-            for rec in [b["manifest"], *b["archives"].values(), *b.get("sbom", {}).values()]:
+            for rec in files_of(b):
                 path = root / rec["path"]
                 assert path.stat().st_size == rec["size"] and _sha256(path) == rec["sha256"], path
 
@@ -200,10 +208,12 @@ def test_boot_tests_report_as_junit(lab: Lab, first: Run) -> None:
 def test_publish_puts_only_what_passed_on_the_mirror(lab: Lab, first: Run) -> None:
     index = _verify_index(lab, lab.mirror)
     assert sorted(index["templates"]) == sorted(GOOD)
+    parse_index((lab.mirror / "index.json").read_bytes(), "the pipeline's mirror")      # as pull reads it
     _assert_every_named_file_whole(index, lab.mirror)
     for template in GOOD:
         (build,) = index["templates"][template]["builds"]
-        assert build["boot_test"] == "passed" and sorted(build["archives"]) == ["plain", "ploop"]
+        assert build["boot_test"] == "passed" and sorted(build["archives"]) == ["lxc", "plain"]
+        assert sorted(build["sbom"]) == ["cyclonedx", "spdx"] and build["host_files"]     # beside the host files
         manifest = json.loads((lab.gcl.artifacts(f"update: {template}") / "cache" /
                                f"{template}.manifest.json").read_text())
         assert build["id"] == manifest["build_id"]
