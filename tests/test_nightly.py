@@ -173,6 +173,18 @@ def test_status_update_diff(fx: Fixture) -> None:
 
 
 @pytest.mark.network
+def test_status_refreshes_a_shared_repository_once(fx: Fixture) -> None:
+    """fx-a and fx-b use the same repository: one `vztt status` over both runs apt-get update once."""
+    for log in (fx.cache / "logs").glob("*.resolve.log"):
+        log.unlink()
+    r = fx.vztt("status", "fx-a", "fx-b")
+    assert r.returncode in (0, 2), r.stderr
+    updates = sum(log.read_text(errors="replace").count("$ apt-get update")
+                  for log in (fx.cache / "logs").glob("*.resolve.log"))
+    assert updates == 1, [log.name for log in (fx.cache / "logs").glob("*.resolve.log")]
+
+
+@pytest.mark.network
 def test_two_builds_of_one_template(fx: Fixture) -> None:
     """One builds; the other is refused at once, naming who holds the lock; prune waits for builds."""
     first = fx.popen("build", "fx-b", "--no-test")
