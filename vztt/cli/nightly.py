@@ -9,8 +9,8 @@ import click
 
 from vztt.base.progress import Progress
 from vztt.cli.build import build_report
-from vztt.cli.main import (Context, FormatList, each_template, emit, guarded, json_option, main, mirror_option,
-                           selected, selection)
+from vztt.cli.main import (Context, FormatList, bases, each_template, emit, guarded, json_option, main,
+                           mirror_option, selected, selection)
 
 
 @main.command()
@@ -52,7 +52,8 @@ def update(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | N
            no_test: bool, wait: float, as_json: bool) -> None:
     """Re-resolve, then rebuild, boot-test and promote only the templates that changed.
 
-    Says why each rebuild happens (recipe changed, packages changed, not built yet).
+    Says why each rebuild happens (recipe changed, packages changed, not built yet, base
+    rebuilt). A layered template is updated after its base, on the base's new build.
     """
     from vztt.builder import pipeline
     from vztt import nightly
@@ -102,9 +103,11 @@ def diff_cmd(obj: Context, name: str, as_json: bool) -> None:
 @click.pass_obj
 @guarded
 def matrix(obj: Context, fmt: str) -> None:
-    """The CI matrix: one job per buildable template."""
+    """The CI matrix: one job per buildable template; a layered template goes into its base's
+    job, after the base (github: as `matrix.layers` of the base's entry)."""
     from vztt import nightly
-    text = nightly.matrix(obj.store.names(), fmt)
+    names = obj.store.names()
+    text = nightly.matrix(names, fmt, bases(obj, names))
     if fmt == "github":
         nightly.write_github_output("matrix", text)
     click.echo(text)

@@ -31,6 +31,15 @@ class ImageFormatError(VzttError):
     kind = "format"
 
 
+@dataclass(frozen=True)
+class AppCache:
+    """A layered template as Virtuozzo sees it: an OS template with application templates
+    baked in (`vzpkg create appcache`); formats that know app caches name their file after it."""
+
+    os_template: str
+    apps: tuple[str, ...]
+
+
 @dataclass
 class FormatContext:
     """What a format is written from."""
@@ -47,6 +56,7 @@ class FormatContext:
     # The plain archive of `tree`, already written (None while it is the one being written).
     plain: Path | None = None
     plain_record: ArchiveRecord | None = None
+    app_cache: AppCache | None = None        # a layered template (recipe `base`)
 
 
 @dataclass
@@ -85,6 +95,14 @@ class Format(ABC):
 
     def file_name(self, template: str) -> str:
         return f"{template}.{self.suffix}"
+
+    def output_name(self, ctx: FormatContext) -> str:
+        """The cache file a build writes (a format may name a layered template's file otherwise)."""
+        return self.file_name(ctx.name)
+
+    def accepts_file(self, file: str, template: str) -> bool:
+        """Whether a manifest may name `file` as this format's file of `template` (pull checks)."""
+        return file == self.file_name(template)
 
     def describe(self, record: ArchiveRecord) -> str:
         """The build step's line about what was written (sizes)."""

@@ -231,7 +231,7 @@ def _remote_manifest(remote: Remote, name: str, formats: list[str]) -> Manifest:
         manifest = Manifest.from_json(data, where)
         ok = (manifest.name == name and build_id(manifest) == remote.id
               and all(manifest.archives[f].sha256 == remote.build["archives"][f]["sha256"]
-                      and manifest.archives[f].file == formats_registry.get(f).file_name(name) for f in formats))
+                      and formats_registry.get(f).accepts_file(manifest.archives[f].file, name) for f in formats))
     except (ManifestError, KeyError, ValueError):
         ok = False
     if not ok:
@@ -254,7 +254,7 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, Pa
     temps: list[Path] = []
     try:
         for f in formats:
-            final = cache.file(formats_registry.get(f).file_name(name))
+            final = cache.file(manifest.archives[f].file)      # checked by accepts_file: a bare name
             tmp = cache.temp_path(final)
             temps.append(tmp)
             os.replace(parts[f], tmp)
