@@ -246,6 +246,11 @@ class AptBackend(Backend):
         if self.recipe.merged_usr:
             for d in MERGED_USR_DIRS.get(self.recipe.deb_arch, ("bin", "sbin", "lib")):
                 (root / "usr" / d).mkdir(parents=True, exist_ok=True)
+                if (root / d).is_symlink() and os.readlink(root / d) in (f"usr/{d}", f"/usr/{d}"):
+                    continue              # made by a before-packages hook (an EZ pre-cache script)
+                if (root / d).exists() or (root / d).is_symlink():
+                    raise BuildError(f"/{d} is in the image before any package (a before-packages hook?): "
+                                     f"merged /usr needs it to be a symlink to usr/{d}")
                 (root / d).symlink_to(f"usr/{d}")
         for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "var/cache/apt/archives/partial",
                   "etc/apt/apt.conf.d", "etc/dpkg/dpkg.cfg.d", "usr/sbin", "proc", "dev", "sys", "run"):
