@@ -319,21 +319,21 @@ class RecipeStore:
             raise RecipeError(f"{name}: no such recipe in {self.directory} (known: {known})")
         chain: list[Path] = []
         layers: list[dict[str, Any]] = []
-        current, referrer = path, None
+        current, referrer, via = path, None, "extends"
         while True:
             if current in chain:
                 cycle = " -> ".join(p.stem for p in chain + [current])
-                raise RecipeError(f"{chain[-1]}: extends: inheritance cycle {cycle}")
+                raise RecipeError(f"{chain[-1]}: {via}: inheritance cycle {cycle}")
             if not current.is_file():
-                raise RecipeError(f"{referrer}: extends: parent recipe {current.stem!r} not found in {self.directory}")
+                raise RecipeError(f"{referrer}: {via}: parent recipe {current.stem!r} not found in {self.directory}")
             chain.append(current)
             layer = _flatten(self._read(current), current)
             layers.append(layer)
-            parent = layer.get("extends") or layer.get("base")
+            parent = layer.get(via := "extends" if "extends" in layer else "base")   # a layer's base: its parent too
             if parent is None:
                 break
             if not NAME_RE.match(parent):
-                raise RecipeError(f"{current}: extends: {parent!r} is not a recipe name")
+                raise RecipeError(f"{current}: {via}: {parent!r} is not a recipe name")
             referrer, current = current, self.directory / f"{parent}.toml"
 
         merged: dict[str, Any] = {s.key: _copy(s.default) for s in SETTINGS if s.inherit}
