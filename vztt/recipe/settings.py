@@ -73,7 +73,8 @@ FILE_FIELDS = (
 
 HOOK_FIELDS = (
     Setting("name", "str", "Identifies the hook; a child recipe overrides a parent's hook of the same name."),
-    Setting("where", "str", "`image`: run with /bin/sh chrooted into the image after install; `host`: run on the host with $VZTT_ROOT set to the image root.",
+    Setting("where", "str", "`image`: run chrooted into the image; `host`: run on the host with $VZTT_ROOT set to the image root "
+            "(`convention` says how; `phase`, when).",
             default="image", choices=("image", "host")),
     Setting("run", "str", "Inline shell script.", templated=True),
     Setting("script", "str", "Script file next to the recipe (instead of `run`)."),
@@ -135,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("files", "records", "Files written into the image after install, merged by path.", default=[], merge=BY_KEY,
             record_key="path", fields=FILE_FIELDS),
     Setting("environment", "dict[str,str]", "Environment for package scripts and hooks.", default={}, merge=MERGE),
-    Setting("hooks", "records", "Scripts run after install, in order, merged by name.", default=[], merge=BY_KEY,
+    Setting("hooks", "records", "Scripts run in order within their `phase`, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=HOOK_FIELDS),
     Setting("smoke", "records", "Checks run in the booted template, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=SMOKE_FIELDS),
