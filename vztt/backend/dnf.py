@@ -154,6 +154,8 @@ class DnfBackend(Backend):
         # dnf has no bootstrap stage of its own: the base system is a layer's base, or the whole transaction.
         if after_base and lock.base is not None:
             after_base()
+        # A layer: the base's packages are in the image already, and stay.
+        had = {(p.name, p.arch) for p in self.installed(root)} if lock.base is not None else set()
         keyrings = {r.name: r.keyring for r in self.recipe.repositories}
         if not lock.packages:                                # a layer of files and hooks only
             return
@@ -180,11 +182,11 @@ class DnfBackend(Backend):
                          scratch, f"{lock.recipe}: dnf install", BuildError, env=env)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        self._check_installed(lock, root)
+        self._check_installed(lock, root, had)
         if after_base and lock.base is None:
             after_base()
 
-    def _check_installed(self, lock: Lock, root: Path) -> None:
+    def _check_installed(self, lock: Lock, root: Path, had: set[tuple[str, str]] | None = None) -> None:
         have = {(p.name, p.arch): p for p in self.installed(root)}
         want = {(p.name, p.arch): p for p in lock.packages}
         for key, p in want.items():
@@ -192,7 +194,7 @@ class DnfBackend(Backend):
             if got is None or got.version != p.version:
                 state = f"installed as {got.version}" if got else "not installed"
                 raise BuildError(f"{lock.recipe}: {p.name} {p.version} is {state} in the image after install")
-        extra = sorted(f"{n}.{a}" for n, a in have.keys() - want.keys())
+        extra = sorted(f"{n}.{a}" for n, a in have.keys() - want.keys() - (had or set()))
         if extra:
             raise BuildError(f"{lock.recipe}: the image's rpm database has packages the lock does not: "
                              f"{', '.join(extra[:5])}")
