@@ -31,6 +31,7 @@ from urllib.parse import unquote
 
 from vztt.backend import Backend, BaseSystem, InstalledPackage
 from vztt.base.errors import BuildError, ResolveError
+from vztt.base.inroot import remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
 
@@ -334,14 +335,16 @@ class AptBackend(Backend):
         directory, and no daemon started, no fsync, until finish()."""
         if not (root / "var/lib/dpkg/status").is_file():
             raise BuildError(f"{root}: the base has no dpkg database (var/lib/dpkg/status)")
-        for d in ("var/cache/apt/archives/partial", "usr/sbin", "etc/dpkg/dpkg.cfg.d"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-        # Written here, into the base's tree: the base was made by vztt and verified by its sha256.
-        for rel, text, mode in (("usr/sbin/policy-rc.d", POLICY_RC_D, 0o755), (DPKG_BUILD_CFG, "force-unsafe-io\n", 0o644)):
+        # The base's tree may have come from a mirror: the host's apt reads and writes these
+        # paths itself, so none may be a link out of the image; nothing is written through one.
+        for rel in ("var", "var/cache", "var/cache/apt", "var/cache/apt/archives", "var/lib", "var/lib/dpkg",
+                    "var/lib/dpkg/status", "etc", "etc/apt", "etc/apt/sources.list"):
             if (root / rel).is_symlink():
-                raise BuildError(f"{root}/{rel}: a symlink in the base's tree; refusing to write through it")
-            (root / rel).write_text(text)
-            os.chmod(root / rel, mode)
+                raise BuildError(f"the base's tree: /{rel} is a symlink; apt on the host would follow it")
+        for rel, text, mode in (("usr/sbin/policy-rc.d", POLICY_RC_D, 0o755), (DPKG_BUILD_CFG, "force-unsafe-io\n", 0o644),
+                                ("var/cache/apt/archives/partial/.keep", "", 0o644)):
+            write_in_root(root, rel, text.encode(), mode)
+        remove_in_root(root, "var/cache/apt/archives/partial/.keep")
 
     def _unpack(self, deb: Path, root: Path) -> dict[str, int]:
         """`dpkg-deb --fsys-tarfile DEB | tar -x` into the image; the directories the

@@ -13,6 +13,7 @@ top. The layer's lock records which base build it was made on
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 from pathlib import Path
 from typing import IO
@@ -23,7 +24,8 @@ from vztt.backend import BaseSystem
 from vztt.base.errors import FetchError, RecipeError, ResolveError
 from vztt.base.inroot import write_in_root
 from vztt.boot.report import PASSED
-from vztt.formats.plain import CHUNK, unpack_own
+from vztt.formats.plain import CHUNK
+from vztt.formats.safetar import Limits, extract_lz4, file_chunks
 from vztt.recipe.lock import Lock, LockedBase
 from vztt.recipe.recipe import Recipe
 from vztt.store.manifest import ArchiveRecord
@@ -102,10 +104,14 @@ def verify_archive(cache: TemplateCache, entry: Entry) -> Path:
 
 def unpack_base(cache: TemplateCache, entry: Entry, root: Path) -> int:
     """The base's tree into the (empty) build image root, after its archive's sha256 was
-    checked; the bytes of tar it held."""
+    checked, through the guard every archive from elsewhere goes through (a base may have
+    been pulled): nothing lands outside the root. The bytes of tar it held."""
     archive = verify_archive(cache, entry)
-    unpack_own(archive, root, what=f"the layer on {entry.name}")
-    return entry.manifest.archives["plain"].tar_size or 0
+    record = entry.manifest.archives["plain"]
+    limits = Limits(max_bytes=record.tar_size or shutil.disk_usage(root).free)
+    result = extract_lz4(file_chunks(archive), root, limits, what=f"base {entry.name}: {archive}",
+                         hash_input=False)
+    return result.stats.bytes
 
 
 def base_system(cache: TemplateCache, entry: Entry, package_db: tuple[str, ...], scratch: Path) -> BaseSystem:

@@ -25,6 +25,9 @@ from vztt.ezimport import source as sources
 from vztt.ezimport.mapping import KEYRINGS, Draft
 from vztt.ezimport.rules import EzImportError
 from vztt.recipe.recipe import RecipeStore
+from vztt.store.templates import pid_alive
+
+STAGING = ".ez-import."         # + pid: the staging directory inside the target
 
 
 @dataclass
@@ -65,8 +68,11 @@ def import_ez(source: Path, to: Path, name: str | None, key_source: Path, force:
             raise EzImportError(f"keys/{k}: the distribution's signing key is in neither {to / 'keys'} nor "
                                 f"{key_source}; nothing written")
     to.mkdir(parents=True, exist_ok=True)
-    staging = to / f".ez-import.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in to.glob(f"{STAGING}*"):               # what a killed import left
+        pid = stale.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = to / f"{STAGING}{os.getpid()}"
     try:
         (staging / "keys").mkdir(parents=True)
         for k in keys:
