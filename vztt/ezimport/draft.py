@@ -14,12 +14,17 @@ from __future__ import annotations
 from vztt.ezimport import mapping as m
 from vztt.ezimport.rules import EzImportError
 from vztt.ezimport.source import DEFAULT_SET, EzTemplate, EzTree
+from vztt.recipe.recipe import NAME_RE
 
 SCRIPT_DIR = "ez"           # scripts go to <recipes>/ez/<name>/<template>/<script>
 
 
 def drafts(tree: EzTree, name: str | None = None) -> list[m.Draft]:
+    given = name
     name = name or tree.name
+    if not NAME_RE.match(name):
+        raise EzImportError(f"--name {name}: not a template name (lower-case letters, digits, '.', '_', '-')" if given
+                            else f"{tree.source}: {name!r} is not a template name; give one with --name")
     default = tree.os(DEFAULT_SET)
     if default is None:
         raise EzImportError(f"{tree.source}: no os/{DEFAULT_SET} template")
@@ -40,6 +45,10 @@ def drafts(tree: EzTree, name: str | None = None) -> list[m.Draft]:
             continue
         base = name if t.set == DEFAULT_SET else sets[t.set]
         out.append(_app(tree, t, default, base, f"{base}-{t.app}", facts))
+    for d in out:
+        if d.name and not NAME_RE.match(d.name):
+            raise EzImportError(f"{d.template.where}: the recipe name {d.name!r} it would get is not a template name "
+                                "(lower-case letters, digits, '.', '_', '-')")
     names = [d.name for d in out if d.name]
     if len(set(names)) != len(names):
         raise EzImportError(f"{tree.source}: two templates would get the same recipe name ({', '.join(names)})")
