@@ -19,6 +19,7 @@ from conftest import RECIPES, one_line_error, run_vztt
 from eztree import APP_FILES, OS_FILES, installed_tree, source_tree
 from vztt.formats.ploop.cache import app_cache_name
 from vztt.nightly import dependency_order, groups, matrix, shard
+from vztt.recipe.recipe import RecipeStore
 
 EXIT_RECIPE = 3
 OS = "debian-12-x86_64"
@@ -173,6 +174,11 @@ BAD = {
                                      "os/default/distribution:1: distribution 'suse': vztt has no backend"),
     "environment line": ({"environment": "LANG=C\nnot an assignment\n"}, None,
                          "os/default/environment:2: expected VAR=value"),
+    # recipes take package names only (issue 13): one that apt would read as an option is refused here
+    "package name that is an option": ({"packages": "systemd-sysv\n-oAPT::Architecture=i386\n"}, None,
+                                       "os/default/packages:2: '-oAPT::Architecture=i386' is not a package name"),
+    "app package name": ({"packages": "ez-hello Bad_Name\n"}, "hello",
+                         "app/hello/default/packages:1: 'Bad_Name' is not a package name"),
 }
 
 
@@ -197,6 +203,19 @@ def test_el_below_9_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(r)
     assert "package_manager:1: centos-stream 7: EL 7" in line and "EL 9 and later" in line, line
     assert not (tmp_path / "recipes").exists()
+
+
+def test_template_text_is_not_jinja(tmp_path: Path) -> None:
+    """Recipe strings are rendered by the sandboxed jinja2 (issue 13): an EZ template's own
+    text is written escaped, so it comes back as it was, never evaluated."""
+    summary = "Debian {{ 7 * 7 }} {% if true %}x{% endif %} {# c #} {x}"
+    config = _tree_with(tmp_path, {"summary": summary + "\n",
+                                   "repositories": "$DEB_SERVER/debian bookworm main\n"
+                                                   "http://apt.example.invalid/{{6*7}} bookworm main\n"})
+    doc, to = imported(tmp_path, config)
+    loaded = RecipeStore(to).load(OS)
+    assert loaded.summary == summary
+    assert loaded.repositories[1].url == "http://apt.example.invalid/{{6*7}}"
 
 
 def test_host_without_urlmap_variable_is_kept_with_a_warning(tmp_path: Path) -> None:

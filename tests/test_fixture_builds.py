@@ -343,6 +343,8 @@ NETPLAN = FakePackage(
            "/etc/netplan/README.fixture": "network configuration goes here\n"},
 )
 WANTED = ("./var/lib/dpkg/status", "./etc/apt/sources.list", "./etc/machine-id")
+# The URL the template ships (the recipe's image_url): containers do not see the build's mirror.
+PUBLIC_UBUNTU = "http://archive.example.invalid/ubuntu"
 
 
 @dataclass
@@ -379,7 +381,8 @@ class UbuntuBuild:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"VZTT_MIRROR_UBUNTU_MIRROR": self.dist.url, "VZTT_PACKAGE_CACHE": str(self.packages)}
+        return {"VZTT_MIRROR_UBUNTU_MIRROR": self.dist.url, "VZTT_PACKAGE_CACHE": str(self.packages),
+                "VZTT_MIRROR_UBUNTU_MIRROR_PUBLIC": PUBLIC_UBUNTU}
 
     def vztt(self, *args: str) -> Result:
         return run_vztt(*args, cache=self.cache, recipes=self.recipes, env=self.env, timeout=900)
@@ -568,3 +571,105 @@ def test_failed_hook_keeps_the_previous_template(ubuntu: UbuntuBuild) -> None:
         _assert_previous_template_kept(ubuntu, before)
     finally:
         ubuntu.leaf.write_text(leaf)
+
+
+# ==========================================================================
+# 3. what a template ships, and what an image can make vztt write
+# ==========================================================================
+
+@pytest.mark.network
+def test_the_template_ships_its_public_url_whatever_the_build_mirror(ubuntu: UbuntuBuild, tmp_path: Path) -> None:
+    """The same lock built from two mirrors (file:// and a loopback nginx serving the same
+    repository) with the same shipped URL: the same bytes, and sources.list names the shipped URL."""
+    from nginx import Nginx
+    first = tmp_path / "first.tar.lz4"              # built from file://<minidist> by the fixture
+    shutil.copyfile(ubuntu.archive, first)
+    (tmp_path / "www-mirror").symlink_to(ubuntu.dist.root)
+    with Nginx(tmp_path) as web:
+        r = run_vztt("build", UBUNTU, "--no-test", cache=ubuntu.cache, recipes=ubuntu.recipes, timeout=900,
+                     env={**ubuntu.env, "VZTT_MIRROR_UBUNTU_MIRROR": web.url("mirror").rstrip("/")})
+        assert r.returncode == 0, r.stderr
+        assert any("/mirror/dists/noble/InRelease" in line for line in web.access_log())   # it was the mirror used
+    assert {x["url"] for x in ubuntu.lock["repositories"]} == {"$UBUNTU_MIRROR"}
+    assert ubuntu.archive.read_bytes() == first.read_bytes()
+    sources = read_archive(first, ("./etc/apt/sources.list",)).text("./etc/apt/sources.list")
+    assert f"deb {PUBLIC_UBUNTU} noble main universe" in sources.splitlines(), sources
+    assert "127.0.0.1" not in sources and "file:" not in sources
+
+
+EVIL_SOURCES = "evil-sources"       # in the host directory: what a planted /etc/apt/sources.list points at
+
+
+@pytest.mark.network
+def test_links_planted_in_the_image_do_not_reach_the_host(ubuntu: UbuntuBuild, tmp_path: Path) -> None:
+    """A package's postinst plants /etc/apt/sources.list -> a host file and /etc/vztt-evil -> a host
+    directory; a hook plants /tmp and /var/lib/dbus -> host directories. vztt then writes the
+    sources, a setuid recipe file under /etc/vztt-evil, empties /tmp and removes
+    /var/lib/dbus/machine-id: all of it in the image, none on the host."""
+    host = tmp_path / "host"
+    (host / "dir").mkdir(parents=True)
+    (host / EVIL_SOURCES).write_text("host file\n")
+    (host / "dir" / "machine-id").write_text("host machine id\n")
+    (host / "dir" / "keep-me").write_text("host file\n")
+    before = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"") for p in host.rglob("*")}
+    evil = FakePackage("fixture-evil", postinst=f"ln -sfn {host / EVIL_SOURCES} /etc/apt/sources.list\n"
+                                               f"ln -sfn {host / 'dir'} /etc/vztt-evil\n")
+    repo = make_repo(tmp_path / "evil-repo", [build_deb(evil, tmp_path / "debs")], key=ubuntu.dist.key)
+    leaf = ubuntu.recipes / "ubuntu-evil.toml"
+    leaf.write_text(f"""extends = "{UBUNTU}"
+[packages]
+include = ["fixture-evil"]
+[[repositories]]
+name = "evil"
+url = "$EVIL_MIRROR"
+suite = "stable"
+keyring = "fixture.gpg"
+image_sources = false
+[[files]]
+path = "/etc/vztt-evil/tool"
+content = "#!/bin/sh\\n"
+mode = "4755"
+[[hooks]]
+name = "plant"
+run = "rm -rf /tmp /var/lib/dbus && ln -s {host / 'dir'} /tmp && ln -s {host / 'dir'} /var/lib/dbus"
+""")
+    try:
+        r = run_vztt("build", "ubuntu-evil", "--no-test", "--json", cache=tmp_path / "cache", recipes=ubuntu.recipes,
+                     env={**ubuntu.env, "VZTT_MIRROR_EVIL_MIRROR": repo.url}, timeout=900)
+    finally:
+        leaf.unlink()
+    assert r.returncode == 0, r.stderr
+    after = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"") for p in host.rglob("*")}
+    assert after == before
+    a = read_archive(Path(r.json()["archive"]), ("./etc/apt/sources.list",))
+    assert a.members["./etc/apt/sources.list"].isfile()                  # the link was replaced, not written through
+    assert f"deb {PUBLIC_UBUNTU} noble main universe" in a.text("./etc/apt/sources.list")
+    tool = a.members["./" + str(host / "dir" / "tool").lstrip("/")]      # /etc/vztt-evil resolved inside the image
+    assert tool.isfile() and tool.mode == 0o4755
+    assert a.members["./tmp"].issym() and a.members["./var/lib/dbus"].issym()
+
+
+def test_status_all_goes_on_past_a_template_that_is_not_configured(fake: FakeSetup) -> None:
+    """A recipe whose mirror variable has no value here is `not configured`; the others are checked."""
+    text = (fake.recipes / f"{FAKE}.toml").read_text().replace("$FIXTURE_MIRROR", "$NOT_SET_ANYWHERE_MIRROR")
+    (fake.recipes / "elsewhere.toml").write_text(text)
+    r = fake.vztt("status", "--all", "--json")
+    assert r.returncode == 2, r.stderr                         # fixture-mini is not built: an update is due
+    states = {row["name"]: row for row in r.json()}
+    assert states[FAKE]["state"] == "not built"
+    assert states["elsewhere"]["state"] == "not configured"
+    assert "$NOT_SET_ANYWHERE_MIRROR" in states["elsewhere"]["reasons"][0]
+    text_out = fake.vztt("status", "--all")
+    assert "elsewhere: not configured" in text_out.stdout and "Traceback" not in text_out.stderr
+    # Named, it is the user's request that cannot be met: one line, exit 3.
+    line = fails(fake.vztt("status", "elsewhere"), 3)
+    assert "NOT_SET_ANYWHERE_MIRROR" in line
+
+
+def test_an_unset_shipped_url_stops_the_build_before_any_work(fake: FakeSetup) -> None:
+    path = fake.recipes / f"{FAKE}.toml"
+    path.write_text(path.read_text().replace('url = "$FIXTURE_MIRROR"\n',
+                                             'url = "$FIXTURE_MIRROR"\nimage_url = "$FIXTURE_PUBLIC_UNSET"\n'))
+    line = fails(fake.vztt("build", FAKE), 3)
+    assert "repositories[fixture].image_url" in line and "$FIXTURE_PUBLIC_UNSET is not set" in line, line
+    fake.assert_clean(lock=False)

@@ -84,8 +84,8 @@ def test_pull_back_from_both_locations(debian12: BuiltTemplate, published: dict,
         manifest = json.loads((cache / f"{NAME}.manifest.json").read_text())
         assert manifest.pop("pulled")["from"] == web.url(location)
         assert manifest == debian12.manifest
-        assert sorted(p.name for p in cache.iterdir()) == [".downloads", ".locks", f"{NAME}.manifest.json",
-                                                           f"{NAME}.plain.tar.lz4"]
+        assert sorted(p.name for p in cache.iterdir()) == [".downloads", ".locks", ".mirrors",
+                                                           f"{NAME}.manifest.json", f"{NAME}.plain.tar.lz4"]
         assert list((cache / ".downloads").iterdir()) == []
         # Again: nothing to download.
         again = run_vztt("pull", NAME, "--from", web.url(location), "--json", cache=cache, env=keys.env())
@@ -204,8 +204,8 @@ def host_cache(tmp_path: Path) -> Path:
 
 
 def _pull_fails(cache: Path, source: str | Path, keys: Keys, code: int = 5) -> str:
-    def content() -> dict:      # the templates; not the lock files, nor a partial download kept for resuming
-        return {k: v for k, v in snapshot(cache).items() if not k.startswith((".locks", ".downloads"))}
+    def content() -> dict:      # the templates; not the lock files, the serials seen, nor a partial download kept
+        return {k: v for k, v in snapshot(cache).items() if not k.startswith((".locks", ".downloads", ".mirrors"))}
 
     before = content()
     r = run_vztt("pull", TINY, "--from", str(source), cache=cache, env=keys.env())
@@ -331,7 +331,7 @@ def test_index_paths_are_checked_even_when_signed() -> None:
     good = {"format": 1, "templates": {TINY: {"builds": [{
         "id": "20260101T000000Z-0123456789ab",
         "manifest": {"path": "templates/x/m.json", "sha256": "0" * 64, "size": 1},
-        "archives": {"plain": {"path": "templates/x/a.tar.lz4", "sha256": "0" * 64, "size": 1}}}]}}}
+        "archives": {"plain": {"path": "templates/x/a.tar.lz4", "sha256": "0" * 64, "size": 1, "tar_size": 10240}}}]}}}
     mirror_mod.parse_index(json.dumps(good).encode(), "index")
     for bad in ("../etc/passwd", "/etc/passwd", "templates/../../x", "http://elsewhere/x", "a//b", ""):
         doc = json.loads(json.dumps(good))

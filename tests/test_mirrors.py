@@ -71,3 +71,37 @@ def test_bad_mirrors_file(tmp_path: Path, text: str, message: str) -> None:
 def test_bad_cli_mirror(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="--mirror oops: expected NAME=URL"):
         load(cli=["oops"], environ={}, system_file=tmp_path / "x", user_file=tmp_path / "x", apt_etc=tmp_path)
+
+
+def test_fallback_when_a_variable_is_not_set(tmp_path: Path) -> None:
+    """`${NAME:-FALLBACK}`: a repository's image_url ships NAME when set, else the build's URL."""
+    m = load(environ={"VZTT_MIRROR_DEBIAN_MIRROR": "file:///srv/debian"}, system_file=tmp_path / "none",
+             user_file=tmp_path / "none", apt_etc=tmp_path)
+    shipped = "${DEBIAN_MIRROR_PUBLIC:-$DEBIAN_MIRROR}"
+    assert m.expand(shipped + "/x", "w") == "file:///srv/debian/x"
+    m.set("DEBIAN_MIRROR_PUBLIC", "http://public.example/debian/", "test")
+    assert m.expand(shipped + "/x", "w") == "http://public.example/debian/x"
+    with pytest.raises(RecipeError, match=r"\$NOWHERE is not set"):
+        m.expand("${UNSET_ONE:-$NOWHERE}", "w")
+
+
+def test_a_child_that_moves_a_repository_ships_its_own_url(tmp_path: Path) -> None:
+    """A child recipe that sets a repository's url without image_url does not ship the parent's image_url."""
+    from vztt.recipe.recipe import RecipeStore
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "k.gpg").write_bytes(b"key")
+    (tmp_path / "base.toml").write_text('abstract = true\ndistro = "debian"\n[[repositories]]\nname = "main"\n'
+                                        'url = "$DEBIAN_MIRROR"\nimage_url = "${DEBIAN_MIRROR_PUBLIC:-$DEBIAN_MIRROR}"\n'
+                                        'suite = "bookworm"\nkeyring = "k.gpg"\n')
+    (tmp_path / "same.toml").write_text('extends = "base"\nrelease = "bookworm"\nversion = "12"\n')
+    (tmp_path / "moved.toml").write_text('extends = "base"\nrelease = "bookworm"\nversion = "12"\n'
+                                         '[[repositories]]\nname = "main"\nurl = "$MY_MIRROR"\n')
+    store = RecipeStore(tmp_path)
+    assert store.load("same").repositories[0].image_url == "${DEBIAN_MIRROR_PUBLIC:-$DEBIAN_MIRROR}"
+    assert store.load("moved").repositories[0].image_url == ""
+    # image_url is not a solver input: the lock of `same` stays valid whatever it ships
+    assert store.load("same").resolve_digest() != store.load("moved").resolve_digest()
+    text = (tmp_path / "same.toml").read_text()
+    before = store.load("same").resolve_digest()
+    (tmp_path / "same.toml").write_text(text + '[[repositories]]\nname = "main"\nimage_url = "http://x.example/d"\n')
+    assert store.load("same").resolve_digest() == before

@@ -29,7 +29,7 @@ def store(tmp_path: Path) -> RecipeStore:
         distro = "debian"
         summary = "{{ distro }} {{ version }}"
         [packages]
-        include = ["a", "b"]
+        include = ["pa", "pb"]
         [[repositories]]
         name = "main"
         url = "$DEBIAN_MIRROR"
@@ -57,8 +57,8 @@ def store(tmp_path: Path) -> RecipeStore:
         release = "bookworm"
         version = "12"
         [packages]
-        include = ["c", "a"]
-        exclude = ["x"]
+        include = ["pc", "pa"]
+        exclude = ["px"]
         [[repositories]]
         name = "extra"
         enabled = false
@@ -75,8 +75,8 @@ def store(tmp_path: Path) -> RecipeStore:
 def test_inheritance_merges_as_the_table_says(store: RecipeStore) -> None:
     r = store.load("leaf")
     assert r.distro == "debian" and r.release == "bookworm" and r.version == "12"
-    assert r.include == ("a", "b", "c")                      # appended, no duplicates
-    assert r.exclude == ("x",)
+    assert r.include == ("pa", "pb", "pc")                      # appended, no duplicates
+    assert r.exclude == ("px",)
     assert [x.name for x in r.repositories] == ["main"]     # the child disabled "extra"
     assert r.repositories[0].suite == "bookworm"            # templated after merging
     assert r.repositories[0].url == "$DEBIAN_MIRROR"        # mirrors are expanded later, not here
@@ -201,7 +201,7 @@ def test_cli_show_and_list(tmp_path: Path, store: RecipeStore) -> None:
     r = run_vztt("show", "leaf", "--json", recipes=store.directory, cache=tmp_path / "c")
     assert r.returncode == 0, r.stderr
     doc = r.json()
-    assert doc["settings"]["packages.include"] == ["a", "b", "c"]
+    assert doc["settings"]["packages.include"] == ["pa", "pb", "pc"]
     assert doc["origins"]["release"].endswith("leaf.toml")
     r = run_vztt("list", "--json", recipes=store.directory, cache=tmp_path / "c")
     assert [x["name"] for x in r.json()] == ["leaf"] and r.json()[0]["cached"] is False

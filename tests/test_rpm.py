@@ -238,6 +238,38 @@ def test_build_from_signed_fixture(setup: Setup) -> None:
     assert again.json()["sha256"] == r.json()["sha256"]
 
 
+PUBLIC_BASEOS = "http://mirror.example.invalid/el/9/BaseOS/x86_64/os"
+
+
+def test_repo_files_ship_the_public_url(setup: Setup, fixture_repo: Fixture) -> None:
+    """The fixture's release package ships no repo file: vztt writes one per repository the
+    image keeps, with the shipped URL (image_url), gpgcheck and the key, as dnf reads it.
+    Built again from another mirror holding the same repository: the same bytes."""
+    path = setup.recipes / f"{NAME}.toml"
+    path.write_text(path.read_text().replace('url = "$FIXTURE_MIRROR"\n', 'url = "$FIXTURE_MIRROR"\n'
+                                             'image_url = "${FIXTURE_PUBLIC:-$FIXTURE_MIRROR}"\n'))
+    copy = setup.tmp / "second-mirror"
+    shutil.copytree(fixture_repo.repo.root, copy)
+    sha = []
+    for mirror in (setup.mirror, f"file://{copy}"):
+        r = run_vztt("build", NAME, "--no-test", "--json", cache=setup.cache, recipes=setup.recipes, timeout=300,
+                     env={"VZTT_MIRROR_FIXTURE_MIRROR": mirror, "VZTT_MIRROR_FIXTURE_PUBLIC": PUBLIC_BASEOS,
+                          "VZTT_PACKAGE_CACHE": str(setup.packages)})
+        assert r.returncode == 0, r.stderr
+        sha.append(r.json()["sha256"])
+    assert sha[0] == sha[1]
+    tree = extract(setup.cache / f"{NAME}.plain.tar.lz4", setup.tmp / "tree")
+    assert os.listdir(tree / "etc/yum.repos.d") == ["baseos.repo"]          # appstream is disabled
+    assert (tree / "etc/pki/rpm-gpg/fixture.asc").read_bytes() == fixture_repo.key.read_bytes()
+    # dnf's own configuration parser, on the host, reads what a container's dnf will.
+    code = ("import dnf, dnf.conf, sys; c = dnf.conf.Conf(); c.substitutions.update(releasever='9', "
+            "basearch='x86_64'); c.reposdir = [sys.argv[1]]; b = dnf.Base(c); b.read_all_repos(); "
+            "r = b.repos['baseos']; print(r.baseurl[0], r.enabled, r.gpgcheck, r.repo_gpgcheck, r.gpgkey[0])")
+    out = subprocess.run(["/usr/bin/python3", "-c", code, str(tree / "etc/yum.repos.d")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [PUBLIC_BASEOS, "True", "True", "True", "file:///etc/pki/rpm-gpg/fixture.asc"]
+
+
 # ==========================================================================
 # refusals
 # ==========================================================================

@@ -28,6 +28,7 @@ kernel module (formats/ploop/resize.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -39,13 +40,14 @@ from typing import Any, Iterator
 
 from vztt import formats as formats_registry
 from vztt.base import proc
-from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RecipeError
+from vztt.base.errors import BadUsage, BuildError, FetchError, RecipeError
 from vztt.base.mounts import Mounts, enter_private_namespace, force_cleanup, require_root
 from vztt.base.progress import Progress
+from vztt.base.space import SLACK, MiB, check_space, free_bytes
 from vztt.base.inroot import read_in_root, remove_in_root, write_in_root
 from vztt.formats import ploop
 from vztt.formats.ploop import resize
-from vztt.formats.safetar import Limits, UnsafeArchive, extract_lz4, file_chunks
+from vztt.formats.safetar import UnsafeArchive, extract_lz4, file_chunks
 from vztt.mirror import config as mirror_config
 from vztt.mirror import pull
 from vztt.store.manifest import ArchiveRecord, Manifest
@@ -54,8 +56,6 @@ from vztt.store.templates import Entry, TemplateCache, pid_alive
 LAYOUTS = ("dir", "ext4", "ploop")
 DEFAULT_SIZE = 10 << 30
 HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-MiB = 1 << 20
-SLACK = 64 * MiB              # beyond the estimate, in every free-space check
 # The tools each layout runs (and the Debian package of each): checked before anything is made.
 LAYOUT_TOOLS = {"dir": (), "ext4": (("mkfs.ext4", "e2fsprogs"), ("e2fsck", "e2fsprogs")), "ploop": resize.TOOLS}
 
@@ -102,28 +102,13 @@ class CreateResult:
 # Small helpers
 # --------------------------------------------------------------------------
 
-def _free(path: Path) -> int:
-    p = path
-    while not p.exists():
-        p = p.parent
-    st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize
-
-
-def check_space(where: Path, need: int, what: str) -> None:
-    free = _free(where)
-    if free < need + SLACK:
-        raise EnvironmentProblem(f"{where}: {free / 1e6:.0f} MB free, {what} needs about "
-                                 f"{(need + SLACK) / 1e6:.0f} MB")
-
-
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
 def validate_hostname(hostname: str | None) -> None:
     if hostname is not None and not HOSTNAME_RE.fullmatch(hostname):
-        raise RecipeError(f"--hostname {hostname!r}: not a valid host name (letters, digits, '-', dots between labels)")
+        raise BadUsage(f"--hostname {hostname!r}: not a valid host name (letters, digits, '-', dots between labels)")
 
 
 def personalize(root: Path, hostname: str | None) -> None:
@@ -162,7 +147,13 @@ def making(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        os.rename(tmp, dest)        # replaces an empty directory, never a populated one
+        try:
+            os.rename(tmp, dest)        # replaces an empty directory, never a populated one
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise CreateError(f"{dest}: was created meanwhile (by another process, e.g. a second vztt create); "
+                              "it is left as it is, and this container was removed") from None
     except BaseException:
         _remove(tmp)
         raise
@@ -189,16 +180,12 @@ def _clean_stale(parent: Path, name: str) -> None:
 # Unpacking a plain archive into a root (dir, ext4 image, scratch tree for ploop)
 # --------------------------------------------------------------------------
 
-def plain_limits(rec: ArchiveRecord, where: Path) -> Limits:
-    bound = rec.tar_size if rec.tar_size else max(_free(where) - SLACK, 0)
-    return Limits(max_bytes=bound)
-
-
 def unpack_plain(chunks: Any, root: Path, rec: ArchiveRecord, what: str, verified_source: bool = False) -> int:
     """Unpack, check the sha256 of what was read against `rec` (the manifest's or index's
     record); a `verified_source` (a mirror download) checks size and sha256 itself."""
     os.chmod(root, 0o755)
-    res = extract_lz4(chunks, root, plain_limits(rec, root), what=what, hash_input=not verified_source)
+    limits = formats_registry.get(rec.format).guard_limits(rec, free_bytes(root) - SLACK)
+    res = extract_lz4(chunks, root, limits, what=what, hash_input=not verified_source)
     if res.size != rec.size or (not verified_source and res.sha256 != rec.sha256):
         raise FetchError(f"{what}: sha256 {res.sha256[:16]}... ({res.size} bytes) does not match the "
                          f"{rec.sha256[:16]}... ({rec.size} bytes) it should be; pull it again")
@@ -231,18 +218,12 @@ def ext4_image(tmp: Path, work: Path, size: int) -> Iterator[tuple[Path, str]]:
 # ploop (the disk work itself: formats/ploop/resize.py)
 # --------------------------------------------------------------------------
 
-def _ploop_member(path: str, kind: str) -> bool:
-    return (path in (ploop.IMAGE_NAME, ploop.DESCRIPTOR_NAME, "templates") and kind == ("dir" if path == "templates" else "file")) \
-        or (path.startswith("templates/") and path.count("/") <= 2 and kind in ("file", "dir"))
-
-
 def ploop_from_ploop_cache(archive: Path, rec: ArchiveRecord, tmp: Path, work: Path, size: int,
                            hostname: str | None, progress: Progress) -> tuple[str, int]:
     cache_dir = work / "cache"
     cache_dir.mkdir()
     with progress.step("unpack") as st:
-        limits = Limits(max_bytes=max(_free(work) - SLACK, 0), max_members=64,
-                        types=frozenset({"file", "dir"}), allow=_ploop_member)
+        limits = ploop.FORMAT.guard_limits(rec, free_bytes(work) - SLACK)
         res = extract_lz4(file_chunks(archive), cache_dir, limits, what=str(archive))
         if res.size != rec.size or res.sha256 != rec.sha256:
             raise FetchError(f"{archive}: sha256 does not match the manifest; pull it again")
@@ -324,8 +305,7 @@ def _content_estimate(rec: ArchiveRecord) -> int:
 
 def _index_records(name: str, remote: pull.Remote) -> dict[str, ArchiveRecord]:
     """The archives of a build on a mirror, as the manifest will record them."""
-    return {fmt: ArchiveRecord.from_json({**rec, "file": formats_registry.get(fmt).file_name(name)}, fmt)
-            for fmt, rec in remote.build["archives"].items()}
+    return {fmt: pull.archive_record(remote, name, fmt) for fmt in remote.build["archives"]}
 
 
 def create(cache: TemplateCache, name: str, dest: Path, options: CreateOptions,
@@ -399,23 +379,25 @@ def _create_pulling(cache: TemplateCache, name: str, dest: Path, options: Create
     """Not cached: pull it, streaming into the container for dir and ext4 layouts."""
     mirrors = mirror_config.mirror_list(options.mirrors)
     keyring = mirror_config.keyring_for(options.keyrings)
-    with cache.building(name, timeout=pull.LOCK_WAIT):
+    with cache.building(name, timeout=pull.LOCK_WAIT, on_wait=pull.waiting_for(progress, name)):
         entry = cache.entry(name)           # another process may have pulled it while we waited
         if entry is not None and (not options.build or pull.local_build(entry) == options.build):
             return _create_from_cache(cache, entry, dest, options, progress)
 
         def attempt(source: pull.Source, _failed: list[str]) -> CreateResult:
             with progress.step("index") as st:
-                remote = pull.find_build(source, name, keyring, options.build)
+                remote = pull.find_build(source, name, keyring, cache, options.build)
                 st.note(f"{source.label}: {name} {remote.id}, signed by {remote.signer.fingerprint}")
             formats = formats_registry.ordered(list(remote.build["archives"]))
             layout, fmt = _layout_for(formats, options.layout)
             pulled = {"mirror": source.label, "build": remote.id, "signer": remote.signer.fingerprint}
             if layout == "ploop":
                 # The disk conversion needs the whole archive first: pull, then create from the cache.
+                pull.check_space_for(remote, cache, [fmt])
                 with progress.step("download") as st:
                     part = pull.download(remote, cache, fmt)
-                    st.note(f"{fmt}: {remote.build['archives'][fmt]['size'] / 1e6:.1f} MB, sha256 ok")
+                    size = remote.build["archives"][fmt]["size"]
+                    st.note(f"{fmt}: {size / 1e6:.1f} MB, sha256 ok, archive checked")
                 with progress.step("install"):
                     entry = pull.install(cache, name, remote, {fmt: part})
                 return _create_from_cache(cache, entry, dest, options, progress, pulled)
@@ -458,6 +440,10 @@ def _stream_create(cache: TemplateCache, name: str, dest: Path, options: CreateO
                         + (f", resumed {remote.source.resumed}x" if remote.source.resumed else ""))
             with progress.step("install"):        # the verified archive into the cache; then DEST goes in place
                 pull.install(cache, name, remote, {"plain": part})
+    except UnsafeArchive:
+        chunks.close()
+        part.unlink(missing_ok=True)              # a refused archive is never resumed
+        raise
     finally:
         chunks.close()
     return result

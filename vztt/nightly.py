@@ -24,6 +24,7 @@ from vztt.recipe.variables import Mirrors
 from vztt.store.templates import TemplateCache
 
 CURRENT, OUTDATED, NEW = "current", "outdated", "not built"
+NOT_CONFIGURED = "not configured"      # a mirror variable it needs has no value on this host
 
 
 @dataclass

@@ -55,6 +55,13 @@ class Backend(ABC):
         return {r.name: self.mirrors.expand(r.url, f"{self.recipe.path}: repositories[{r.name}].url").rstrip("/")
                 for r in self.recipe.repositories}
 
+    def image_urls(self) -> dict[str, str]:
+        """Repository name -> the URL the template ships (image_url, else url), expanded; the
+        repositories the recipe keeps out of the image (image_sources = false) are not named."""
+        return {r.name: self.mirrors.expand(r.image_url or r.url,
+                                            f"{self.recipe.path}: repositories[{r.name}].image_url").rstrip("/")
+                for r in self.recipe.repositories if r.image_sources}
+
     @abstractmethod
     def resolve(self, base: BaseSystem | None = None) -> Lock:
         """The full package set, with verified metadata, as a lock. On a layer's `base`:

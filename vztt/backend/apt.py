@@ -31,7 +31,7 @@ from urllib.parse import unquote
 
 from vztt.backend import Backend, BaseSystem, InstalledPackage
 from vztt.base.errors import BuildError, ResolveError
-from vztt.base.inroot import remove_in_root, write_in_root
+from vztt.base.inroot import clear_in_root, mkdir_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import PIPE, TOOL_ENV, kill_tree, run, spawn, summarize, tool_env
 
@@ -182,7 +182,7 @@ class AptBackend(Backend):
 
     def _known(self, package: str) -> bool:
         conf = self.state_dir / "resolve" / "apt.conf"
-        proc = run(["apt-cache", "show", "--no-all-versions", package], env=self._env(conf), check=False,
+        proc = run(["apt-cache", "show", "--no-all-versions", "--", package], env=self._env(conf), check=False,
                    what=f"apt-cache show {package}", error=ResolveError)
         return proc.returncode == 0 and bool(proc.stdout.strip())
 
@@ -225,7 +225,8 @@ class AptBackend(Backend):
     def _print_uris(self, request: list[str], env: dict[str, str],
                     allow_empty: bool = False) -> list[tuple[str, str, str, int, str, str]]:
         # -q, not -qq: -qq hides the "X : Depends: Y but it is not installable" lines of a failure.
-        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", *request], log=self.log, env=env,
+        # "--": the names and patterns that follow are never options, whatever they look like.
+        proc = run(["apt-get", "install", "--print-uris", "-q", "-y", "--", *request], log=self.log, env=env,
                    check=False, what="apt-get install --print-uris", error=ResolveError)
         if proc.returncode != 0:
                 raise ResolveError(f"{self.recipe.name}: cannot resolve the package set: "
@@ -341,10 +342,9 @@ class AptBackend(Backend):
                     "var/lib/dpkg/status", "etc", "etc/apt", "etc/apt/sources.list"):
             if (root / rel).is_symlink():
                 raise BuildError(f"the base's tree: /{rel} is a symlink; apt on the host would follow it")
-        for rel, text, mode in (("usr/sbin/policy-rc.d", POLICY_RC_D, 0o755), (DPKG_BUILD_CFG, "force-unsafe-io\n", 0o644),
-                                ("var/cache/apt/archives/partial/.keep", "", 0o644)):
+        for rel, text, mode in (("usr/sbin/policy-rc.d", POLICY_RC_D, 0o755), (DPKG_BUILD_CFG, "force-unsafe-io\n", 0o644)):
             write_in_root(root, rel, text.encode(), mode)
-        remove_in_root(root, "var/cache/apt/archives/partial/.keep")
+        mkdir_in_root(root, "var/cache/apt/archives/partial")
 
     def _unpack(self, deb: Path, root: Path) -> dict[str, int]:
         """`dpkg-deb --fsys-tarfile DEB | tar -x` into the image; the directories the
@@ -380,13 +380,14 @@ class AptBackend(Backend):
                 raise BuildError(f"{lock.recipe}: {p.name} {p.version} is {state} in the image after install")
 
     def _write_sources(self, root: Path) -> None:
-        """apt sources inside the image, so apt works in containers made from it."""
-        urls = self.base_urls()
+        """apt sources inside the image, so apt works in containers made from it: each
+        repository's shipped URL (image_url), not necessarily the one the build used."""
+        urls = self.image_urls()
         lines = ["# written by vztt from the recipe's repositories"]
         for r in self.recipe.repositories:
-            if r.image_sources and not urls[r.name].startswith("file:"):
+            if r.name in urls and not urls[r.name].startswith("file:"):
                 lines.append(f"deb {urls[r.name]} {r.suite} {' '.join(r.components)}")
-        (root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+        write_in_root(root, "etc/apt/sources.list", ("\n".join(lines) + "\n").encode())
 
     def installed(self, root: Path) -> list[InstalledPackage]:
         proc = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
@@ -405,19 +406,11 @@ class AptBackend(Backend):
                     "var/cache/debconf/config.dat-old", "var/cache/debconf/templates.dat-old",
                     "var/lib/dpkg/status-old", "var/lib/dpkg/diversions-old", "var/lib/dpkg/available-old",
                     "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
-            p = root / rel
-            if p.is_file() or p.is_symlink():
-                p.unlink()
+            remove_in_root(root, rel)
         for rel in ("var/cache/apt", "var/lib/apt/lists", "var/log/apt"):
-            d = root / rel
-            if d.is_dir():
-                for child in d.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    elif child.name != "lock" or rel != "var/lib/apt/lists":
-                        child.unlink()
-        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+            clear_in_root(root, rel, keep=("lock",) if rel == "var/lib/apt/lists" else ())
+        mkdir_in_root(root, "var/lib/apt/lists/partial")
+        mkdir_in_root(root, "var/cache/apt/archives/partial")
 
 
 def _settle_shared_dirs(root: Path, listings: list[dict[str, int]]) -> None:

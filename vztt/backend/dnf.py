@@ -36,10 +36,13 @@ write: such recipes are refused.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import re
 import shutil
 import sqlite3
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -47,11 +50,14 @@ from typing import Any, Callable
 
 from vztt.backend import Backend, BaseSystem, InstalledPackage
 from vztt.base.errors import BuildError, RecipeError, ResolveError, VzttError
+from vztt.base.inroot import clear_in_root, dir_in_root, list_in_root, read_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
 from vztt.base.proc import TOOL_ENV, run, summarize
 
 MIN_RELEASE = 9
 DBPATH = "/var/lib/rpm"
+REPOS_DIR = "/etc/yum.repos.d"
+KEYS_DIR = "/etc/pki/rpm-gpg"
 # rpm's transaction plugins would reach out to the host (syslog, D-Bus, audit, SELinux, IMA).
 _PLUGINS = ("audit", "dbus_announce", "fapolicyd", "fsverity", "ima", "prioreset", "selinux", "syslog",
             "systemd_inhibit")
@@ -185,6 +191,24 @@ class DnfBackend(Backend):
         self._check_installed(lock, root, had)
         if after_base and lock.base is None:
             after_base()
+        self._write_repo_files(root)
+
+    def _write_repo_files(self, root: Path) -> None:
+        """/etc/yum.repos.d/<name>.repo for each repository, with its shipped URL (image_url),
+        gpgcheck and its key in /etc/pki/rpm-gpg/, so dnf works in containers made from the
+        template. Only when the image has no repo file: a distribution's release package
+        (almalinux-release, rocky-release, ...) ships its own, with the public mirrors."""
+        if any(n.endswith(".repo") for n in list_in_root(root, REPOS_DIR)):
+            return
+        urls = self.image_urls()
+        for r in self.recipe.repositories:
+            if r.name not in urls or urls[r.name].startswith("file:"):
+                continue
+            key = f"{KEYS_DIR}/{r.keyring.name}"
+            if read_in_root(root, key) is None:
+                write_in_root(root, key, r.keyring.read_bytes())
+            write_in_root(root, f"{REPOS_DIR}/{r.name}.repo", repo_file(r.name, urls[r.name], key,
+                                                                         r.repo_gpgcheck).encode())
 
     def _check_installed(self, lock: Lock, root: Path, had: set[tuple[str, str]] | None = None) -> None:
         have = {(p.name, p.arch): p for p in self.installed(root)}
@@ -217,33 +241,42 @@ class DnfBackend(Backend):
         for rel in ("var/cache/dnf", "var/lib/dnf/history.sqlite", "var/lib/dnf/history.sqlite-shm",
                     "var/lib/dnf/history.sqlite-wal", "var/lib/dnf/repos", "var/cache/ldconfig/aux-cache",
                     "var/lib/dbus/machine-id", "etc/hostname", "etc/resolv.conf"):
-            p = root / rel
-            if p.is_dir() and not p.is_symlink():
-                for child in p.iterdir():
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-            elif p.is_file() or p.is_symlink():
-                p.unlink()
-        logs = root / "var/log"
-        for pattern in ("dnf*.log*", "hawkey.log*", "yum.log*"):
-            for f in logs.glob(pattern):
-                f.unlink()
-        for f in (root / DBPATH.lstrip("/")).glob("__db.*"):
-            f.unlink()
+            clear_in_root(root, rel)        # a directory: emptied (and kept)
+            remove_in_root(root, rel)       # anything else: removed
+        for rel, patterns in (("var/log", ("dnf*.log*", "hawkey.log*", "yum.log*")), (DBPATH, ("__db.*",))):
+            for name in list_in_root(root, rel):
+                if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                    remove_in_root(root, f"{rel}/{name}")
         _tidy_rpmdb(root)
 
 
+def repo_file(name: str, url: str, key: str, repo_gpgcheck: bool) -> str:
+    return (f"# written by vztt from the recipe's repositories\n[{name}]\nname={name}\nbaseurl={url}\n"
+            f"enabled=1\ngpgcheck=1\nrepo_gpgcheck={int(repo_gpgcheck)}\ngpgkey=file://{key}\n")
+
+
 def _tidy_rpmdb(root: Path) -> None:
-    """Checkpoint rpm's sqlite WAL into the database, so no -wal/-shm files stay in the image."""
-    db = root / DBPATH.lstrip("/") / "rpmdb.sqlite"
-    if not db.is_file():
-        return
-    if db.with_name(db.name + "-wal").exists() or db.with_name(db.name + "-shm").exists():
-        con = sqlite3.connect(str(db))
-        try:
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            con.close()
-    for suffix in ("-wal", "-shm"):
-        f = db.with_name(db.name + suffix)
-        if f.exists() and (suffix == "-shm" or f.stat().st_size == 0):
-            f.unlink()
+    """Checkpoint rpm's sqlite WAL into the database, so no -wal/-shm files stay in the image.
+    Everything through the fd of the database's directory, resolved inside the root."""
+    db = "rpmdb.sqlite"
+    with dir_in_root(root, DBPATH) as fd:
+        if fd is None or not _regular(db, fd):
+            return
+        if _regular(db + "-wal", fd) or _regular(db + "-shm", fd):
+            con = sqlite3.connect(f"/proc/self/fd/{fd}/{db}")
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                con.close()
+        for suffix in ("-wal", "-shm"):
+            st = _regular(db + suffix, fd)
+            if st is not None and (suffix == "-shm" or st.st_size == 0):
+                os.unlink(db + suffix, dir_fd=fd)
+
+
+def _regular(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None

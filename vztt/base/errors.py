@@ -23,6 +23,14 @@ class VzttError(Exception):
         return " ".join(self.message.split("\n"))
 
 
+class BadUsage(VzttError):
+    """A bad command-line value that only a closer look finds (a host name, a mirror's
+    scheme): the same exit status as click's own usage errors."""
+
+    exit_code = 2
+    kind = "usage"
+
+
 class RecipeError(VzttError):
     """A recipe (or mirrors file) is malformed, or a name is unknown."""
 
@@ -102,12 +110,14 @@ class Interrupted(VzttError):
 EXIT_CODES: list[tuple[int, str]] = [
     (0, "success"),
     (1, "internal error (a bug: please report the traceback)"),
-    (2, "usage error (bad command line); for `vztt status`: updates are available"),
-    (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template"),
-    (ResolveError.exit_code, "resolution failed (missing package or dependency, bad repository signature, stale lock)"),
-    (FetchError.exit_code, "download failed or checksum mismatch"),
-    (BuildError.exit_code, "install, hook, image or archive step failed"),
-    (EnvironmentProblem.exit_code, "host problem (not root, missing tool, template busy)"),
+    (BadUsage.exit_code, "usage error (bad command line, a bad --hostname, a mirror vztt cannot read); "
+                         "for `vztt status`: updates are available"),
+    (RecipeError.exit_code, "recipe, mirrors file or EZ template (`vztt import-ez`) invalid, or unknown template "
+                            "(`vztt list` lists the valid recipes and marks the invalid ones first)"),
+    (ResolveError.exit_code, "resolution failed (unknown package, broken dependency, bad repository signature, stale lock)"),
+    (FetchError.exit_code, "download failed, checksum mismatch, bad signature, or a stale or rolled-back mirror index"),
+    (BuildError.exit_code, "install, hook, image or archive step failed (an archive the guard refuses, a destination taken)"),
+    (EnvironmentProblem.exit_code, "host problem (not root, cache not writable, missing tool, not enough space, template busy)"),
     (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
     (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, poweroff)"),
     (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature)"),

@@ -1,123 +1,282 @@
-"""Writing into a root tree vztt did not make, without following its links.
+"""Writing into a root tree vztt did not make, without following its links out of it.
 
-A tree unpacked from an archive (a pulled template, a container's root) is
-anyone's: a symlink in it may point at /etc of the host. Paths in it are
-opened one directory at a time from an fd of the root, with O_NOFOLLOW at
-every step, so no symlink on the way is followed (it is refused) and one at
-the end is replaced, never written through. This is the one helper for
-writing into such trees.
+A tree that packages were installed into, that hooks ran in, or that came out
+of an archive is anyone's: a symlink in it may point at the host's /etc, and a
+package script may plant one exactly where vztt is about to write. So every
+path in such a tree is looked up from an fd of the root with openat2(2) and
+RESOLVE_IN_ROOT: the kernel resolves it as if the root were `/` (an absolute
+symlink, or `..`, stops at the root), so symlinks inside the tree resolve
+chroot-style, as the booted system sees them, and the lookup is one atomic
+step that a link swapped in meanwhile cannot redirect. The last component is
+never followed when writing or removing: a file is written under a fresh
+O_EXCL|O_NOFOLLOW temporary name (base.files.temp_name) through the fd of its
+directory, owned and moded through its own fd (fchown before fchmod: chown
+clears setuid bits), fsync'ed, and renamed over the name within that same
+directory fd; a symlink at the name is replaced, never written through.
+
+Linux 5.6 or later (openat2). Every write vztt makes into such a tree (recipe
+files, apt sources, repo files, a layer's apt settings on its base's tree, the
+`ez` hook scripts and their /vzttXXXXXX directory, hostname, hosts,
+machine-id, the VM's agent, cleaning) goes through here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
+from typing import Iterator
 
-from vztt.base.errors import VzttError
+from vztt.base.errors import BuildError, EnvironmentProblem
 from vztt.base.files import temp_name
 
 MAX_READ = 1 << 20            # read_in_root: larger files are not read (None)
+MAX_LINKS = 40                # symlinks followed by hand when making directories (the kernel's limit)
+
+_SYS_OPENAT2 = 437            # the same number on every architecture (a syscall added after 5.1)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 
 
-class UnsafePath(VzttError):
-    """A path in the tree that would lead out of it (a symlink or non-directory on the way)."""
+class UnsafePath(BuildError):
+    """A path in the tree that cannot be written as asked: a directory or a dangling
+    symlink in the way, a component that is not a directory (exit 6)."""
 
-    exit_code = 6
-    kind = "archive"          # the tree came from an archive: reported as an archive problem
+    kind = "image"
 
 
-def _open_parent(root: Path, rel: str) -> tuple[int, str]:
-    """An fd of the directory holding `rel` inside root, reached without following any
-    symlink (missing directories are made), and the last name of `rel`."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        raise UnsafePath(f"{rel!r}: not a path inside the tree")
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, flags)
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _openat2(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """openat2(root_fd, path, flags | O_CLOEXEC, RESOLVE_IN_ROOT): an fd, or OSError."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    raw = os.fsencode(path or ".")
+    for _ in range(16):                    # EAGAIN: a rename elsewhere raced the lookup; retry
+        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(root_fd), ctypes.c_char_p(raw),
+                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            raise EnvironmentProblem("this kernel has no openat2(2) (Linux 5.6 or later is needed to write "
+                                     "safely into a root tree)")
+        if err != errno.EAGAIN:
+            raise OSError(err, os.strerror(err), path)
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
+
+
+def _split(rel: str) -> tuple[str, str]:
+    """(the directory part, the last name) of a path in the tree; `..` may appear on the
+    way (it stops at the root), not as the last name."""
+    parts = [p for p in str(rel).split("/") if p not in ("", ".")]
+    if not parts or parts[-1] == "..":
+        raise UnsafePath(f"{rel!r}: not a file path inside the tree")
+    return "/".join(parts[:-1]), parts[-1]
+
+
+@contextlib.contextmanager
+def _root(root: Path) -> Iterator[int]:
+    fd = os.open(root, _DIR_FLAGS | os.O_CLOEXEC)
     try:
-        for part in parts[:-1]:
-            try:
-                nfd = os.open(part, flags, dir_fd=fd)
-            except FileNotFoundError:
-                os.mkdir(part, 0o755, dir_fd=fd)
-                nfd = os.open(part, flags, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePath(f"{root}/{rel}: {part} is a symlink or not a directory; not followed") from None
-                raise
-            os.close(fd)
-            fd = nfd
-    except BaseException:
+        yield fd
+    finally:
         os.close(fd)
-        raise
-    return fd, parts[-1]
 
 
-def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace root/rel with a regular file holding `data` (root-owned), never
-    writing through a symlink: one at the end is replaced, one on the way refused."""
-    dfd, name = _open_parent(root, rel)
+def _open_dir(root: Path, root_fd: int, path: str, create: bool, hops: int = 0) -> int:
+    """An fd of directory `path` of the tree; missing directories are made (0755) if `create`,
+    chroot-style: a symlink to a missing directory gets that directory made in the tree."""
     try:
-        # base.files names the temporary file; it is written here through the directory's fd.
-        tmp = temp_name(Path(name)).name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+        return _openat2(root_fd, path, _DIR_FLAGS)
+    except FileNotFoundError:
+        if not create:
+            raise
+    except NotADirectoryError:
+        raise UnsafePath(f"{root}: {path}: a file that is not a directory is on the way") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePath(f"{root}: {path}: too many levels of symbolic links") from None
+        raise
+    # One component at a time, each looked up from the root again (a link on the way resolves in it).
+    parts = path.split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
         try:
-            os.write(fd, data)
-            os.fchown(fd, 0, 0)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        try:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                os.unlink(tmp, dir_fd=dfd)
-                raise UnsafePath(f"{root}/{rel}: is a directory")
+            os.close(_openat2(root_fd, prefix, _DIR_FLAGS))
+            continue
         except FileNotFoundError:
             pass
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    finally:
-        os.close(dfd)
+        except NotADirectoryError:
+            raise UnsafePath(f"{root}: {prefix}: not a directory") from None
+        parent = _openat2(root_fd, "/".join(parts[:i - 1]), _DIR_FLAGS)
+        try:
+            os.mkdir(parts[i - 1], 0o755, dir_fd=parent)
+            continue
+        except FileExistsError:          # a dangling symlink: follow it by hand, in the tree
+            target = os.readlink(parts[i - 1], dir_fd=parent)
+        finally:
+            os.close(parent)
+        if hops >= MAX_LINKS:
+            raise UnsafePath(f"{root}: {path}: too many levels of symbolic links")
+        base = "" if target.startswith("/") else "/".join(parts[:i - 1])
+        rest = "/".join(p for p in (base, target.lstrip("/"), *parts[i:]) if p)
+        return _open_dir(root, root_fd, rest, create, hops + 1)
+    return _openat2(root_fd, path, _DIR_FLAGS)
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
+    """Replace root/rel (resolved inside root) with a regular file holding `data`, of
+    owner uid:gid and permissions `mode` (setuid bits included); directories on the way
+    are made. A symlink at rel is replaced; a directory there is refused."""
+    parent, name = _split(rel)
+    with _root(root) as root_fd:
+        dir_fd = _open_dir(root, root_fd, parent, create=True)
+        try:
+            st = _lstat(name, dir_fd)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"{root}: {rel}: a directory is in the way")
+            tmp = temp_name(Path(name)).name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fchown(fd, uid, gid)        # first: chown clears the setuid bits fchmod sets
+                    os.fchmod(fd, mode)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def read_in_root(root: Path, rel: str) -> bytes | None:
-    """root/rel if it is a regular file (of at most MAX_READ bytes) reached without
-    symlinks; None otherwise."""
-    try:
-        dfd, name = _open_parent(root, rel)
-    except (UnsafePath, FileNotFoundError):
-        return None
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
-    except OSError:
-        return None
-    finally:
-        os.close(dfd)
+    """root/rel (resolved inside root, a final symlink too) if it is a regular file of at
+    most MAX_READ bytes; None otherwise."""
+    with _root(root) as root_fd:
+        try:
+            fd = _openat2(root_fd, rel, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        chunks = []
+        chunks, total = [], 0
         while data := os.read(fd, 1 << 16):
             chunks.append(data)
-            if sum(map(len, chunks)) > MAX_READ:
+            total += len(data)
+            if total > MAX_READ:
                 return None
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def remove_in_root(root: Path, rel: str) -> None:
-    """Remove root/rel if it is not a directory (a symlink itself, not its target)."""
+@contextlib.contextmanager
+def dir_in_root(root: Path, rel: str) -> Iterator[int | None]:
+    """An fd of directory root/rel (resolved inside root), or None if there is none (or
+    the way there loops)."""
+    with _root(root) as root_fd:
+        try:
+            fd = _openat2(root_fd, rel, _DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            fd = None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd = None
     try:
-        dfd, name = _open_parent(root, rel)
-    except (UnsafePath, FileNotFoundError):
-        return
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=dfd)
-    except FileNotFoundError:
-        pass
+        yield fd
     finally:
-        os.close(dfd)
+        if fd is not None:
+            os.close(fd)
+
+
+def stat_in_root(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of root/rel (the way to it resolved inside root, the last name not followed);
+    None if it is missing."""
+    parent, name = _split(rel)
+    with dir_in_root(root, parent) as dir_fd:
+        return _lstat(name, dir_fd) if dir_fd is not None else None
+
+
+def mkdir_in_root(root: Path, rel: str) -> None:
+    """Directory root/rel and the ones on its way (0755), resolved inside root."""
+    with _root(root) as root_fd:
+        os.close(_open_dir(root, root_fd, "/".join(p for p in rel.split("/") if p), create=True))
+
+
+def list_in_root(root: Path, rel: str) -> list[str]:
+    """The names in directory root/rel (resolved inside root); [] if there is none."""
+    with dir_in_root(root, rel) as fd:
+        return sorted(os.listdir(fd)) if fd is not None else []
+
+
+def remove_in_root(root: Path, rel: str, recursive: bool = False) -> None:
+    """Remove root/rel if it is not a directory (a symlink itself, not its target), or a
+    directory with all it holds if `recursive`; nothing if it is missing."""
+    parent, name = _split(rel)
+    with dir_in_root(root, parent) as dir_fd:
+        if dir_fd is None:
+            return
+        st = _lstat(name, dir_fd)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+        elif recursive:
+            shutil.rmtree(name, dir_fd=dir_fd)     # fd-based: never follows a link out
+
+
+def clear_in_root(root: Path, rel: str, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything in directory root/rel but the names in `keep`. A symlink at rel
+    itself is left alone: what it points to is not this directory's to clear."""
+    parent, name = _split(rel)
+    with dir_in_root(root, parent) as parent_fd:
+        if parent_fd is None:
+            return
+        try:
+            fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return
+            raise
+    try:
+        for child in os.listdir(fd):
+            if child in keep:
+                continue
+            st = _lstat(child, fd)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(child, dir_fd=fd)
+            elif st is not None:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)

@@ -1,23 +1,27 @@
 """The recipe's own touches after the packages: files, hooks, final cleaning.
 
-Paths are resolved inside the image with chroot semantics: a symlink in the
-image that points to /etc points to the image's /etc, and `..` stops at the
-image root, so no recipe file and no link planted by a package can make a
-write land on the host.
+Every write and removal goes through base/inroot.py: paths are resolved inside
+the image with chroot semantics (a symlink in the image that points to /etc
+points to the image's /etc, `..` stops at the image root), by the kernel
+(openat2 RESOLVE_IN_ROOT), and a link at the name itself is replaced, never
+written through, so no recipe file and no link planted by a package or a hook
+can make a write land on the host.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
+import stat
+import string
 import tempfile
 import uuid
 from pathlib import Path
 
 from vztt.base.errors import BuildError
-from vztt.base.files import atomic_file
-from vztt.base.inroot import write_in_root
+from vztt.base.inroot import UnsafePath, clear_in_root, mkdir_in_root, remove_in_root, stat_in_root, write_in_root
 from vztt.base.proc import TOOL_ENV, Log, run
 from vztt.recipe.recipe import FileSpec, Hook
 
@@ -25,7 +29,8 @@ MAX_LINKS = 40
 
 
 def path_in_root(root: Path, path: str) -> Path:
-    """Host path of `path` in the image; intermediate symlinks followed inside root, the last one not."""
+    """Host path of `path` in the image; intermediate symlinks followed inside root, the last one not.
+    For reading a tree nobody changes meanwhile (tests, reports); writes go through base.inroot."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
     hops = 0
@@ -54,16 +59,10 @@ def path_in_root(root: Path, path: str) -> Path:
 
 def write_files(root: Path, files: tuple[FileSpec, ...]) -> None:
     for f in files:
-        dest = path_in_root(root, f.path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink() or dest.exists():
-            if dest.is_dir() and not dest.is_symlink():
-                raise BuildError(f"files[{f.path}]: a directory is in the way in the image")
-            dest.unlink()
-        # The owner first: chown clears setuid bits, which atomic_file's final chmod sets.
-        with atomic_file(dest, f.mode, fsync=False) as fh:
-            fh.write(f.content)
-            os.fchown(fh.fileno(), f.uid, f.gid)
+        try:
+            write_in_root(root, f.path, f.content, f.mode, f.uid, f.gid)
+        except UnsafePath as e:
+            raise BuildError(f"files[{f.path}]: {e}") from None
 
 
 def run_hooks(root: Path, hooks: tuple[Hook, ...], env: dict[str, str], log: Log, recipe_name: str,
@@ -96,12 +95,12 @@ def _run_ez(root: Path, hook: Hook, env: dict[str, str], log: Log, what: str, ct
     run as `SCRIPT VE_ROOT CTID` through /bin/sh (which runs a script without #! itself)."""
     full_env = {**TOOL_ENV, **env}
     if hook.where == "image":
-        inside = Path(tempfile.mkdtemp(prefix="vztt", dir=root))
+        inside = _fresh_dir_in_root(root, "vztt")
         try:
-            write_in_root(root, f"{inside.name}/script", hook.script.encode(), mode=0o700)
-            run(["chroot", str(root), "bash", f"/{inside.name}/script"], log=log, what=what, env=full_env)
+            write_in_root(root, f"{inside}/script", hook.script.encode(), mode=0o700)
+            run(["chroot", str(root), "bash", f"/{inside}/script"], log=log, what=what, env=full_env)
         finally:
-            shutil.rmtree(inside, ignore_errors=True)
+            remove_in_root(root, inside, recursive=True)
         return
     host = Path(tempfile.mkdtemp(prefix="ez-script-", dir=work))
     try:
@@ -114,16 +113,23 @@ def _run_ez(root: Path, hook: Hook, env: dict[str, str], log: Log, what: str, ct
         shutil.rmtree(host, ignore_errors=True)
 
 
+def _fresh_dir_in_root(root: Path, prefix: str) -> str:
+    """A new directory `prefix`XXXXXX at the top of the image (as mkdtemp names them), made
+    through base.inroot: the image is the packages' and hooks' by now."""
+    letters = string.ascii_letters + string.digits
+    for _ in range(100):
+        name = prefix + "".join(secrets.choice(letters) for _ in range(6))
+        if stat_in_root(root, name) is None:
+            mkdir_in_root(root, name)
+            return name
+    raise BuildError(f"{root}: no free name for a {prefix}XXXXXX scratch directory")
+
+
 def clean_root(root: Path) -> None:
     """What no template should carry, whatever its distro (mmdebstrap's list)."""
-    machine_id = root / "etc/machine-id"
-    if machine_id.is_file() and not machine_id.is_symlink():
-        machine_id.write_text("")          # empty: systemd makes one at first boot
+    st = stat_in_root(root, "etc/machine-id")
+    if st is not None and stat.S_ISREG(st.st_mode):
+        # empty: systemd makes one at first boot; owner and mode as the package left them
+        write_in_root(root, "etc/machine-id", b"", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
     for rel in ("run", "tmp"):
-        d = root / rel
-        if d.is_dir():
-            for child in d.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+        clear_in_root(root, rel)

@@ -60,6 +60,7 @@ class BuildResult:
     manifest: Manifest
     log: Path
     fetch: dict[str, int] = field(default_factory=dict)    # this build's downloads: cached/downloaded/bytes
+    removed: list[str] = field(default_factory=list)       # cached files of formats this build dropped
 
 
 def _backend(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, log: Log) -> Backend:
@@ -119,6 +120,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
         pkg_lock = contextlib.ExitStack()
         try:
             backend = _backend(recipe, cache, mirrors, log)
+            backend.image_urls()        # an unset variable in a shipped URL: one line now, not after the install
             # A layer stands on its base's promoted build (boot-tested, when this build is).
             base = layers.base_entry(recipe, cache, tested=options.test) if recipe.base_template else None
             lock_path = options.lock_path or cache.lock_file(name)
@@ -198,20 +200,21 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
             manifest.boot_test = gate(recipe, cache, outputs, manifest_path, manifest, options.test, progress)
             manifest.steps, manifest.build_seconds = dict(progress.timings), round(time.monotonic() - started, 1)
             with progress.step("promote") as st:
+                removed = _other_formats(cache, manifest, progress)
                 manifest.write(tmp_manifest)
                 previous = cache.entry(name)
                 cache.promote(name, outputs + [(tmp_manifest, manifest_path)])
-                # A format not built this time must not linger beside the new manifest.
-                for fmt in set(formats_registry.names()) - set(formats):
+                # A format the new manifest does not name must not linger beside it.
+                for fmt in set(formats_registry.names()) - set(manifest.archives):
                     cache.file(formats_registry.get(fmt).file_name(name)).unlink(missing_ok=True)
                 # Nor a file the last build had under another name (an app cache whose applications changed).
-                for gone in _files_of(previous) - {a.file for a in archives.values()}:
+                for gone in _files_of(previous) - {a.file for a in manifest.archives.values()}:
                     cache.file(gone).unlink(missing_ok=True)
                 cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))
             manifest.steps = dict(progress.timings)
             return BuildResult(name=name, archive=outputs[0][1], manifest_path=manifest_path, manifest=manifest,
-                               log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats))
+                               log=log.path or Path(), fetch=dataclasses.asdict(fetcher.stats), removed=removed)
         finally:
             pkg_lock.close()
             for t in temps:
@@ -222,6 +225,29 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
 
 def _files_of(entry: Entry | None) -> set[str]:
     return {a.file for a in entry.manifest.archives.values() if "/" not in a.file} if entry else set()
+
+
+def _other_formats(cache: TemplateCache, manifest: Manifest, progress: Progress) -> list[str]:
+    """A build that writes fewer formats than the cached template has (`--format ploop` over
+    plain and ploop): the cached files of the other formats stay, named in the new manifest,
+    if they were built from the same lock (the bytes this build would have written); else
+    they are removed at promote, which one line says. Returns the file names removed."""
+    old = cache.entry(manifest.name)
+    if old is None:
+        return []
+    others = [f for f in formats_registry.ordered(list(old.manifest.archives)) if f not in manifest.archives
+              and cache.path(old.manifest.archives[f]).is_file()]
+    if not others:
+        return []
+    if old.manifest.lock_digest == manifest.lock_digest:
+        manifest.archives.update({f: old.manifest.archives[f] for f in others})
+        manifest.formats = formats_registry.ordered([*manifest.formats, *others])   # as a build of all would
+        return []
+    removed = [old.manifest.archives[f].file for f in others]
+    progress.say(f"  {manifest.name}: removed the cached {', '.join(removed)}: built from another lock "
+                 f"({old.manifest.lock_digest[:19]}...) than this {'/'.join(manifest.formats)} build "
+                 f"({manifest.lock_digest[:19]}...); build with --format all to have both")
+    return removed
 
 
 def _package_records(installed: list[InstalledPackage]) -> list[PackageRecord]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from vztt.base.progress import Progress
-from vztt.cli.main import Context, emit_report, guarded, json_option, main
+from vztt.cli.main import Context, emit, emit_report, guarded, json_option, main
 from vztt.recipe.recipe import Recipe
 from vztt.store.templates import TemplateCache
 
@@ -78,19 +78,26 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, as_json: boo
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds COMMAND may run before it is killed (exit 124).")
 @click.option("--vm", is_flag=True, help="In a qemu VM with vztt's kernel instead of a container.")
+@json_option
 @click.pass_obj
 @guarded
-def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool) -> None:
+def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, as_json: bool) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
       vztt run debian-12-x86_64-minimal -- cat /etc/os-release
     Boots the template (as `vztt test` does), runs COMMAND once it is up,
     prints its output (stdout and stderr), powers off and removes everything.
-    Exits with COMMAND's status; 8 if the template does not boot.
+    Exits with COMMAND's status; 8 if the template does not boot. --json (before
+    `--`): {"name", "command", "status", "output", "steps"} instead of the output.
     """
     from vztt.boot import test as boottest
     recipe, cache, archive = _ready_to_boot(obj, name, "vztt run")
-    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, Progress(), vm=vm)
-    click.echo(output, nl=False)
+    progress = Progress(quiet=as_json)
+    status, output = boottest.run_command(recipe, cache, archive, list(command), timeout, progress, vm=vm)
+    if as_json:
+        emit({"name": name, "command": list(command), "status": status, "output": output, "vm": vm,
+              "steps": dict(progress.timings)})
+    else:
+        click.echo(output, nl=False)
     sys.exit(status)

@@ -42,7 +42,7 @@ def build_report(obj: Context, result: Any) -> dict[str, Any]:
             "archives": {k: str(obj.cache.path(a)) for k, a in m.archives.items()},
             "fetch": result.fetch, "boot_test": m.boot_test, "build_id": m.build_id,
             "lock_digest": m.lock_digest, "recipe_digest": m.recipe_digest, "package_count": m.package_count,
-            "steps": m.steps, "build_seconds": m.build_seconds}
+            "steps": m.steps, "build_seconds": m.build_seconds, "removed": result.removed}
 
 
 def _print_build(obj: Context, result: Any) -> None:

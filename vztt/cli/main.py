@@ -7,8 +7,10 @@ nightly, mirror); each registers itself on `main` when vztt.cli imports it.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import click
 
 from vztt import __version__
 from vztt import formats
-from vztt.base.errors import EXIT_CODES, Interrupted, VzttError
+from vztt.base.errors import EXIT_CODES, EnvironmentProblem, Interrupted, VzttError
 from vztt.base.paths import default_recipes
 from vztt.recipe import variables
 from vztt.recipe.recipe import RecipeStore
@@ -108,6 +110,11 @@ def guarded(fn: F) -> F:
             return fn(*args, **kwargs)
         except VzttError as e:
             fail(e, as_json)
+        except PermissionError as e:
+            # A file or directory this user may not touch (a root-owned cache, a key): a host
+            # problem to name, not a bug to dump.
+            fail(EnvironmentProblem(f"{e.filename or 'a file'}: permission denied "
+                                    f"(uid {os.getuid()}; run as root, or choose a --cache-dir you own)"), as_json)
         except KeyboardInterrupt:
             fail(Interrupted("interrupted; mounts, loop devices and temporary files were cleaned up"), as_json)
     return wrapper  # type: ignore[return-value]
@@ -225,7 +232,47 @@ def each_template(names: list[str], as_json: bool, one: Callable[[str], Any]) ->
 
 # -- the group ------------------------------------------------------------------------
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# click >= 8.2 raises this for a group called without a command; older click prints the help itself.
+NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class VzttGroup(click.Group):
+    """click's group, with vztt's usage errors: one line (`vztt: usage error: ...`, exit 2),
+    naming the closest command to a mistyped one."""
+
+    group_class = type          # subgroups (`vztt kernel`) are VzttGroups too
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise click.UsageError(f"no such command {name!r}{hint}", ctx)
+        return super().resolve_command(ctx, args)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except NO_ARGS_IS_HELP as e:         # `vztt` alone: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            click.echo(f"vztt: usage error: {message}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=VzttGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vztt")
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="VZTT_CACHE",
               help="Cache root: templates, locks, package cache. [env: VZTT_CACHE]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -9,6 +10,14 @@ import click
 from vztt import formats
 from vztt.base.progress import Progress
 from vztt.cli.main import Context, FormatList, emit, from_option, guarded, json_option, keyring_option, main
+
+
+def _parse_duration_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    from vztt.mirror.freshness import parse_duration
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -36,12 +45,17 @@ def _parse_size_option(ctx: click.Context, param: click.Parameter, value: str | 
 @click.option("--allow-untested", is_flag=True,
               help="Also publish templates whose boot test was skipped (the index says so). "
                    "A failed boot test is always refused.")
+@click.option("--expires", "validity", default="30d", show_default=True, envvar="VZTT_PUBLISH_EXPIRES",
+              metavar="DURATION", callback=_parse_duration_option,
+              help="How long hosts believe the index signed now (30d, 12h, 90m, 2w): past it, pulls refuse "
+                   "the mirror as frozen. A publish signs the index again when less than half is left, even "
+                   "if nothing else changed: publish at least that often. [env: VZTT_PUBLISH_EXPIRES]")
 @keyring_option
 @json_option
 @click.pass_obj
 @guarded
 def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep: int, allow_untested: bool,
-            keyrings: tuple[Path, ...], as_json: bool) -> None:
+            validity: timedelta, keyrings: tuple[Path, ...], as_json: bool) -> None:
     """Publish cached templates (NAME..., default: all) to a mirror, with a signed index.
 
     \b
@@ -50,13 +64,15 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
     (directory) or MOVEd (WebDAV) into place. WebDAV credentials:
     VZTT_PUBLISH_USER / VZTT_PUBLISH_PASSWORD, else netrc.
     The mirror's current index must verify against the signing key (or a
-    --keyring key) before it is re-signed. Exit 11: a template failed its boot
+    --keyring key) before it is re-signed. The index carries a serial (one
+    more each time) and an expiry (--expires): hosts refuse an older serial
+    than they saw, and an expired index. Exit 11: a template failed its boot
     test, or skipped it without --allow-untested; nothing was uploaded.
     """
     from vztt.mirror import publish as publishing
     progress = Progress(quiet=as_json)
     result = publishing.publish(obj.cache, list(names), dest, publishing.PublishOptions(
-        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings), progress)
+        sign_key=sign_key, keep=keep, allow_untested=allow_untested, keyrings=keyrings, validity=validity), progress)
     if as_json:
         emit(result.as_dict())
         return
@@ -68,8 +84,9 @@ def publish(obj: Context, names: tuple[str, ...], dest: str, sign_key: str, keep
         click.echo(f"{name}: already on the mirror")
     for removed in result.removed:
         click.echo(f"removed {removed}")
-    click.echo(f"{result.target}: index serial {result.serial}" + (f", signed by {result.signer}"
-                                                                   if result.index_written else " (unchanged)"))
+    click.echo(f"{result.target}: index serial {result.serial}"
+               + (f", signed by {result.signer}" if result.index_written else " (unchanged)")
+               + (f", expires {result.expires}" if result.expires else ""))
 
 
 @main.command()
@@ -89,11 +106,16 @@ def pull(obj: Context, name: str, mirror_urls: tuple[str, ...], build_id: str | 
 
     \b
     The index and its signature are fetched and verified with gpgv against the
-    trusted keys; the newest build (or --build) is downloaded with resume and
-    retries, its size and sha256 checked, and installed atomically (the previous
-    template is kept as -old until the new one is in place). A tampered index,
-    a bad signature, a wrong sha256 or a truncated download leaves the cache as
-    it was (exit 5); with several mirrors the next one is tried.
+    trusted keys, and the index is refused if it is older than one this cache
+    saw from the mirror (a rollback) or past its expiry (a frozen mirror). The
+    newest build (or --build) is downloaded with resume and retries, its size
+    and sha256 checked, read through the guard `vztt create` unpacks with
+    (exit 6 for an archive it refuses), and installed atomically (the previous
+    template is kept as -old until the new one is in place). A tampered,
+    rolled-back or expired index, a bad signature, a wrong sha256 or a
+    truncated download leaves the cache as it was (exit 5); with several
+    mirrors the next one is tried. Exit 7: no room for it, or a cache this
+    user cannot write.
     """
     from vztt.mirror import config, pull as pulling
     cache = obj.cache

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from vztt.base.progress import Progress
+from vztt.recipe.variables import MirrorNotSet
 from vztt.cli.build import build_report
 from vztt.cli.main import (Context, FormatList, bases, each_template, emit, guarded, json_option, main,
                            mirror_option, selected, selection)
@@ -23,11 +24,21 @@ def status(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | N
     """Is each template up to date? Resolves afresh (the lock file is left alone) and compares.
 
     Exit status 2 when any template would change (as `vzpkg status`), 0 when all are current.
+    With --all (or --shard), a template whose mirror variable has no value here is reported
+    as `not configured` and the others are checked; named, it is an error (exit 3).
     """
     from vztt import nightly
     mirrors, progress = obj.mirrors(), Progress(quiet=True)
-    results = each_template(selected(obj, names, all_, shard_spec), as_json,
-                    lambda n: nightly.status(obj.store.load(n), obj.cache, mirrors, progress))
+
+    def one(name: str) -> nightly.Status:
+        try:
+            return nightly.status(obj.store.load(name), obj.cache, mirrors, progress)
+        except MirrorNotSet as e:
+            if names:
+                raise
+            return nightly.Status(name, nightly.NOT_CONFIGURED, [str(e)])
+
+    results = each_template(selected(obj, names, all_, shard_spec), as_json, one)
     if as_json:
         emit([r.as_dict() for r in results])
     else:
@@ -35,7 +46,7 @@ def status(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | N
             click.echo(f"{r.name}: {r.state}" + (f" ({'; '.join(r.reasons)})" if r.reasons else ""))
             for c in r.changes:
                 click.echo(f"  {c.line()}")
-    if any(r.state != nightly.CURRENT for r in results):
+    if any(r.state not in (nightly.CURRENT, nightly.NOT_CONFIGURED) for r in results):
         sys.exit(2)
 
 
@@ -100,16 +111,25 @@ def diff_cmd(obj: Context, name: str, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["github", "gitlab", "json"]), default="json", show_default=True,
               help="github: JSON for `strategy.matrix` (also written to $GITHUB_OUTPUT as `matrix`); "
                    "gitlab: a child pipeline with one job per template; json: a list of names.")
+@json_option
 @click.pass_obj
 @guarded
-def matrix(obj: Context, fmt: str) -> None:
+def matrix(obj: Context, fmt: str, as_json: bool) -> None:
     """The CI matrix: one job per buildable template; a layered template goes into its base's
-    job, after the base (github: as `matrix.layers` of the base's entry)."""
+    job, after the base (github: as `matrix.layers` of the base's entry).
+
+    With --json: one document, {"format", "templates", "jobs", "output"} (jobs: each job's
+    templates, a base then its layers; output: what --format prints).
+    """
     from vztt import nightly
     names = obj.store.names()
-    text = nightly.matrix(names, fmt, bases(obj, names))
+    base_of = bases(obj, names)
+    text = nightly.matrix(names, fmt, base_of)
     if fmt == "github":
         nightly.write_github_output("matrix", text)
+    if as_json:
+        emit({"format": fmt, "templates": sorted(names), "jobs": nightly.groups(names, base_of), "output": text})
+        return
     click.echo(text)
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from vztt.base.errors import RecipeError, VzttError
 from vztt.base.progress import Progress
-from vztt.cli.main import Context, emit, guarded, json_option, main, mirror_option
-from vztt.recipe.settings import SETTINGS, reference_markdown
+from vztt.cli.main import Context, emit, error_doc, error_line, guarded, json_option, main, mirror_option
+from vztt.recipe.settings import SETTINGS, Setting, reference_markdown
 
 
 @main.command("list")
@@ -19,12 +21,24 @@ from vztt.recipe.settings import SETTINGS, reference_markdown
 @click.pass_obj
 @guarded
 def list_cmd(obj: Context, as_json: bool) -> None:
-    """List buildable recipes, whether each is cached, and when it was built."""
+    """List buildable recipes, whether each is cached, and when it was built.
+
+    A recipe that does not load is listed as `invalid` with its error (and in --json
+    with an "error" object); the others are listed as usual, and the exit status is 3.
+    """
     store, cache = obj.store, obj.cache
-    rows = []
-    for name in store.names():
-        recipe = store.load(name)
+    rows: list[dict[str, Any]] = []
+    problems: list[VzttError] = []
+    for name in store.names(keep_unreadable=True):
         entry = cache.entry(name)
+        try:
+            recipe = store.load(name)
+        except RecipeError as e:
+            problems.append(e)
+            rows.append({"name": name, "distro": None, "version": None, "arch": None, "summary": str(e),
+                         "cached": entry is not None, "created": None, "archive": None, "size": None,
+                         "current": False, "error": error_doc(e)})
+            continue
         manifest = entry.manifest if entry else None
         rows.append({
             "name": name, "distro": recipe.distro, "version": recipe.version, "arch": recipe.arch,
@@ -36,12 +50,16 @@ def list_cmd(obj: Context, as_json: bool) -> None:
         })
     if as_json:
         emit(rows)
-        return
-    width = max([len(r["name"]) for r in rows] + [4])
-    click.echo(f"{'NAME':<{width}}  {'STATE':<8}  {'BUILT':<25}  SUMMARY")
-    for r in rows:
-        state = ("cached" if r["current"] else "stale") if r["cached"] else "-"
-        click.echo(f"{r['name']:<{width}}  {state:<8}  {r['created'] or '-':<25}  {r['summary']}")
+    else:
+        width = max([len(r["name"]) for r in rows] + [4])
+        click.echo(f"{'NAME':<{width}}  {'STATE':<8}  {'BUILT':<25}  SUMMARY")
+        for r in rows:
+            state = "invalid" if "error" in r else ("cached" if r["current"] else "stale") if r["cached"] else "-"
+            click.echo(f"{r['name']:<{width}}  {state:<8}  {r['created'] or '-':<25}  {r['summary']}")
+    for e in problems:
+        error_line(e)
+    if problems:
+        sys.exit(problems[0].exit_code)
 
 
 @main.command()
@@ -124,9 +142,13 @@ def mirrors(obj: Context, as_json: bool) -> None:
 
 @main.command()
 @click.option("--markdown", is_flag=True, help="Print the reference as Markdown (docs/recipes.md).")
+@json_option
 @guarded
-def settings(markdown: bool) -> None:
+def settings(markdown: bool, as_json: bool) -> None:
     """The recipe settings: every key, its type, default and meaning."""
+    if as_json:
+        emit([_setting_doc(s) for s in SETTINGS])
+        return
     if markdown:
         click.echo(reference_markdown(), nl=False)
         return
@@ -134,3 +156,14 @@ def settings(markdown: bool) -> None:
         click.echo(f"{s.key:<18} {s.toml_type:<16} {s.doc}")
         for f in s.fields:
             click.echo(f"  {f.key:<16} {f.toml_type:<16} {f.doc}")
+
+
+def _setting_doc(s: Setting) -> dict[str, Any]:
+    """One row of the settings table, for `vztt settings --json`."""
+    doc: dict[str, Any] = {"key": s.key, "type": s.type, "default": s.default, "merge": s.merge, "doc": s.doc,
+                           "choices": list(s.choices), "pattern": s.pattern or None, "inherit": s.inherit,
+                           "templated": s.templated}
+    if s.fields:
+        doc["record_key"] = s.record_key
+        doc["fields"] = [_setting_doc(f) for f in s.fields]
+    return doc

@@ -28,6 +28,7 @@ from typing import Any
 from vztt.ezimport.rules import Entry, EzFile, EzImportError, first, lines, text_of, words
 from vztt.ezimport.source import DEFAULT_SET, EzTemplate, EzTree
 from vztt.ezimport.urlmap import UrlMapError, translate, yum_vars
+from vztt.recipe.inputs import DEB_NAME, DEB_WORDS, RPM_SPEC, RPM_WORDS
 from vztt.recipe.recipe import FAMILY
 from vztt.recipe.settings import ARCHES, OSRELEASE_PATTERN
 
@@ -97,6 +98,15 @@ class OsFacts:
 
 def _at(f: EzFile, e: Entry) -> str:
     return f"{f.where}:{e.line}"
+
+
+_JINJA = re.compile(r"\{[{%#]")
+
+
+def literal(text: str) -> str:
+    """`text` as a templated recipe key renders it back: a template's own text is data, so
+    any `{{`, `{%` or `{#` in it is not jinja2 (its `{` written as `{{ '{' }}`)."""
+    return text.replace("{", "{{ '{' }}") if _JINJA.search(text) else text
 
 
 def os_facts(tree: EzTree, t: EzTemplate) -> OsFacts:
@@ -170,8 +180,9 @@ def repositories(d: Draft, t: EzTemplate, facts: OsFacts, taken: set[str], prefi
                 continue
             if FAMILY[facts.distro] == "apt":
                 url, suite, components, options = _apt_fields(f, e)
+                url = literal(url)
             else:
-                url, suite, components, options = yum_vars(e.text), "", [], ""
+                url, suite, components, options = yum_vars(literal(e.text)), "", [], ""
             try:
                 mapped = translate(url)
             except UrlMapError as err:
@@ -186,7 +197,7 @@ def repositories(d: Draft, t: EzTemplate, facts: OsFacts, taken: set[str], prefi
                 _repo_name(f"repo{len(taken) + 1}", "", taken, prefix)
             record: dict[str, Any] = {"name": name, "url": mapped.url}
             if suite:
-                record.update(suite=suite, components=components)
+                record.update(suite=literal(suite), components=components)
             record["keyring"] = KEYRINGS[facts.distro]
             record["_comment"] = f"{key}:{e.line}: {e.text}"
             d.repositories.append(record)
@@ -213,7 +224,12 @@ def packages(d: Draft, t: EzTemplate, facts: OsFacts, os_template: bool) -> None
         f = t.files.get(key)
         if f is None:
             continue
-        got = [e.text for e in words(f)]
+        entries = words(f)
+        rule, rules = (DEB_NAME, DEB_WORDS) if FAMILY[facts.distro] == "apt" else (RPM_SPEC, RPM_WORDS)
+        for e in entries:
+            if not rule.fullmatch(e.text):      # recipes take package names only, never an option
+                raise EzImportError(f"{_at(f, e)}: {e.text!r} is not a package name ({rules})")
+        got = [e.text for e in entries]
         found += [p for p in got if p not in found]
         stage = " (vztt's apt bootstrap stage: apt's Essential stage is ours)" if key != "packages" else ""
         d.mapped.append(Row(key, f"{len(got)} packages{stage}"))
@@ -262,7 +278,7 @@ def leftovers(d: Draft, t: EzTemplate, handled: set[str], why: dict[str, str]) -
 def texts(d: Draft, t: EzTemplate, fallback_summary: str) -> None:
     f = t.files.get("summary")
     s = first(f) if f else None
-    d.settings["summary"] = s.text if s else fallback_summary
+    d.settings["summary"] = literal(s.text if s else fallback_summary)
     if s:
         d.mapped.append(Row("summary", "summary"))
     f = t.files.get("description")

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 from vztt.base.errors import RecipeError, VzttError
 from vztt.base.proc import Log
+from vztt.formats.targuard import Limits
 from vztt.store.manifest import ArchiveRecord, PackageRecord
 
 
@@ -92,6 +93,9 @@ class Format(ABC):
     suffix: ClassVar[str]          # the cached file is <template>.<suffix>
     summary: ClassVar[str]         # one line for --help and docs
     step: ClassVar[str]            # the build step that writes it (shown with its time, kept in the manifest)
+    # Its record must say how big the unpacked tar is (`tar_size`): what bounds unpacking
+    # it (a mirror's index without it is refused).
+    needs_tar_size: ClassVar[bool] = False
 
     def file_name(self, template: str) -> str:
         return f"{template}.{self.suffix}"
@@ -107,6 +111,12 @@ class Format(ABC):
     def describe(self, record: ArchiveRecord) -> str:
         """The build step's line about what was written (sizes)."""
         return f"{record.size / 1e6:.0f} MB"
+
+    def guard_limits(self, record: ArchiveRecord, free: int) -> Limits:
+        """What the tar guard lets through when a file of this format from elsewhere is
+        unpacked (`vztt create`) or checked (`vztt pull`): a root tree, bounded by the
+        record's `tar_size`, else by `free` bytes."""
+        return Limits(max_bytes=record.tar_size if record.tar_size else max(free, 0))
 
     @abstractmethod
     def write(self, ctx: FormatContext) -> ArchiveRecord:

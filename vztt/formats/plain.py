@@ -163,6 +163,7 @@ class PlainFormat(Format):
     suffix = "plain.tar.lz4"
     summary = "rootfs .tar.lz4 (vztt create, any host with tar and lz4)"
     step = "pack"
+    needs_tar_size = True
 
     def write(self, ctx: FormatContext) -> ArchiveRecord:
         packed = pack_tree(ctx.tree, ctx.out, ctx.source_date_epoch)

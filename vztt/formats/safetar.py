@@ -25,7 +25,7 @@ from vztt.base.proc import DEVNULL, PIPE, Popen, kill_tree, spawn, tool_env
 from vztt.formats.targuard import GuardStats, Limits, TarGuard, UnsafeArchive
 
 __all__ = ["CHUNK", "ExtractResult", "GuardStats", "Limits", "TarGuard", "UnsafeArchive", "extract_lz4",
-           "file_chunks"]
+           "file_chunks", "scan_lz4"]
 
 CHUNK = 1 << 20
 
@@ -55,9 +55,10 @@ def _last_line(data: bytes, status: int) -> str:
     return lines[-1].strip() if lines else f"exit status {status}"
 
 
-def extract_lz4(chunks: Iterable[bytes], dest: Path, limits: Limits, *, what: str = "archive",
+def extract_lz4(chunks: Iterable[bytes], dest: Path | None, limits: Limits, *, what: str = "archive",
                 hash_input: bool = True) -> ExtractResult:
-    """Unpack a .tar.lz4 arriving as `chunks` into the existing directory `dest`.
+    """Unpack a .tar.lz4 arriving as `chunks` into the existing directory `dest`
+    (None: no tar, the guard's verdict only; see scan_lz4).
 
         chunks -> sha256 -> lz4 -d (a process) -> TarGuard -> tar -x (a process)
 
@@ -97,23 +98,29 @@ def extract_lz4(chunks: Iterable[bytes], dest: Path, limits: Limits, *, what: st
     try:
         lz4 = spawn(["lz4", "-dc"], what=what, error=EnvironmentProblem, env=TAR_ENV, stdin=PIPE)
         procs.append(lz4)
-        tar = spawn(TAR_EXTRACT + [f"--directory={dest}"], what=what, error=EnvironmentProblem, env=TAR_ENV,
-                    stdin=PIPE, stdout=DEVNULL)
-        procs.append(tar)
-        assert lz4.stdin and lz4.stdout and lz4.stderr and tar.stdin and tar.stderr
-        for fh in (lz4.stdin, lz4.stdout, tar.stdin):
-            _big_pipe(fh)
+        assert lz4.stdin and lz4.stdout and lz4.stderr
         threads = [threading.Thread(target=feed, args=(lz4.stdin,), daemon=True),
-                   threading.Thread(target=drain, args=("lz4", lz4.stderr), daemon=True),
-                   threading.Thread(target=drain, args=("tar", tar.stderr), daemon=True)]
+                   threading.Thread(target=drain, args=("lz4", lz4.stderr), daemon=True)]
+        tar = None
+        if dest is not None:
+            tar = spawn(TAR_EXTRACT + [f"--directory={dest}"], what=what, error=EnvironmentProblem, env=TAR_ENV,
+                        stdin=PIPE, stdout=DEVNULL)
+            procs.append(tar)
+            assert tar.stdin and tar.stderr
+            _big_pipe(tar.stdin)
+            threads.append(threading.Thread(target=drain, args=("tar", tar.stderr), daemon=True))
+        for fh in (lz4.stdin, lz4.stdout):
+            _big_pipe(fh)
         for t in threads:
             t.start()
         try:
             buf = bytearray(CHUNK)                     # reused: no fresh megabyte per read
             view = memoryview(buf)
-            tar_fd = tar.stdin.fileno()                # written with writev only: the buffered file stays empty
             while n := lz4.stdout.readinto1(buf):
-                _write_all(tar_fd, guard.feed(view[:n]))
+                passed = guard.feed(view[:n])
+                if tar is None or tar.stdin.closed:        # scanning only, or past the end of the tar
+                    continue
+                _write_all(tar.stdin.fileno(), passed)    # writev only: the buffered file stays empty
                 if guard.ended and not tar.stdin.closed:
                     tar.stdin.close()      # tar finishes while the rest (padding) is read and the input checked
             threads[0].join()
@@ -123,15 +130,15 @@ def extract_lz4(chunks: Iterable[bytes], dest: Path, limits: Limits, *, what: st
                 threads[1].join()
                 raise UnsafeArchive(f"not a valid lz4 stream ({_last_line(errors.get('lz4', b''), lz4.returncode)})")
             guard.finish()
-            if not tar.stdin.closed:
+            if tar is not None and not tar.stdin.closed:
                 tar.stdin.close()
         except UnsafeArchive as e:
             e.message = f"{what}: {e.message}"
             raise
         except BrokenPipeError:
             pass                                       # tar died: its own message below
-        status = tar.wait()
-        threads[2].join()
+        status = tar.wait() if tar is not None else 0
+        threads[-1].join()
         if status != 0:
             raise UnsafeArchive(f"{what}: tar failed: {_last_line(errors.get('tar', b''), status)}")
         ok = True
@@ -147,6 +154,12 @@ def extract_lz4(chunks: Iterable[bytes], dest: Path, limits: Limits, *, what: st
         for t in threads:
             t.join(timeout=10)
     return ExtractResult(sha256=digest.hexdigest() if hash_input else "", size=size, stats=guard.stats)
+
+
+def scan_lz4(chunks: Iterable[bytes], limits: Limits, *, what: str = "archive") -> ExtractResult:
+    """Read a .tar.lz4 through the guard without unpacking it: UnsafeArchive for what
+    extract_lz4 would refuse (`vztt pull` checks an archive so before it enters the cache)."""
+    return extract_lz4(chunks, None, limits, what=what)
 
 
 def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from vztt.base import signing
-from vztt.base.errors import RecipeError
+from vztt.base.errors import BadUsage, RecipeError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -45,12 +45,13 @@ def keyring_for(given: tuple[Path, ...] | list[Path] = ()) -> bytes:
 
 
 def mirror_list(given: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """--from (repeatable, in order), else VZTT_TEMPLATE_MIRRORS (space-separated), else the list file."""
+    """--from (repeatable, in order), else VZTT_TEMPLATE_MIRRORS (space-separated), else the
+    list file; each one a mirror vztt can read (BadUsage for another scheme, before any is asked)."""
     if given:
-        return list(given)
+        return _readable(list(given), "--from")
     env = os.environ.get("VZTT_TEMPLATE_MIRRORS", "").split()
     if env:
-        return env
+        return _readable(env, "VZTT_TEMPLATE_MIRRORS")
     try:
         lines = SYSTEM_MIRROR_LIST.read_text().splitlines()
     except OSError:
@@ -60,18 +61,26 @@ def mirror_list(given: tuple[str, ...] | list[str] = ()) -> list[str]:
     if not found:
         raise RecipeError(f"no template mirror: give --from URL, set VZTT_TEMPLATE_MIRRORS, or list mirrors in "
                           f"{SYSTEM_MIRROR_LIST}")
-    return found
+    return _readable(found, str(SYSTEM_MIRROR_LIST))
+
+
+def _readable(locations: list[str], origin: str) -> list[str]:
+    for location in locations:
+        if not is_http(location):
+            local_path(location, origin)
+    return locations
 
 
 def is_http(location: str) -> bool:
     return urlparse(location).scheme in ("http", "https")
 
 
-def local_path(location: str) -> Path:
+def local_path(location: str, origin: str = "template mirror") -> Path:
     """A mirror that is a directory: the path, or file:///path."""
     parsed = urlparse(location)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
     if parsed.scheme:
-        raise RecipeError(f"{location}: a mirror is a directory, file:///path or http(s):// URL")
+        raise BadUsage(f"{origin} {location}: not a mirror vztt can read (a directory, file:///path or "
+                       "http(s):// URL)")
     return Path(location).absolute()

@@ -8,12 +8,16 @@ Layout of a mirror (a directory a web server serves, or a WebDAV location):
     templates/<name>/<build id>/<name>.plain.ploopv2.tar.lz4     (builds made with --format ploop/all)
     templates/<name>/<build id>/<name>.manifest.json
 
+`serial` grows by one with every publish; `expires` (ISO 8601, UTC) is when hosts stop
+believing this index (publish --expires, default 30 days): mirror/freshness.py refuses an
+older serial than one seen before, and an index past or without its expiry.
+
 A build id is the manifest's `build_id` (`<created, UTC, YYYYmmddTHHMMSSZ>-<lock
 digest prefix>`), or for older manifests `<created>-<first 12 hex of the primary
 archive's sha256>`: sortable by time, and the same build gets the same id on
 every mirror. index.json (format 1):
 
-    {"format": 1, "serial": 7, "generated": "...", "generator": "vztt 0.1.0",
+    {"format": 1, "serial": 7, "generated": "...", "expires": "...", "generator": "vztt 0.1.0",
      "templates": {"<name>": {"builds": [            # newest first
         {"id": ..., "created": ..., "published": ..., "distro": ..., "release": ..., "version": ...,
          "arch": ..., "recipe_digest": ..., "lock_digest": ..., "package_count": 135,
@@ -92,15 +96,42 @@ def _safe_rel(path: Any, where: str) -> str:
     return path
 
 
-def _file_record(doc: Any, where: str) -> dict[str, Any]:
+def _count(value: Any) -> bool:
+    """A JSON integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _file_record(doc: Any, where: str, needs_tar_size: bool = False) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise MirrorError(f"{where}: not a file record")
     _safe_rel(doc.get("path"), where)
     if not isinstance(doc.get("sha256"), str) or not SHA_RE.fullmatch(doc["sha256"]):
         raise MirrorError(f"{where}: bad sha256")
-    if not isinstance(doc.get("size"), int) or isinstance(doc.get("size"), bool) or doc["size"] < 0:
+    if not _count(doc.get("size")):
         raise MirrorError(f"{where}: bad size")
+    if needs_tar_size and not _count(doc.get("tar_size")):
+        raise MirrorError(f"{where}: no tar_size (the unpacked size, which bounds unpacking it): refused")
     return doc
+
+
+def expires_at(index: Index) -> datetime | None:
+    """When the index stops being believed (None: it does not say; parse_index checked the rest)."""
+    value = index.get("expires")
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _check_dates(doc: Index, where: str) -> None:
+    if doc.get("serial") is not None and not _count(doc.get("serial")):
+        raise MirrorError(f"{where}: bad serial {str(doc.get('serial'))[:40]!r}")
+    expires = doc.get("expires")
+    if expires is None:
+        return
+    try:
+        ok = isinstance(expires, str) and datetime.fromisoformat(expires).tzinfo is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise MirrorError(f"{where}: bad expires {str(expires)[:40]!r} (an ISO 8601 time with its time zone)")
 
 
 def parse_index(data: bytes, where: str) -> Index:
@@ -111,6 +142,7 @@ def parse_index(data: bytes, where: str) -> Index:
         raise MirrorError(f"{where}: not JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("templates"), dict):
         raise MirrorError(f"{where}: not a vztt mirror index of format {INDEX_FORMAT}")
+    _check_dates(doc, where)
     for name, tmpl in doc["templates"].items():
         if not NAME_RE.fullmatch(name) or not isinstance(tmpl, dict) or not isinstance(tmpl.get("builds"), list):
             raise MirrorError(f"{where}: bad template entry {name[:100]!r}")
@@ -123,7 +155,7 @@ def parse_index(data: bytes, where: str) -> Index:
             if not isinstance(archives, dict) or not archives or any(f not in formats_registry.names() for f in archives):
                 raise MirrorError(f"{w}: bad archives")
             for fmt, rec in archives.items():
-                _file_record(rec, f"{w}: {fmt} archive")
+                _file_record(rec, f"{w}: {fmt} archive", formats_registry.get(fmt).needs_tar_size)
     return doc
 
 

@@ -5,13 +5,16 @@ index, each through a temporary name and a rename (directory) or a temporary
 path and MOVE (WebDAV): the index never names a file that is missing or half
 written. The mirror's current index must verify against the signing key (or
 a --keyring key) before it is re-signed. Old builds beyond `keep` go only
-after the new index is in place.
+after the new index is in place. Every index written says until when hosts
+may believe it (`expires`, mirror/freshness.py); an index with less than half
+of its validity left (or none) is signed again even when nothing else changed.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from vztt.base import signing
 from vztt.base.errors import PublishRefused, RecipeError
 from vztt.base.progress import Progress
 from vztt.mirror.config import NAME_RE, check_name
+from vztt.mirror.freshness import DEFAULT_VALIDITY, expiry, needs_refresh, parse_duration
 from vztt.mirror.index import (INDEX, MAX_INDEX, MAX_SIGNATURE, SIGNATURE, Index, build_dir, build_id, builds_of,
                                dropped, empty_index, files_by_sha256, has_build, index_bytes, index_entry,
                                keep_newest, now, parse_index)
@@ -36,6 +40,7 @@ class PublishOptions:
     keep: int = DEFAULT_KEEP             # newest builds kept per published template; 0 keeps all
     allow_untested: bool = False
     keyrings: tuple[Path, ...] = ()      # more keys the mirror's current index may be signed with
+    validity: timedelta = field(default_factory=lambda: parse_duration(DEFAULT_VALIDITY))   # until `expires`
 
 
 @dataclass
@@ -47,6 +52,7 @@ class PublishResult:
     serial: int = 0
     signer: str = ""
     index_written: bool = False
+    expires: str | None = None                                       # of the index on the mirror now
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,6 +81,9 @@ def _publishable(cache: TemplateCache, name: str, allow_untested: bool) -> Entry
     for fmt, a in entry.manifest.archives.items():
         if not (cache.root / a.file).is_file():
             raise RecipeError(f"{name}: the manifest names {a.file} ({fmt}), which is not in {cache.root}")
+        if formats_registry.get(fmt).needs_tar_size and not a.tar_size:
+            raise RecipeError(f"{name}: the manifest's {fmt} archive has no tar_size, which hosts need to bound "
+                              f"unpacking it (and refuse an index without); build {name} again")
     return entry
 
 
@@ -134,11 +143,12 @@ def _upload(target: Target, cache: TemplateCache, entry: Entry, index: Index, ha
                              "boot_test": new["boot_test"]})
 
 
-def _commit(target: Target, index: Index, old_serial: int, fingerprint: str, own_key: bytes,
+def _commit(target: Target, index: Index, old_serial: int, fingerprint: str, own_key: bytes, validity: timedelta,
             progress: Progress, result: PublishResult) -> None:
     """The signature, then the index: the new index is what readers see from here on."""
     index["serial"] = old_serial + 1
     index["generated"] = now()
+    index["expires"] = expiry(validity)
     index["generator"] = f"vztt {__version__}"
     data = index_bytes(index)
     with progress.step("sign") as st:
@@ -148,8 +158,8 @@ def _commit(target: Target, index: Index, old_serial: int, fingerprint: str, own
     with progress.step("commit") as st:
         target.put_bytes(SIGNATURE, sig)
         target.put_bytes(INDEX, data)
-        result.index_written, result.serial = True, index["serial"]
-        st.note(f"{INDEX} serial {index['serial']}")
+        result.index_written, result.serial, result.expires = True, index["serial"], index["expires"]
+        st.note(f"{INDEX} serial {index['serial']}, expires {index['expires']}")
 
 
 def _retention(target: Target, old: Index, new: Index, progress: Progress, result: PublishResult) -> None:
@@ -184,9 +194,10 @@ def publish(cache: TemplateCache, names: list[str], location: str, options: Publ
         have = files_by_sha256(index)          # what the mirror has is not uploaded again
         for entry in entries:
             _upload(target, cache, entry, index, have, options.keep, progress, result)
-        if index == old_index:
-            result.serial = index.get("serial", 0)
+        if index == old_index and not needs_refresh(index, options.validity):
+            result.serial, result.expires = index.get("serial", 0), index.get("expires")
             return result
-        _commit(target, index, int(old_index.get("serial") or 0), fingerprint, own_key, progress, result)
+        _commit(target, index, int(old_index.get("serial") or 0), fingerprint, own_key, options.validity, progress,
+                result)
         _retention(target, old_index, index, progress, result)
     return result

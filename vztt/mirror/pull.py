@@ -1,10 +1,14 @@
 """`vztt pull`: a template's build from the first mirror that has it and passes every check.
 
 Pull verifies index.json with gpgv against the host's trusted keys before
-believing anything in it, then downloads (base.http: resume and retries) into
-`<cache>/.downloads/<sha256>.part` (kept across runs, locked while written),
-checks size and sha256, and installs archives and manifest into the cache
-with the cache's atomic promote (the `-old` rule).
+believing anything in it, and its freshness (mirror/freshness.py: no older
+serial than seen before, not past its expiry), then downloads (base.http:
+resume and retries) into `<cache>/.downloads/<sha256>.part` (kept across
+runs, locked while written),
+checks size and sha256, runs every archive through the tar guard `vztt create`
+unpacks through (a bad archive never sits in the cache as if good), and
+installs archives and manifest into the cache with the cache's atomic promote
+(the `-old` rule).
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from vztt.base import signing
 from vztt.base.errors import FetchError, RecipeError
 from vztt.base.http import CHUNK, HttpClient, PartFile
 from vztt.base.progress import Progress
+from vztt.base.space import SLACK, check_space, free_bytes
+from vztt.formats.safetar import UnsafeArchive, file_chunks, scan_lz4
 from vztt.mirror.config import check_name, is_http, keyring_for, local_path
+from vztt.mirror.freshness import check_index
 from vztt.mirror.index import (INDEX, MAX_INDEX, MAX_MANIFEST, MAX_SIGNATURE, SIGNATURE, Build, Index, MirrorError,
                                build_id, builds_of, newest_first, now, parse_index)
-from vztt.store.manifest import Manifest, ManifestError, PulledRecord
+from vztt.store.manifest import ArchiveRecord, Manifest, ManifestError, PulledRecord
 from vztt.store.templates import Entry, TemplateCache
 
 T = TypeVar("T")
@@ -140,8 +147,9 @@ class PullResult:
         return d
 
 
-def find_build(source: Source, name: str, keyring: bytes, build: str | None = None) -> Remote:
-    """Fetch and verify the mirror's index, and pick NAME's build (newest, or `build`)."""
+def find_build(source: Source, name: str, keyring: bytes, cache: TemplateCache, build: str | None = None) -> Remote:
+    """Fetch and verify the mirror's index (signature, then freshness against what `cache`
+    saw from this mirror before), and pick NAME's build (newest, or `build`)."""
     where = source.where(INDEX)
     for attempt in (1, 2):
         data = source.get_small(INDEX, MAX_INDEX)
@@ -154,6 +162,7 @@ def find_build(source: Source, name: str, keyring: bytes, build: str | None = No
                 raise
             time.sleep(0.5)      # a publisher between its two renames: read the pair again
     index = parse_index(data, where)
+    check_index(cache, index, source.label, verified.fingerprint, where)
     builds = newest_first(builds_of(index, name))
     if not builds:
         raise MirrorError(f"{where}: no template {name} on this mirror")
@@ -211,12 +220,38 @@ def wanted_formats(remote: Remote, formats: tuple[str, ...] | None) -> list[str]
     return formats_registry.ordered(formats)
 
 
+def archive_record(remote: Remote, name: str, fmt: str) -> ArchiveRecord:
+    """A build's archive on a mirror, as the cache's manifest will record it."""
+    rec = remote.build["archives"][fmt]
+    return ArchiveRecord.from_json({**rec, "file": formats_registry.get(fmt).file_name(name)}, fmt)
+
+
+def check_space_for(remote: Remote, cache: TemplateCache, formats: list[str]) -> None:
+    """Room in the cache for what is left to download of these archives (exit 7 at once,
+    before the first byte, for a full disk or an index that claims absurd sizes)."""
+    need = 0
+    for f in formats:
+        rec = remote.build["archives"][f]
+        part = part_path(cache, rec["sha256"])
+        need += max(rec["size"] - (part.stat().st_size if part.is_file() else 0), 0)
+    check_space(cache.root, need, f"{remote.id} ({', '.join(formats)}) from {remote.source.label}")
+
+
 def download(remote: Remote, cache: TemplateCache, fmt: str) -> Path:
-    """One archive of the build into its part file, verified (resumes what an earlier run left)."""
+    """One archive of the build into its part file, verified (resumes what an earlier run
+    left), then read through the tar guard: the same checks `vztt create` unpacks it
+    with, so a bad archive never enters the cache; its part file is removed."""
     rec = remote.build["archives"][fmt]
     part = part_path(cache, rec["sha256"])
     for _ in remote.source.chunks(rec["path"], part, rec["size"], rec["sha256"]):
         pass
+    on_mirror = ArchiveRecord.from_json({**rec, "file": rec["path"].rsplit("/", 1)[-1]}, fmt)
+    limits = formats_registry.get(fmt).guard_limits(on_mirror, free_bytes(cache.root) - SLACK)
+    try:
+        scan_lz4(file_chunks(part), limits, what=remote.source.where(rec["path"]))
+    except UnsafeArchive:
+        part.unlink(missing_ok=True)            # never resumed, never installed
+        raise
     return part
 
 
@@ -231,6 +266,7 @@ def _remote_manifest(remote: Remote, name: str, formats: list[str]) -> Manifest:
         manifest = Manifest.from_json(data, where)
         ok = (manifest.name == name and build_id(manifest) == remote.id
               and all(manifest.archives[f].sha256 == remote.build["archives"][f]["sha256"]
+                      and manifest.archives[f].tar_size == remote.build["archives"][f].get("tar_size")
                       and formats_registry.get(f).accepts_file(manifest.archives[f].file, name) for f in formats))
     except (ManifestError, KeyError, ValueError):
         ok = False
@@ -308,6 +344,7 @@ def _all_failed(name: str, failures: list[tuple[str, FetchError]]) -> FetchError
 def _pull_from(source: Source, remote: Remote, cache: TemplateCache, name: str, want: list[str],
                progress: Progress, result: PullResult) -> None:
     """Download the formats `want` of `remote` and install them."""
+    check_space_for(remote, cache, want)
     parts = {}
     for f in want:
         with progress.step("download") as st:
@@ -315,7 +352,7 @@ def _pull_from(source: Source, remote: Remote, cache: TemplateCache, name: str, 
             parts[f] = download(remote, cache, f)
             size = remote.build["archives"][f]["size"]
             st.note(f"{f}: {size / 1e6:.1f} MB, {size / 1e6 / max(time.monotonic() - t0, 1e-3):.0f} "
-                    f"MB/s, sha256 ok" + (f", resumed {source.resumed}x" if source.resumed else ""))
+                    "MB/s, sha256 ok, archive checked" + (f", resumed {source.resumed}x" if source.resumed else ""))
         result.bytes_downloaded += size
     with progress.step("install") as st:
         result.entry = install(cache, name, remote, parts)
@@ -328,14 +365,15 @@ def pull(cache: TemplateCache, name: str, mirrors: list[str], keyrings: tuple[Pa
     """NAME's build from the first mirror that has it and passes every check."""
     progress = progress or Progress(quiet=True)
     check_name(name)
+    cache.require_writable("vztt pull")
     keyring = keyring_for(keyrings)
     started = time.monotonic()
     cache.clean_stale_work()
     clean_old_parts(cache)
-    with cache.building(name, timeout=LOCK_WAIT):
+    with cache.building(name, timeout=LOCK_WAIT, on_wait=waiting_for(progress, name)):
         def attempt(source: Source, failed: list[str]) -> PullResult:
             with progress.step("index") as st:
-                remote = find_build(source, name, keyring, build)
+                remote = find_build(source, name, keyring, cache, build)
                 st.note(f"{source.label}: {name} {remote.id} (boot test {remote.build.get('boot_test')}), "
                         f"signed by {remote.signer.fingerprint}")
             want = wanted_formats(remote, formats)
@@ -355,6 +393,11 @@ def pull(cache: TemplateCache, name: str, mirrors: list[str], keyrings: tuple[Pa
             return result
 
         return from_first_mirror(name, mirrors, progress, attempt)
+
+
+def waiting_for(progress: Progress, name: str) -> Callable[[str], None]:
+    """What a pull (or create) that has to wait for the template's lock says at once."""
+    return lambda holder: progress.say(f"  {name}: waiting for {holder} to finish with it")
 
 
 def offline_entry(cache: TemplateCache, name: str, build: str | None = None) -> Entry:

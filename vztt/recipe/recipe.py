@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from vztt.base.errors import RecipeError
 from vztt.recipe import layer as layering
+from vztt.recipe.inputs import as_text, check_packages, confined_file, read_confined
 from vztt.recipe.settings import APPEND, BY_KEY, BY_NAME, GROUPS, MERGE, SETTINGS, Setting
+from vztt.recipe.templating import render
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -37,6 +37,7 @@ class Repository:
     keyring: Path
     image_sources: bool = True
     repo_gpgcheck: bool = True   # dnf: repomd.xml must verify against its .asc
+    image_url: str = ""          # the URL the template ships ("": url); mirror variables as in url
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,10 @@ class Recipe:
 
     def resolve_digest(self) -> str:
         """sha256 over what the solver is given: a lock made from other inputs is stale."""
+        # image_url is what the template ships, not what the solver reads: a lock stays valid.
         doc = {"distro": self.distro, "release": self.release, "arch": self.arch, "priority": self.priority,
                "include": self.include, "exclude": self.exclude, "merged_usr": self.merged_usr,
-               "repositories": [asdict(r) for r in self.repositories],
+               "repositories": [{k: v for k, v in asdict(r).items() if k != "image_url"} for r in self.repositories],
                "base": self.base, "install_weak_deps": self.install_weak_deps}
         if self.base_template:
             doc["base_template"] = self.base_template
@@ -135,6 +137,9 @@ class Recipe:
         doc = asdict(self)
         for k in ("path", "chain", "merged", "origins"):
             doc.pop(k)
+        for r in doc["repositories"]:
+            if not r["image_url"]:       # not set: the digest of a recipe from before the key
+                r.pop("image_url")
         self._without_dnf_keys(doc)
         # Keys newer than a recipe's digest count only when set: older recipes keep their digests.
         for d, defaults in [(doc, {"base_template": "", "os_template": "", "app_templates": ()}),
@@ -228,13 +233,10 @@ def _check_record(item: dict[str, Any], setting: Setting, index: int, file: Path
             raise RecipeError(f"{label}.{k}: unknown key (one of {', '.join(fields)})")
         _check_type(v, f, f"{label}.{k}")
     out = dict(item)
-    # Relative file references belong to the directory of the file that names them.
+    # Relative file references belong to the directory of the file that names them, and stay in it.
     for ref in ("source", "script"):
         if ref in out:
-            p = (file.parent / out[ref]).resolve()
-            if not p.is_file():
-                raise RecipeError(f"{label}.{ref}: no such file {p}")
-            out[ref] = str(p)
+            out[ref] = str(confined_file(file, out[ref], f"{label}.{ref}"))
     if setting.key == "repositories" and "keyring" in out:
         kr = Path(out["keyring"])
         p = kr if kr.is_absolute() else file.parent / "keys" / kr
@@ -278,6 +280,8 @@ def _merge(parent: Any, child: Any, setting: Setting) -> Any:
                     for k in group:
                         if given and k not in given:
                             out[r[setting.record_key]].pop(k, None)
+            if setting.key == "repositories" and "url" in r and "image_url" not in r:
+                out[r[setting.record_key]].pop("image_url", None)    # another archive: it ships its own url
         return list(out.values())
     return child
 
@@ -294,10 +298,18 @@ class RecipeStore:
     def path_of(self, name: str) -> Path:
         return self.directory / f"{name}.toml"
 
-    def names(self, include_abstract: bool = False) -> list[str]:
+    def names(self, include_abstract: bool = False, keep_unreadable: bool = False) -> list[str]:
+        """Recipe names; with keep_unreadable, a file that is not valid TOML is listed too
+        (as buildable: loading it says what is wrong) instead of failing the listing."""
         out = []
         for p in sorted(self.directory.glob("*.toml")):
-            if include_abstract or not self._read(p).get("abstract", False):
+            try:
+                abstract = self._read(p).get("abstract", False)
+            except RecipeError:
+                if not keep_unreadable:
+                    raise
+                abstract = False
+            if include_abstract or not abstract:
                 out.append(p.stem)
         return out
 
@@ -392,16 +404,6 @@ def _template_vars(merged: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-
-
-def render(text: str, variables: dict[str, Any], where: str) -> str:
-    try:
-        return _JINJA.from_string(text).render(**variables)
-    except jinja2.TemplateError as e:
-        raise RecipeError(f"{where}: template error: {e}") from None
-
-
 def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, Any],
             origins: dict[str, Path], allow_abstract: bool) -> Recipe:
     def where(key: str) -> str:
@@ -410,6 +412,9 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
     for key in ("distro", "release", "version"):
         if merged.get(key) is None and not (allow_abstract and merged["abstract"]):
             raise RecipeError(f"{path}: {key}: required (set it here or in a parent recipe)")
+    family = FAMILY.get(merged.get("distro") or "", "apt")
+    for key in ("packages.include", "packages.exclude", "packages.base"):
+        check_packages(family, merged[key], where(key))
     variables = _template_vars(merged)
     if merged.get("summary"):
         merged["summary"] = render(merged["summary"], variables, where("summary"))
@@ -432,26 +437,33 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
             keyring=Path(r["keyring"]),
             image_sources=r.get("image_sources", True),
             repo_gpgcheck=r.get("repo_gpgcheck", True),
+            image_url=render(r["image_url"], variables, label + ".image_url") if "image_url" in r else "",
         ))
 
     files = []
     for f in merged["files"]:
         label = f"{where('files')}[{f['path']}]"
         if "content" in f:
-            content = f["content"]
+            content = f["content"].encode()
         elif "template" in f:
-            content = render(f["template"], variables, label + ".template")
+            content = render(f["template"], variables, label + ".template").encode()
         else:
             src = Path(f["source"])
-            text = src.read_text()
-            content = render(text, variables, f"{src}") if src.suffix == ".j2" else text
-        files.append(FileSpec(path=posixpath.normpath(f["path"]), content=content.encode(),
+            content = read_confined(src, label + ".source")      # a binary file is copied as it is
+            if src.suffix == ".j2":
+                text = as_text(content, src, label + ".source", "a .j2 template must be")
+                content = render(text, variables, f"{src}").encode()
+        files.append(FileSpec(path=posixpath.normpath(f["path"]), content=content,
                               mode=int(f.get("mode", "0644"), 8), uid=f.get("uid", 0), gid=f.get("gid", 0)))
 
     hooks = []
     for h in merged["hooks"]:
         label = f"{where('hooks')}[{h['name']}]"
-        script = render(h["run"], variables, label + ".run") if "run" in h else Path(h["script"]).read_text()
+        if "run" in h:
+            script = render(h["run"], variables, label + ".run")
+        else:
+            src = Path(h["script"])
+            script = as_text(read_confined(src, label + ".script"), src, label + ".script", "a hook script must be")
         hook = Hook(name=h["name"], where=h.get("where", "image"), script=script,
                     phase=h.get("phase", "after-packages"), convention=h.get("convention", "sh"))
         if hook.phase == "before-packages" and hook.where != "host":
@@ -473,7 +485,8 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         smoke.append(SmokeCheck(name=s["name"], command=command, exit_status=s.get("exit_status", 0), output=output))
 
     # `vztt show` prints what the build uses: templates rendered, disabled repositories gone.
-    merged["repositories"] = [{**r, "url": x.url, **({"suite": x.suite} if apt else {})}
+    merged["repositories"] = [{**r, "url": x.url, **({"suite": x.suite} if apt else {}),
+                               **({"image_url": x.image_url} if x.image_url else {})}
                               for r, x in zip([r for r in merged["repositories"] if r.get("enabled", True)], repos)]
     merged["hooks"] = [{**h, "run": x.script} if "run" in h else h for h, x in zip(merged["hooks"], hooks)]
     merged["smoke"] = [{**s, "command": x.command, **({"output": x.output} if x.output is not None else {})}

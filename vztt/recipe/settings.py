@@ -44,13 +44,23 @@ class Setting:
 OSRELEASE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}"
 OSRELEASE_WORDS = "1 to 64 letters, digits and . _ + ~ -, starting with a letter or digit"
 
+# A repository's name is a dnf repo id and a file name in the image (/etc/yum.repos.d/<name>.repo).
+REPOSITORY_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]*"
+REPOSITORY_NAME_WORDS = "letters, digits and _ . : -, starting with a letter or digit"
+
 DISTROS = ("debian", "ubuntu", "centos-stream", "almalinux", "rockylinux")
 ARCHES = ("x86_64", "aarch64")
 
 REPOSITORY_FIELDS = (
-    Setting("name", "str", "Identifies the repository; a child recipe overrides a parent's repository of the same name."),
+    Setting("name", "str", "Identifies the repository; a child recipe overrides a parent's repository of the same name.",
+            pattern=REPOSITORY_NAME, pattern_doc=REPOSITORY_NAME_WORDS),
     Setting("url", "str", "Base URL of the archive (dnf: the repository's baseurl, the directory holding repodata/). "
             "Name mirrors through variables ($DEBIAN_MIRROR), never a host.", templated=True),
+    Setting("image_url", "str", "The URL the template ships for this repository, which containers made from it use "
+            "(apt: the image's /etc/apt/sources.list; dnf: /etc/yum.repos.d/<name>.repo when the release package "
+            "ships no repo file); default: `url`, the URL the build used. Give it a mirror variable of its own "
+            "with the build's as fallback, `${DEBIAN_MIRROR_PUBLIC:-$DEBIAN_MIRROR}`, so that a build from an "
+            "internal or file:// mirror ships the public one (a file:// URL is never shipped).", templated=True),
     Setting("suite", "str", "apt suite (distribution) to use, e.g. `{{ release }}-updates`. apt only.", templated=True),
     Setting("components", "list[str]", "Archive components. apt only.", default=["main"]),
     Setting("keyring", "str", "OpenPGP keyring that signs the repository (dnf: the armored public key, "
@@ -65,7 +75,8 @@ FILE_FIELDS = (
     Setting("path", "str", "Absolute destination inside the image; must stay inside it."),
     Setting("content", "str", "Literal content."),
     Setting("template", "str", "jinja2 template text, rendered with the recipe's variables."),
-    Setting("source", "str", "File next to the recipe; rendered with jinja2 when its name ends in .j2."),
+    Setting("source", "str", "File next to the recipe, inside the recipes directory once symlinks are followed; "
+            "copied byte for byte, or rendered with jinja2 when its name ends in .j2 (UTF-8 text then)."),
     Setting("mode", "str", "Octal permission bits.", default="0644"),
     Setting("uid", "int", "Owner uid.", default=0),
     Setting("gid", "int", "Owner gid.", default=0),
@@ -77,7 +88,8 @@ HOOK_FIELDS = (
             "(`convention` says how; `phase`, when).",
             default="image", choices=("image", "host")),
     Setting("run", "str", "Inline shell script.", templated=True),
-    Setting("script", "str", "Script file next to the recipe (instead of `run`)."),
+    Setting("script", "str", "Script file next to the recipe (instead of `run`), inside the recipes directory "
+            "once symlinks are followed; UTF-8 text."),
     Setting("phase", "str", "When the hook runs: `before-packages` (host hooks only: the image is still empty, as "
             "vztt's pre-cache), `after-base` (the base system is installed: apt's Essential stage, or a layer's base; "
             "as vztt's mid-pre-install and mid-post-install), `after-packages` (every package installed, after `files`).",
@@ -192,7 +204,14 @@ def reference_markdown() -> str:
     out += [
         "",
         "Template variables (jinja2, in `files`, templated keys and `.j2` sources): `name`, `distro`, `release`, "
-        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`.",
+        "`version`, `arch`, `deb_arch`, `hostname`, `summary`, and everything in `variables`. Templates render in "
+        "jinja2's sandbox with these variables only (no globals such as `range` or `cycler`); `{% include %}`, "
+        "`{% import %}` and `{% extends %}` are refused.",
+        "",
+        "Package names (`packages.include`, `exclude`, `base`) follow the distro's rules: Debian policy's "
+        "`[a-z0-9][a-z0-9+.-]+` (and `name:arch`) for apt; for dnf, names, provides (`name(...)`, with a "
+        "version), `@group` ids and absolute file paths. Mirror variables in URLs: `$NAME`, `${NAME}`, and "
+        "`${NAME:-FALLBACK}` (NAME's value if set, else FALLBACK, which may hold `$OTHER`).",
         "",
     ]
     return "\n".join(out)

@@ -9,6 +9,10 @@ Sources, later ones winning:
   4. VZTT_MIRROR_<NAME> environment variables;
   5. --mirror NAME=URL on the command line.
 A mirrors file is flat TOML: `DEBIAN_MIRROR = "http://..."`.
+
+In a recipe, `$NAME` and `${NAME}` are a variable's value (unset: an error),
+and `${NAME:-FALLBACK}` is NAME's value if it is set, else FALLBACK, itself
+expanded (`${DEBIAN_MIRROR_PUBLIC:-$DEBIAN_MIRROR}`: a repository's image_url).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from urllib.parse import urlparse
 
 from vztt.base.errors import RecipeError
 
-VAR_RE = re.compile(r"\$(?:\{([A-Z][A-Z0-9_]*)\}|([A-Z][A-Z0-9_]*))")
+VAR_RE = re.compile(r"\$(?:\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}|([A-Z][A-Z0-9_]*))")
 NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 SYSTEM_FILE = Path("/etc/vztt/mirrors.toml")
@@ -40,15 +44,22 @@ class Mirrors:
         self.origin[name] = origin
 
     def expand(self, text: str, where: str) -> str:
-        """Replace every $NAME in `text`; an unset variable is a one-line error."""
+        """Replace every $NAME in `text`; an unset variable is a one-line error (MirrorNotSet)."""
         def sub(m: re.Match[str]) -> str:
-            name = m.group(1) or m.group(2)
-            if name not in self.values:
-                raise RecipeError(
-                    f"{where}: mirror variable ${name} is not set (set it in {SYSTEM_FILE}, "
-                    f"~/.config/vztt/mirrors.toml, VZTT_MIRROR_{name} or --mirror {name}=URL)")
-            return self.values[name]
+            name, fallback = m.group(1) or m.group(3), m.group(2)
+            if name in self.values:
+                return self.values[name]
+            if fallback is not None:
+                return self.expand(fallback, where)
+            raise MirrorNotSet(
+                f"{where}: mirror variable ${name} is not set (set it in {SYSTEM_FILE}, "
+                f"~/.config/vztt/mirrors.toml, VZTT_MIRROR_{name} or --mirror {name}=URL)")
         return VAR_RE.sub(sub, text)
+
+
+class MirrorNotSet(RecipeError):
+    """A recipe names a mirror variable this host has no value for (exit 3, as any recipe
+    error): the template is not configured here."""
 
 
 def check_url(url: str, where: str) -> None:

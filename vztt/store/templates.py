@@ -14,7 +14,9 @@ Layout of a cache root (default ./cache, or --cache-dir / VZTT_CACHE):
                                   cleaned by the next run if its pid died)
   .containers/                    the container runtime's state (boot tests, vztt run)
   .downloads/<sha256>.part        pulls in progress (kept across runs for resuming)
-  .locks/<name>.lock              flock held while a build of <name> runs
+  .locks/<name>.lock              flock held while a build (or pull) of <name> runs; says who holds it
+  .mirrors/<mirror>-<key>.json    the highest index serial accepted from a template mirror with a key
+                                  (mirror/freshness.py: an older index is a rollback)
 
 This class is the only owner of that layout: nothing else builds these paths.
 
@@ -27,14 +29,17 @@ at the next start (recover()).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vztt import __version__
 from vztt.base.errors import EnvironmentProblem
@@ -113,6 +118,29 @@ class TemplateCache:
     @property
     def downloads_dir(self) -> Path:
         return self.root / ".downloads"
+
+    def index_record(self, mirror: str, signer: str) -> Path:
+        """.mirrors/<digest of the mirror's location>-<signer's fingerprint>.json: what this host
+        accepted last from that mirror's index signed by that key (mirror/freshness.py)."""
+        key = signer if re.fullmatch(r"[0-9A-Fa-f]{16,64}", signer) else hashlib.sha256(signer.encode()).hexdigest()
+        return self._index_records / f"{hashlib.sha256(mirror.encode()).hexdigest()[:16]}-{key}.json"
+
+    @property
+    def index_records_lock(self) -> Path:
+        """flock'ed while an index record is compared and raised (two pulls, one mirror)."""
+        return self._index_records / ".lock"
+
+    @property
+    def _index_records(self) -> Path:
+        return self.root / ".mirrors"
+
+    def require_writable(self, command: str) -> None:
+        """EnvironmentProblem (exit 7, one line) unless this user may write the cache: a
+        root-owned cache used by another user is a host problem, said before anything starts."""
+        for d in (self.root, self.root / ".locks"):
+            if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+                raise EnvironmentProblem(f"{d}: not writable by uid {os.getuid()}: {command} writes the cache; "
+                                         "run it as root, or give a --cache-dir this user owns")
 
     @property
     def kernel_dir(self) -> Path:
@@ -237,26 +265,38 @@ class TemplateCache:
             shutil.rmtree(d, ignore_errors=True)
 
     @contextmanager
-    def building(self, name: str, timeout: float = 0) -> Iterator[None]:
-        """Hold the per-template lock; a second build of the same template waits or is refused."""
+    def building(self, name: str, timeout: float = 0,
+                 on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the per-template lock; a second build (or pull) of the same template waits or
+        is refused. The lock file names its holder (pid and command): `on_wait(holder)` is
+        called as soon as we have to wait for it."""
         locks = self.root / ".locks"
         locks.mkdir(exist_ok=True)
         path = locks / f"{name}.lock"
         with open(path, "a+") as fh:
-            def busy() -> EnvironmentProblem:
+            def holder() -> str:
                 fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                return EnvironmentProblem(f"{name}: template is busy: being built by {holder} (lock {path})")
-            wait_for_flock(fh, exclusive=True, timeout=timeout, busy=busy)
+                return fh.read().strip() or "another process"
+
+            def busy() -> EnvironmentProblem:
+                return EnvironmentProblem(f"{name}: template is busy: being built by {holder()} (lock {path})")
+            wait_for_flock(fh, exclusive=True, timeout=timeout, busy=busy,
+                           on_wait=(lambda: on_wait(f"{holder()} (lock {path})")) if on_wait else None)
             fh.seek(0)
             fh.truncate()
-            fh.write(f"pid {os.getpid()}\n")
+            fh.write(f"pid {os.getpid()} ({_command_line()})\n")
             fh.flush()
             try:
                 yield
             finally:
                 fh.seek(0)
                 fh.truncate()
+
+
+def _command_line() -> str:
+    """This process's vztt command, for whoever waits for its lock."""
+    text = " ".join(["vztt", *sys.argv[1:]])
+    return " ".join(text.split())[:200]
 
 
 def _kill_leftover_processes(work_name: str) -> None:

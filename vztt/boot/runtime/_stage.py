@@ -59,6 +59,8 @@ def setup_mounts(root: str, console: str, container: str) -> None:
 
     def under(path: str) -> str:
         full = os.path.join(root, path)
+        if os.path.islink(full):   # a mount (or mkdir) there would follow it out of the tree
+            raise ValueError(f"/{path} is a symlink in the tree: nothing is mounted over a symlink")
         os.makedirs(full, exist_ok=True)
         return full
 

@@ -52,10 +52,11 @@ from pathlib import Path
 from typing import Callable
 
 from vztt.base.errors import BootError, RuntimeUnavailable, VzttError
+from vztt.base.inroot import write_in_root
 from vztt.base.proc import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired, kill_tree, run, spawn
 from . import _linux, cgroup
 from .console import ConsoleLog, start_console
-from .host import EXEC_ENV, require, signals_deferred, write_into
+from .host import EXEC_ENV, require, signals_deferred
 from .stale import cleanup_stale, teardown
 
 CONTAINER = "vztt"   # the value of $container and /run/systemd/container
@@ -313,7 +314,7 @@ class Container:
             raise RuntimeUnavailable(f"cannot mount overlayfs over {self.tree}: {e.strerror}") from None
 
     def _write_hostname(self) -> None:
-        write_into(self.root, "/etc/hostname", self.hostname + "\n", 0o644)
+        write_in_root(self.root, "/etc/hostname", (self.hostname + "\n").encode())
 
     def _boot(self) -> None:
         self._console = start_console(self.console_log)

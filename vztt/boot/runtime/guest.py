@@ -14,7 +14,8 @@ from pathlib import Path
 
 from vztt.base.errors import RuntimeUnavailable
 from vztt.base.proc import run
-from .host import EXEC_ENV, write_into
+from vztt.base.inroot import write_in_root
+from .host import EXEC_ENV
 
 PORT_NAME = "org.vztt.agent"
 AGENT_PATH = "/usr/lib/vztt/agent"
@@ -99,11 +100,11 @@ exec /sbin/init
 
 def prepare_tree(tree: Path, hostname: str, osrelease: str | None) -> None:
     """Write the guest's additions into `tree` (a scratch copy: it is changed)."""
-    write_into(tree, "/etc/hostname", hostname + "\n", 0o644)
-    write_into(tree, AGENT_PATH, AGENT, 0o755)
-    write_into(tree, f"/etc/systemd/system/{UNIT_NAME}", UNIT, 0o644)
+    write_in_root(tree, "/etc/hostname", (hostname + "\n").encode())
+    write_in_root(tree, AGENT_PATH, AGENT.encode(), 0o755)
+    write_in_root(tree, f"/etc/systemd/system/{UNIT_NAME}", UNIT.encode())
     if osrelease:
-        write_into(tree, INIT_PATH, INIT.replace("RELEASE", shlex.quote(osrelease)), 0o755)
+        write_in_root(tree, INIT_PATH, INIT.replace("RELEASE", shlex.quote(osrelease)).encode(), 0o755)
 
 
 def make_disk(tree: Path, disk: Path) -> float:

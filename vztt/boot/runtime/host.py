@@ -1,14 +1,13 @@
 """What both runtimes (container.py, vm.py) share: their programs on the host,
-signals held during cleanup, the environment of the commands they run inside
-a container or guest, and writing a file into the tree they boot."""
+signals held during cleanup, and the environment of the commands they run inside
+a container or guest. (Files they write into the tree they boot go through
+base/inroot.py.)"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
-from pathlib import Path
 from typing import Iterator
 
 from vztt.base.errors import RuntimeUnavailable
@@ -40,14 +39,3 @@ def signals_deferred() -> Iterator[None]:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-
-def write_into(root: Path, path: str, text: str, mode: int) -> None:
-    """Write `path` (absolute, as the booted system sees it) below `root`, never
-    through a symlink the tree has there (it could point out of the tree)."""
-    target = root / path.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with open(fd, "w") as f:
-        f.write(text)
-    os.chmod(target, mode)         # the umask may have taken bits away

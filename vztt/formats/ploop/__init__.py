@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from vztt.formats import Format, FormatContext, ImageFormatError, Inspection
+from vztt.formats.targuard import Limits
 from vztt.formats.ploop.cache import (CacheMember, PloopResult, app_cache_name, cache_members, inspect, pack_ploop,
                                       vzpackages_text, write_tar_lz4)
 from vztt.formats.ploop.descriptor import (DESCRIPTOR_NAME, DESCRIPTOR_ROOT, NONE_GUID, TOPDELTA_GUID,
@@ -32,11 +33,19 @@ __all__ = [
     "BALLOON_NAME", "CHS", "CIF_EMPTY", "CacheMember", "DEFAULT_CLUSTER", "DESCRIPTOR_NAME", "DESCRIPTOR_ROOT",
     "DiskLayout", "EXT4_PROFILES", "FORMAT", "FS_BLOCK", "HEADER_SIZE", "IMAGE_NAME", "ImageFormatError",
     "ImageInfo", "ImageStats", "MIN_FS_BYTES", "MiB", "NONE_GUID", "PARTITION_START", "PloopFormat",
-    "PloopResult", "SECTOR", "app_cache_name", "SIGNATURE_DISK_IN_USE", "SIGNATURE_V1", "SIGNATURE_V2", "TOPDELTA_GUID",
-    "TreeUsage", "cache_members", "convert_to_chs", "descriptor_for", "disk_descriptor_xml", "disk_geometry",
+    "PloopResult", "SECTOR", "app_cache_name", "SIGNATURE_DISK_IN_USE", "SIGNATURE_V1", "SIGNATURE_V2",
+    "TOPDELTA_GUID", "TreeUsage", "cache_member_allowed",
+    "cache_members", "convert_to_chs", "descriptor_for", "disk_descriptor_xml", "disk_geometry",
     "e2fsprogs_env", "gpt_script", "inspect", "make_disk", "pack_ploop", "partition_bounds", "read_image",
     "read_raw", "tree_usage", "vzpackages_text", "write_image", "write_tar_lz4",
 ]
+
+
+def cache_member_allowed(path: str, kind: str) -> bool:
+    """Whether a ploop cache may hold this member: its image, descriptor and templates/."""
+    top = path in (IMAGE_NAME, DESCRIPTOR_NAME, "templates")
+    return (top and kind == ("dir" if path == "templates" else "file")) \
+        or (path.startswith("templates/") and path.count("/") <= 2 and kind in ("file", "dir"))
 
 
 class PloopFormat(Format):
@@ -60,6 +69,12 @@ class PloopFormat(Format):
         return ArchiveRecord(file=self.output_name(ctx), format=self.name, sha256=pl.sha256, size=pl.size,
                              details={"disk_size": pl.disk_size, "clusters": pl.clusters,
                                       "ext4_features": features, "fs_uuid": pl.fs_uuid})
+
+    def guard_limits(self, record: ArchiveRecord, free: int) -> Limits:
+        """The cache's few members (root.hds, DiskDescriptor.xml, templates/...), files and
+        directories only."""
+        return Limits(max_bytes=max(free, 0), max_members=64, types=frozenset({"file", "dir"}),
+                      allow=cache_member_allowed)
 
     def describe(self, record: ArchiveRecord) -> str:
         d = record.details
