@@ -9,6 +9,7 @@
   pull+create  vztt create from a local nginx mirror vs curl | lz4 -d | tar -x (tests/bench_mirror.py)
   status     no-op `vztt status`: one template, every Debian and Ubuntu one, and with 8 more
              sharing debian-12's repositories (tests/bench_status.py)
+  layer      debian-12-x86_64-nginx on the cached base vs the same set from nothing (tests/bench_layer.py)
   kernel     vztt kernel build, cold (source fetched through apt, tinyconfig + fragment, -j<cores>)
              and again (cached: nothing to build)
   vm boot    vztt test --vm: qemu start to every check passed, under TCG unless KVM works
@@ -43,6 +44,7 @@ from vztt.recipe.recipe import RecipeStore  # noqa: E402
 import bench_mirror  # noqa: E402  (tests/: pull + create from a local nginx)
 import bench_formats  # noqa: E402  (tests/: every format's step and size)
 import bench_status  # noqa: E402  (tests/: no-op status, one template and all)
+import bench_layer  # noqa: E402  (tests/: a layer on the cached base against the same set from nothing)
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -120,6 +122,9 @@ def main() -> None:
         results.update(bench_boot(vztt, args.recipe, env))
         results.update(bench_mirror.pull_create(scratch / "cache", args.recipe, scratch)); bench_mirror.report(results)
         results.update(bench_status.status_times(scratch / "cache", args.recipe))
+        if args.recipe == bench_layer.BASE:
+            results.update(bench_layer.layer_vs_flat(scratch / "cache", scratch))
+            bench_layer.report(results)
         results.update(bench_kernel(vztt, args.recipe, env, scratch))
         results.update(bench_formats.formats_build(vztt, args.recipe, env, scratch / "cache"))
         # mmdebstrap reads the host's apt sources for its mirror, as our DEBIAN_MIRROR default does.

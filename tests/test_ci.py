@@ -1,6 +1,7 @@
 """The CI files (issue 20): .github/workflows/nightly.yml and .gitlab-ci.yml are
 renderings of one description (vztt/ci/jobs.py), and the child pipeline
-`vztt matrix --format gitlab` writes has one job per template. Each file
+`vztt matrix --format gitlab` writes has one job per template (a layered
+template in its base's job). Each file
 passes its platform's schema (check-jsonschema's vendored GitHub and GitLab
 schemas), and the two platforms' files run the same commands, with the same
 caches and artifacts. The pipeline itself runs in tests/test_pipeline.py.
@@ -9,6 +10,7 @@ caches and artifacts. The pipeline itself runs in tests/test_pipeline.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import yaml
 from conftest import REPO, run_vztt
 from vztt.ci import github, gitlab, jobs
 from vztt.kernel import series
+from vztt.nightly import matrix
 from vztt.recipe.variables import load
 
 CHECK = Path(sys.executable).parent / "check-jsonschema"
@@ -54,10 +57,15 @@ def _github_commands() -> list[str]:
     for name in ("kernel", "update", "publish"):
         for step in doc["jobs"][name]["steps"]:
             run = step.get("run", "")
+            # a step for the job's template and each of its layers: the command in the loop
+            loop = re.fullmatch(r"rc=0; for t in \$\{\{ matrix.template \}\} \$\{\{ matrix.layers \}\}; do (.*?) "
+                                r"\|\| \{ s=\$\?; \[ \"\$rc\" != 0 \] \|\| rc=\$s; \}; done; exit \"\$rc\"", run)
+            if loop:
+                run = re.sub(r"\$t\b", "${{ matrix.template }}", loop.group(1))
             if ".venv/bin/vztt" in run:
                 run = re.sub(r"\$\{\{ vars\.(\w+) \|\| '([^']*)' \}\}", r'"${\1:-\2}"', run)   # a default, GitLab's way
                 out.append(run.replace(".venv/bin/vztt", "VZTT").replace("${{ matrix.template }}", "T")
-                           .replace("${{ vars.", "$").replace(" }}", "").replace("apt-get update -q && ", ""))
+                           .replace("${{ matrix.layers }}", "L").replace("${{ vars.", "$").replace(" }}", "").replace("apt-get update -q && ", ""))
     return out
 
 
@@ -67,7 +75,7 @@ def _gitlab_commands(child: dict) -> list[str]:
         for line in child[name]["script"]:
             m = re.search(r"(\$VZTT .*?)(; else|$)", line)
             if m:
-                out.append(re.sub(r"\$TEMPLATE\b", "T", m.group(1).replace("$VZTT", "VZTT")))
+                out.append(re.sub(r"\$TEMPLATE\b", "T", m.group(1).replace("$VZTT", "VZTT").replace("$LAYERS", "L")))
     return out
 
 
@@ -80,20 +88,53 @@ def test_github_and_gitlab_run_the_same_nightly() -> None:
     gl_keys = sorted(re.sub(r"-(T|s[0-9a-f]{12}-f[0-9a-f]{12})$", "", c["key"]) for c in child["update: T"]["cache"])
     assert gh_keys == gl_keys == ["vztt-kernel", "vztt-packages", "vztt-template"]
     gh_paths = {p for s in flow if s.get("uses", "").startswith("actions/upload-artifact")
-                for p in s["with"]["path"].replace("${{ matrix.template }}", "T").split()}
+                for p in s["with"]["path"].replace("${{ matrix.template }}", "T").splitlines() if p and "matrix." not in p}
     assert gh_paths == set(child["update: T"]["artifacts"]["paths"])
     assert child["update: T"]["artifacts"]["reports"]["junit"] == ["junit-T.xml", "junit-vm-T.xml"]
 
 
+def test_a_layer_builds_in_its_base_job() -> None:
+    """Both renderings: the layers ride in the base's job, are updated after it, tested, cached
+    and handed to publish with it (GitLab by name; GitHub through the matrix entry's keys)."""
+    child = yaml.safe_load(gitlab.child_pipeline([["b", "l1", "l2"], "c"], vm=("b",)))
+    assert sorted(k for k in child if k.startswith("update: ")) == ["update: b", "update: c"]
+    job = child["update: b"]
+    assert job["variables"] == {"TEMPLATE": "b", "LAYERS": "l1 l2"}
+    assert child["update: c"]["variables"] == {"TEMPLATE": "c", "LAYERS": ""}
+    script = "\n".join(job["script"])
+    assert "$VZTT update $TEMPLATE $LAYERS" in script
+    for t in ("l1", "l2"):
+        assert f"$VZTT test {t} --junit junit-{t}.xml" in script and f"--vm --junit junit-vm-{t}.xml" in script
+        assert f"cache/{t}.manifest.json" in job["artifacts"]["paths"] and f"junit-{t}.xml" in job["artifacts"]["reports"]["junit"]
+        assert f"cache/{t}.*" in job["cache"][[c["key"] for c in job["cache"]].index("vztt-template-b")]["paths"]
+    assert [n["job"] for n in child["publish"]["needs"]] == ["update: b", "update: c"]
+    # GitHub: the same paths for the layers, from the matrix entry the plan writes
+    entry = json.loads(matrix(["b", "l1", "l2", "c"], "github", {"l1": "b", "l2": "l1"}))["include"][0]
+    assert entry["template"] == "b" and entry["layers"] == "l1 l2"
+    flow = yaml.safe_load((REPO / github.PATH).read_text())["jobs"]["update"]["steps"]
+    gh_layer_paths = set()
+    for s in flow:
+        for key in re.findall(r"\$\{\{ matrix\.((?:cache|artifact)_\w+) \}\}", s.get("with", {}).get("path", "")):
+            gh_layer_paths |= set(entry[key].split("\n"))
+    gl_layer_paths = {p for c in job["cache"] for p in c["paths"] if "l1" in p or "l2" in p} | \
+        {p for p in job["artifacts"]["paths"] if "l1" in p or "l2" in p}
+    assert gh_layer_paths == gl_layer_paths
+
+
 def test_child_pipeline_has_one_job_per_template() -> None:
-    r = run_vztt("matrix", "--format", "gitlab", env={"VM_TEST_TEMPLATES": "debian-12-*"})
+    r = run_vztt("matrix", "--format", "gitlab", "--json", env={"VM_TEST_TEMPLATES": "debian-12-*"})
     assert r.returncode == 0, r.stderr
-    child = yaml.safe_load(r.stdout)
-    names = run_vztt("matrix", "--format", "json").json()
-    assert sorted(k for k in child if k.startswith("update: ")) == [f"update: {n}" for n in sorted(names)]
-    assert [n["job"] for n in child["publish"]["needs"]] == [f"update: {n}" for n in sorted(names)]
+    doc = r.json()
+    child = yaml.safe_load(doc["output"])
+    # one job per template; a layered template in its base's job
+    jobs = doc["jobs"]
+    assert sorted(n for j in jobs for n in j) == doc["templates"]
+    assert sorted(k for k in child if k.startswith("update: ")) == [f"update: {j[0]}" for j in jobs]
+    assert [n["job"] for n in child["publish"]["needs"]] == [f"update: {j[0]}" for j in jobs]
+    for j in jobs:
+        assert child[f"update: {j[0]}"]["variables"]["LAYERS"] == " ".join(j[1:])
     vm = sorted(k for k, job in child.items() if k.startswith("update: ") and any("--vm" in line for line in job["script"]))
-    assert vm == ["update: debian-12-x86_64-minimal"]
+    assert vm == [f"update: {j[0]}" for j in jobs if j[0].startswith("debian-12-")]
     # the kernel cache is keyed by what keys a kernel build: the series and the fragment
     kdir = REPO / "kernel"
     key = f"vztt-kernel-s{series.series_digest(kdir)[7:19]}-f{series.fragment_digest(kdir)[7:19]}"

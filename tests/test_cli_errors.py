@@ -140,7 +140,15 @@ def test_every_command_takes_json(tmp_path: Path) -> None:
     assert matrix.returncode == 0, matrix.stderr
     doc = matrix.json()
     assert doc["format"] == "github" and "debian-12-x86_64-minimal" in doc["templates"]
-    assert json.loads(doc["output"]) == {"template": doc["templates"]}
+    # a layer rides in its base's job (issue 18): the matrix has one entry per job
+    output = json.loads(doc["output"])
+    assert output["template"] == [job[0] for job in doc["jobs"]]
+    assert sorted(n for job in doc["jobs"] for n in job) == doc["templates"]
+    assert [{k: e[k] for k in ("template", "layers")} for e in output.get("include", [])] == \
+        [{"template": job[0], "layers": " ".join(job[1:])} for job in doc["jobs"] if len(job) > 1]
+    # and the layers' cache and artifact paths, which the workflow reads from the entry (tests/test_ci.py)
+    assert all(f"cache/{layer}.manifest.json" in e["artifact_template"].split("\n")
+               for e in output.get("include", []) for layer in e["layers"].split())
 
 
 def test_run_json_when_the_template_is_missing(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -608,12 +609,18 @@ def test_links_planted_in_the_image_do_not_reach_the_host(ubuntu: UbuntuBuild, t
     /var/lib/dbus/machine-id: all of it in the image, none on the host."""
     host = tmp_path / "host"
     (host / "dir").mkdir(parents=True)
+    # Where /etc/vztt-evil points: a host directory outside /tmp, because the hook below
+    # replaces the image's /tmp (and with it whatever vztt wrote there, resolved inside).
+    elsewhere = Path(tempfile.mkdtemp(prefix="vztt-evil-", dir="/var/tmp"))
     (host / EVIL_SOURCES).write_text("host file\n")
     (host / "dir" / "machine-id").write_text("host machine id\n")
     (host / "dir" / "keep-me").write_text("host file\n")
-    before = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"") for p in host.rglob("*")}
+    def state() -> dict[str, tuple[int, bytes]]:
+        return {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"")
+                for top in (host, elsewhere) for p in top.rglob("*")}
+    before = state()
     evil = FakePackage("fixture-evil", postinst=f"ln -sfn {host / EVIL_SOURCES} /etc/apt/sources.list\n"
-                                               f"ln -sfn {host / 'dir'} /etc/vztt-evil\n")
+                                               f"ln -sfn {elsewhere} /etc/vztt-evil\n")
     repo = make_repo(tmp_path / "evil-repo", [build_deb(evil, tmp_path / "debs")], key=ubuntu.dist.key)
     leaf = ubuntu.recipes / "ubuntu-evil.toml"
     leaf.write_text(f"""extends = "{UBUNTU}"
@@ -636,15 +643,15 @@ run = "rm -rf /tmp /var/lib/dbus && ln -s {host / 'dir'} /tmp && ln -s {host / '
     try:
         r = run_vztt("build", "ubuntu-evil", "--no-test", "--json", cache=tmp_path / "cache", recipes=ubuntu.recipes,
                      env={**ubuntu.env, "VZTT_MIRROR_EVIL_MIRROR": repo.url}, timeout=900)
+        assert r.returncode == 0, r.stderr
+        assert state() == before
     finally:
         leaf.unlink()
-    assert r.returncode == 0, r.stderr
-    after = {str(p): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"") for p in host.rglob("*")}
-    assert after == before
+        shutil.rmtree(elsewhere, ignore_errors=True)
     a = read_archive(Path(r.json()["archive"]), ("./etc/apt/sources.list",))
     assert a.members["./etc/apt/sources.list"].isfile()                  # the link was replaced, not written through
     assert f"deb {PUBLIC_UBUNTU} noble main universe" in a.text("./etc/apt/sources.list")
-    tool = a.members["./" + str(host / "dir" / "tool").lstrip("/")]      # /etc/vztt-evil resolved inside the image
+    tool = a.members["./" + str(elsewhere / "tool").lstrip("/")]        # /etc/vztt-evil resolved inside the image
     assert tool.isfile() and tool.mode == 0o4755
     assert a.members["./tmp"].issym() and a.members["./var/lib/dbus"].issym()
 

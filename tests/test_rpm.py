@@ -424,3 +424,26 @@ def test_the_bootable_fixture_s_bad_inputs_are_refused(kind: str, el_distributio
     assert leftovers(cache) == [] and list((cache / "state" / name).glob("install-*")) == []
     if step == "resolve":
         assert not (cache / "locks" / f"{name}.lock.json").exists()
+
+
+# ==========================================================================
+# a layered template (recipe `base`) through dnf
+# ==========================================================================
+
+LAYER = f"{NAME}-post"
+
+
+def test_dnf_layer_resolves_on_its_base_rpm_database(setup: Setup) -> None:
+    setup.recipe(base=[b for b in BASE if b != "fixpost"])
+    r = setup.vztt("build", NAME, "--no-test")
+    assert r.returncode == 0, r.stderr
+    (setup.recipes / f"{LAYER}.toml").write_text(f'base = "{NAME}"\n[packages]\ninclude = ["fixpost"]\n')
+    r = setup.vztt("build", LAYER, "--no-test", "--json")
+    assert r.returncode == 0, r.stderr
+    base = json.loads((setup.cache / f"{NAME}.manifest.json").read_text())
+    lock = json.loads((setup.cache / "locks" / f"{LAYER}.lock.json").read_text())
+    assert [p["name"] for p in lock["packages"]] == ["fixpost"]          # the base's set is not in it
+    assert lock["base"]["build_id"] == base["build_id"]
+    tree = extract(Path(r.json()["archive"]), setup.tmp / "layer-tree")
+    assert {n for n, _, _ in rpm_qa(tree)} == EXPECTED                   # the base's packages and the layer's
+    assert (tree / "etc/fixpost.out").read_text() == "posted 1\n"        # its %post ran, in the image

@@ -140,3 +140,54 @@ def test_every_license_we_name_is_on_the_spdx_list() -> None:
     spdx = get_spdx_licensing()
     assert [i for i in sorted(licenses.identifiers()) if spdx.validate(i, strict=True).errors] == []
     assert [t for t in licenses.exception_terms() if spdx.validate(t, strict=True).errors] == []
+
+
+def test_a_layer_sbom_lists_its_base_packages(tmp_path: Path) -> None:
+    """A layer's image holds its base's packages: their files' sha256 come from the base's
+    manifest, else from the base's lock in the history; a package neither gives says
+    NOASSERTION for its checksum (and both documents still validate)."""
+    import dataclasses
+    from vztt.backend import InstalledPackage, PackageInfo
+    from vztt.builder import layer as layers
+    from vztt.builder.pipeline import _package_records
+    from vztt.recipe.lock import Lock, LockedPackage
+    from vztt.store import sbom
+    from vztt.store.manifest import Manifest, PackageRecord
+    from vztt.store.templates import TemplateCache
+
+    cache = TemplateCache(tmp_path / "cache")
+    tiny_template(cache.root, "base-1-x86_64", build_id="20260101T000000Z-base")
+    entry = cache.entry("base-1-x86_64")
+    assert entry is not None
+    m = entry.manifest
+    m.packages = [PackageRecord("libc6", "amd64", "2.36", sha256="a" * 64), PackageRecord("bash", "amd64", "5.2")]
+    lock = Lock(recipe="base-1-x86_64", inputs_digest="sha256:" + "0" * 64, distro="debian", release="tiny",
+                arch="amd64", source_date_epoch=1, repositories=(), request=(),
+                packages=(LockedPackage(name="bash", version="5.2", arch="amd64", size=1, sha256="b" * 64,
+                                        filename="b.deb", repository="main"),))
+    m.lock_digest = lock.digest
+    cache.record_history(m.name, m, lock)
+    known = layers.base_package_files(cache, dataclasses.replace(entry, manifest=m))
+    assert known == {("libc6", "amd64", "2.36"): "a" * 64, ("bash", "amd64", "5.2"): "b" * 64}
+
+    layer_lock = dataclasses.replace(lock, recipe="layer-1-x86_64", packages=(
+        LockedPackage(name="nginx", version="1.22", arch="amd64", size=1, sha256="c" * 64, filename="n.deb",
+                      repository="main"),))
+    installed = [InstalledPackage(n, "amd64", v, "ii") for n, v in
+                 (("libc6", "2.36"), ("bash", "5.2"), ("nginx", "1.22"), ("mawk", "1.3"))]
+    records = _package_records(installed, {("nginx", "amd64"): PackageInfo(licenses=("BSD-2-clause",))},
+                               layer_lock, known)
+    assert {p.name: p.sha256 for p in records} == {"bash": "b" * 64, "libc6": "a" * 64, "mawk": "",
+                                                  "nginx": "c" * 64}
+    layer = Manifest.read(cache.manifest("base-1-x86_64"))
+    layer.name, layer.packages, layer.package_count = "layer-1-x86_64", records, len(records)
+    spdx_doc = json.loads(sbom.render(layer, "spdx"))
+    mawk = next(p for p in spdx_doc["packages"] if p["name"] == "mawk")
+    assert "checksums" not in mawk and "NOASSERTION" in mawk["comment"]
+    cdx_doc = json.loads(sbom.render(layer, "cyclonedx"))
+    mawk = next(c for c in cdx_doc["components"] if c["name"] == "mawk")
+    assert {"name": "vztt:package_sha256", "value": "NOASSERTION"} in mawk["properties"]
+    for kind, check in (("spdx", spdx_problems), ("cyclonedx", cyclonedx_problems)):
+        path = tmp_path / f"layer.{kind}.json"
+        path.write_bytes(sbom.render(layer, kind))
+        assert check(path) == [], kind

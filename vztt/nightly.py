@@ -16,6 +16,7 @@ from typing import Any
 
 from vztt.base.errors import RecipeError
 from vztt.base.progress import Progress
+from vztt.builder import layer as layers
 from vztt.builder import pipeline as build_mod
 from vztt.recipe.lock import Lock
 from vztt.recipe.recipe import Recipe
@@ -73,17 +74,30 @@ def _lock_packages(lock: Lock) -> list[Row]:
 
 
 def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Progress) -> Status:
-    """Resolve afresh (into a scratch lock, the real one is left alone) and compare."""
+    """Resolve afresh (into a scratch lock, the real one is left alone) and compare. A layer
+    is resolved on its base's current build, and is outdated when that is not the build it
+    was made on."""
+    entry = cache.entry(recipe.name)
+    base = cache.entry(recipe.base_template) if recipe.base_template else None
+    if recipe.base_template and base is None:
+        return Status(recipe.name, NEW if entry is None else OUTDATED, [f"base {recipe.base_template} is not built"])
     with cache.scratch(f"status-{recipe.name}") as scratch:
         fresh = build_mod.resolve(recipe, cache, mirrors, scratch / "lock.json", progress).lock
-    entry = cache.entry(recipe.name)
     if entry is None:
         return Status(recipe.name, NEW, ["no cached template"], lock=fresh)
     m = entry.manifest
     reasons = []
     if m.recipe_digest != recipe.digest():
         reasons.append("recipe changed")
-    changes = package_changes(m.package_rows(), _lock_packages(fresh))
+    if base is not None and m.base != layers.base_record(base):
+        reasons.append(f"base {base.name} rebuilt ({m.base.build_id if m.base else 'unknown build'} -> "
+                       f"{base.manifest.build_id})")
+    expected = _lock_packages(fresh)
+    if base is not None:
+        # A layer's lock holds what it adds or changes: the image is the base's set with that on top.
+        layered = {(name, arch): version for name, arch, version in base.manifest.package_rows() + expected}
+        expected = [(name, arch, version) for (name, arch), version in layered.items()]
+    changes = package_changes(m.package_rows(), expected)
     if m.packages_digest != fresh.packages_digest:
         reasons.append(f"{len(changes)} package(s) changed" if changes else "package files changed (same versions)")
     return Status(recipe.name, OUTDATED if reasons else CURRENT, reasons, changes, fresh)
@@ -125,25 +139,76 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def shard(names: list[str], spec: str | None) -> list[str]:
-    """This runner's share: sorted names, every N-th from the K-th. Same input, same split."""
-    if not spec:
-        return sorted(names)
-    k, n = parse_shard(spec)
-    return [name for i, name in enumerate(sorted(names)) if i % n == k - 1]
+def shard(names: list[str], spec: str | None, base_of: dict[str, str] | None = None) -> list[str]:
+    """This runner's share: sorted names, every N-th from the K-th. Same input, same split.
+    A layer goes with its base (`base_of`): the groups of `groups()` are split, in order."""
+    jobs = groups(names, base_of)
+    if spec:
+        k, n = parse_shard(spec)
+        jobs = [g for i, g in enumerate(jobs) if i % n == k - 1]
+    return [name for g in jobs for name in g]
 
 
-def matrix(names: list[str], fmt: str) -> str:
-    """One CI job per template."""
-    names = sorted(names)
+def groups(names: list[str], base_of: dict[str, str] | None = None) -> list[list[str]]:
+    """Templates grouped by their root: a template that is no layer (or whose base is not
+    among `names`), then every layer on it, each after its base. Roots sorted by name."""
+    base_of = base_of or {}
+    chosen = set(names)
+
+    def root(n: str) -> str:
+        seen = {n}
+        while base_of.get(n) in chosen and base_of[n] not in seen:
+            n = base_of[n]
+            seen.add(n)
+        return n
+
+    by_root: dict[str, list[str]] = {}
+    for n in sorted(chosen):
+        by_root.setdefault(root(n), []).append(n)
+    return [dependency_order(by_root[r], base_of) for r in sorted(by_root)]
+
+
+def dependency_order(names: list[str], base_of: dict[str, str] | None = None) -> list[str]:
+    """`names` sorted, then each layer moved after its base (when the base is among them)."""
+    base_of, chosen, out = base_of or {}, set(names), []
+
+    def place(n: str, path: tuple[str, ...] = ()) -> None:
+        if n in out or n in path:
+            return
+        if base_of.get(n) in chosen:
+            place(base_of[n], path + (n,))
+        out.append(n)
+
+    for n in sorted(chosen):
+        place(n)
+    return out
+
+
+def matrix(names: list[str], fmt: str, base_of: dict[str, str] | None = None) -> str:
+    """One CI job per template; a layer goes into its base's job, after it (it is built on
+    the base's build, which the job has in its cache)."""
+    jobs = groups(names, base_of)
     if fmt == "github":
-        # For `strategy: matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`.
-        return json.dumps({"template": names}, separators=(",", ":"))
+        # For `strategy: matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`; a base's layers ride in
+        # its job as `matrix.layers` (an `include` entry that matches the base's job).
+        doc: dict[str, Any] = {"template": [g[0] for g in jobs]}
+        if any(len(g) > 1 for g in jobs):
+            doc["include"] = [{"template": g[0], "layers": " ".join(g[1:]), **_layer_paths(g[1:])}
+                              for g in jobs if len(g) > 1]
+        return json.dumps(doc, separators=(",", ":"))
     if fmt == "gitlab":
-        # The child pipeline .gitlab-ci.yml's plan job writes and triggers: one job per template.
+        # The child pipeline .gitlab-ci.yml's plan job writes and triggers: one job per template
+        # and its layers (vztt/ci/gitlab.py).
         from vztt.ci.gitlab import child_pipeline
-        return child_pipeline(names)
-    return json.dumps(names)
+        return child_pipeline(jobs)
+    return json.dumps([n for g in jobs for n in g])
+
+
+def _layer_paths(layers: list[str]) -> dict[str, str]:
+    """The layers' cache and artifact paths, as the workflow reads them from the matrix entry
+    (`${{ matrix.<key> }}`, vztt/ci/github.py): one path a line."""
+    from vztt.ci.jobs import UPDATE, layer_path_sets, layer_paths
+    return {key: "\n".join(layer_paths(paths, layers)) for key, paths in layer_path_sets(UPDATE).items()}
 
 
 def write_github_output(key: str, value: str) -> None:

@@ -11,10 +11,11 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from vztt.base.errors import RecipeError
 from vztt.store.packages import Download
-from vztt.recipe.lock import Lock
+from vztt.recipe.lock import Lock, LockedBase
 from vztt.recipe.variables import Mirrors
 from vztt.base.proc import Log
 from vztt.recipe.recipe import Recipe
@@ -37,8 +38,20 @@ class PackageInfo:
     licenses: tuple[str, ...] = ()       # as the database states them (DEP-5 short names, rpm License tag)
 
 
+@dataclass(frozen=True)
+class BaseSystem:
+    """A layer's base, to resolve on: its build (as the layer's lock records it), the
+    time its lock stamps, and a scratch root holding its package database (`package_db`)."""
+
+    record: LockedBase
+    source_date_epoch: int
+    root: Path
+
+
 class Backend(ABC):
     family: str
+    # The files of an installed root that are its package database: a layer resolves on them.
+    package_db: tuple[str, ...] = ()
 
     def __init__(self, recipe: Recipe, mirrors: Mirrors, state_dir: Path, log: Log, shared_state: Path | None = None):
         self.recipe = recipe
@@ -60,8 +73,9 @@ class Backend(ABC):
                 for r in self.recipe.repositories if r.image_sources}
 
     @abstractmethod
-    def resolve(self) -> Lock:
-        """The full package set, with verified metadata, as a lock."""
+    def resolve(self, base: BaseSystem | None = None) -> Lock:
+        """The full package set, with verified metadata, as a lock. On a layer's `base`:
+        what the layer adds to or changes in the base's installed set."""
 
     def downloads(self, lock: Lock) -> list[Download]:
         out = []
@@ -73,8 +87,11 @@ class Backend(ABC):
         return out
 
     @abstractmethod
-    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str]) -> None:
-        """Install exactly the locked packages (files: sha256 -> cached file) into root."""
+    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str],
+                after_base: Callable[[], None] | None = None) -> None:
+        """Install exactly the locked packages (files: sha256 -> cached file) into root;
+        `after_base` runs once the base system is in (apt: the Essential stage; a layer's
+        lock: the base's tree, before the layer's packages)."""
 
     @abstractmethod
     def finish(self, root: Path) -> None:

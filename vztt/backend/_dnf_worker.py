@@ -119,7 +119,9 @@ def resolve_job(req: dict[str, Any]) -> dict[str, Any]:
     state = Path(req["state"])
     warnings = _Collect()
     logging.getLogger("dnf").addHandler(warnings)
-    base = dnf.Base(_conf(req, state / "root", state))
+    # A layer resolves on its base's installed set: a root holding the base's rpm database.
+    installed = req.get("installed_root")
+    base = dnf.Base(_conf(req, Path(installed) if installed else state / "root", state))
     try:
         base.conf.excludepkgs = list(req["exclude"])
         for r in req["repos"]:
@@ -143,7 +145,7 @@ def resolve_job(req: dict[str, Any]) -> dict[str, Any]:
                 if "GPG" in detail:
                     detail += f" (keyring {r['keyring']})"
                 raise _Fail("resolve", f"repository {r['name']} ({r['url']}): {detail}") from None
-        base.fill_sack(load_system_repo=False, load_available_repos=True)
+        base.fill_sack(load_system_repo=bool(installed), load_available_repos=True)
         specs = req["specs"]
         try:
             if any(s.startswith("@") for s in specs):
@@ -174,7 +176,7 @@ def resolve_job(req: dict[str, Any]) -> dict[str, Any]:
             packages.append({"name": p.name, "epoch": p.epoch, "ver": p.version, "rel": p.release, "arch": p.arch,
                              "size": p.downloadsize, "sha256": digest.hex(), "location": p.location,
                              "repo": p.reponame})
-        if not packages:
+        if not packages and not installed:
             raise _Fail("resolve", f"{req['recipe']}: dnf resolved an empty package set")
         repos = {}
         for r in req["repos"]:

@@ -26,9 +26,10 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote
 
-from vztt.backend import Backend, InstalledPackage, PackageInfo
+from vztt.backend import Backend, BaseSystem, InstalledPackage, PackageInfo
 from vztt.backend.aptlists import LISTS, SharedRepo, provide, shared_repo, shared_resolve_dir
 from vztt.backend.debcopyright import declared_licenses
 from vztt.base.errors import BuildError, ResolveError
@@ -72,6 +73,7 @@ def _apt_list_name(url: str, suite: str) -> str:
 
 class AptBackend(Backend):
     family = "apt"
+    package_db = ("var/lib/dpkg/status",)
 
     # ------------------------------------------------------------------ config
     def _apt_config(self, name: str, status: Path, extra: dict[str, str] | None = None,
@@ -116,62 +118,69 @@ class AptBackend(Backend):
                 "DEBCONF_NONINTERACTIVE_SEEN": "true", **(extra or {})}
 
     # ----------------------------------------------------------------- resolve
-    def resolve(self) -> Lock:
+    def resolve(self, base: BaseSystem | None = None) -> Lock:
         recipe = self.recipe
         if not recipe.repositories:
             raise ResolveError(f"{recipe.path}: repositories: none configured")
         urls = self.base_urls()
         if self.shared_state is None:
-            base = self.state_dir / "resolve"
-            env = self._resolve_config(base, urls)
+            where = self.state_dir / "resolve"
+            env = self._resolve_config(where, urls, base)
             self._update(env, urls)
-            return self._resolve_in(base, env, urls)
+            return self._resolve_in(where, env, urls, base)
         arch = recipe.deb_arch
         repos = [shared_repo(self.shared_state, r.name, urls[r.name], r.suite, r.components, arch, r.keyring)
                  for r in recipe.repositories]
         # Templates with the same repositories resolve in the same directory: the same verified
         # lists, and apt's binary cache of them built once (backend/aptlists.py).
-        with shared_resolve_dir(self.shared_state, repos, arch) as base:
-            env = self._resolve_config(base, urls)
-            provide(repos, lambda repo: self._update_repo(repo, urls), base / LISTS)
-            return self._resolve_in(base, env, urls)
+        with shared_resolve_dir(self.shared_state, repos, arch) as where:
+            env = self._resolve_config(where, urls, base)
+            provide(repos, lambda repo: self._update_repo(repo, urls), where / LISTS)
+            return self._resolve_in(where, env, urls, base)
 
-    def _resolve_config(self, base: Path, urls: dict[str, str]) -> dict[str, str]:
-        """apt's configuration in `base` for resolving the recipe on an empty system; its environment."""
-        status = base / "status"
+    def _resolve_config(self, where: Path, urls: dict[str, str], base: BaseSystem | None) -> dict[str, str]:
+        """apt's configuration in `where` for resolving the recipe (on an empty system, or on a
+        layer's base); its environment."""
+        status = where / "status"
         status.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(status, "")                    # resolve as for an empty system
-        conf = self._apt_config("resolve", status, base=base)
+        # An empty system; a layer's base: its installed packages, so apt prints what the layer adds or changes.
+        atomic_write(status, (base.root / self.package_db[0]).read_bytes() if base else b"")
+        conf = self._apt_config("resolve", status, base=where)
         lines = [f"deb [signed-by={r.keyring} arch={self.recipe.deb_arch}] {urls[r.name]} {r.suite} "
                  f"{' '.join(r.components)}" for r in self.recipe.repositories]
-        atomic_write(base / "etc" / "sources.list", "\n".join(lines) + "\n")
+        atomic_write(where / "etc" / "sources.list", "\n".join(lines) + "\n")
         return self._env(conf)
 
-    def _resolve_in(self, base: Path, env: dict[str, str], urls: dict[str, str]) -> Lock:
+    def _resolve_in(self, where: Path, env: dict[str, str], urls: dict[str, str],
+                    base: BaseSystem | None) -> Lock:
         recipe = self.recipe
-        releases = self._verified_releases(urls, base / LISTS)
-        request = self._request(env)
-        full = self._print_uris(request, env)
-        essential_req = ["?essential"] + [x for x in request if x == "usr-is-merged"]
-        essential = {name for name, *_ in self._print_uris(essential_req, env)}
+        releases = self._verified_releases(urls, where / LISTS)
+        request = list(recipe.include) if base else self._request(env)
+        full = self._print_uris(request, env, allow_empty=base is not None) if request else []
+        essential: set[str] = set()               # a layer's packages go in through apt, on the base's dpkg
+        if base is None:
+            essential_req = ["?essential"] + [x for x in request if x == "usr-is-merged"]
+            essential = {name for name, *_ in self._print_uris(essential_req, env)}
 
         by_url = sorted(((_file_uri_path(u), name) for name, u in urls.items()), key=lambda x: -len(x[0]))
         packages = []
         for name, version, arch, size, sha, uri in full:
             uri = _file_uri_path(unquote(uri))
-            repo = next((rn for base, rn in by_url if uri.startswith(base + "/")), None)
+            repo = next((rn for url, rn in by_url if uri.startswith(url + "/")), None)
             if repo is None:
                 raise ResolveError(f"{name} {version}: apt offers it from {uri}, which is none of the recipe's repositories")
-            base = next(b for b, rn in by_url if rn == repo)
+            repo_url = next(u for u, rn in by_url if rn == repo)
             packages.append(LockedPackage(name=name, version=version, arch=arch, size=size, sha256=sha,
-                                          filename=uri[len(base) + 1:], repository=repo,
+                                          filename=uri[len(repo_url) + 1:], repository=repo,
                                           essential=name in essential))
         return Lock(
             recipe=recipe.name, inputs_digest=recipe.resolve_digest(), distro=recipe.distro, release=recipe.release,
-            arch=recipe.deb_arch, source_date_epoch=max(date for date, _ in releases.values()),
+            arch=recipe.deb_arch, source_date_epoch=max([date for date, _ in releases.values()]
+                                                        + ([base.source_date_epoch] if base else [])),
             repositories=tuple(LockedRepository(name=r.name, url=r.url, suite=r.suite, components=r.components,
                                                 release_sha256=releases[r.name][1]) for r in recipe.repositories),
             packages=tuple(sorted(packages, key=lambda p: p.name)), request=tuple(request),
+            base=base.record if base else None,
         )
 
     def _update(self, env: dict[str, str], urls: dict[str, str]) -> None:
@@ -244,7 +253,8 @@ class AptBackend(Backend):
             out[r.name] = (date, hashlib.sha256(data).hexdigest())
         return out
 
-    def _print_uris(self, request: list[str], env: dict[str, str]) -> list[tuple[str, str, str, int, str, str]]:
+    def _print_uris(self, request: list[str], env: dict[str, str],
+                    allow_empty: bool = False) -> list[tuple[str, str, str, int, str, str]]:
         # -q, not -qq: -qq hides the "X : Depends: Y but it is not installable" lines of a failure.
         # "--": the names and patterns that follow are never options, whatever they look like.
         proc = run(["apt-get", "install", "--print-uris", "-q", "-y", "--", *request], log=self.log, env=env,
@@ -260,7 +270,7 @@ class AptBackend(Backend):
             stem = m["file"][:-len(".deb")]
             name, version, arch = stem.split("_")
             out.append((name, unquote(version), arch, int(m["size"]), m["sha"], m["uri"]))
-        if not out:
+        if not out and not allow_empty:
             raise ResolveError(f"{self.recipe.name}: apt resolved an empty package set")
         return out
 
@@ -269,6 +279,11 @@ class AptBackend(Backend):
         if self.recipe.merged_usr:
             for d in MERGED_USR_DIRS.get(self.recipe.deb_arch, ("bin", "sbin", "lib")):
                 (root / "usr" / d).mkdir(parents=True, exist_ok=True)
+                if (root / d).is_symlink() and os.readlink(root / d) in (f"usr/{d}", f"/usr/{d}"):
+                    continue              # made by a before-packages hook (an EZ pre-cache script)
+                if (root / d).exists() or (root / d).is_symlink():
+                    raise BuildError(f"/{d} is in the image before any package (a before-packages hook?): "
+                                     f"merged /usr needs it to be a symlink to usr/{d}")
                 (root / d).symlink_to(f"usr/{d}")
         for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "var/cache/apt/archives/partial",
                   "etc/apt/apt.conf.d", "etc/dpkg/dpkg.cfg.d", "usr/sbin", "proc", "dev", "sys", "run"):
@@ -282,8 +297,12 @@ class AptBackend(Backend):
         # fsync after every file is what makes dpkg slow; the image is scratch until packed.
         (root / DPKG_BUILD_CFG).write_text("force-unsafe-io\n")
 
-    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str]) -> None:
-        self._prepare_root(root)
+    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str],
+                after_base: Callable[[], None] | None = None) -> None:
+        if lock.base is not None:
+            self._prepare_layer(root)
+        else:
+            self._prepare_root(root)
         archives = root / "var/cache/apt/archives"
         debs: dict[str, Path] = {}
         for p in lock.packages:
@@ -292,6 +311,16 @@ class AptBackend(Backend):
             debs[p.key] = dest
         essential = [p for p in lock.packages if p.essential]
         rest = [p for p in lock.packages if not p.essential]
+        script_env = {**TOOL_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
+                      **env}
+        if lock.base is not None:
+            # A layer: the base's tree is the base system; its packages go in through apt.
+            if after_base:
+                after_base()
+            self._apt_install(lock, rest, debs, root, script_env)
+            self._check_installed(lock, root)
+            self._write_sources(root)
+            return
         if not essential:
             raise BuildError(f"lock for {lock.recipe}: no Essential packages; re-run `vztt resolve`")
 
@@ -305,27 +334,48 @@ class AptBackend(Backend):
         _settle_shared_dirs(root, listings)
         self.log.write(f"# unpacked {len(essential)} Essential packages in {time.monotonic() - t0:.1f} s")
 
-        script_env = {**TOOL_ENV, "DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true",
-                      **env}
         # 2. Configure it with the image's own dpkg.
         inside = ["/" + str(debs[p.key].relative_to(root)) for p in essential]
         run(["chroot", str(root), "dpkg", "--install", "--force-depends", *inside], log=self.log, env=script_env,
             what=f"{lock.recipe}: dpkg --install of the Essential packages")
         self.log.write(f"# configured the Essential packages at {time.monotonic() - t0:.1f} s")
+        if after_base:
+            after_base()
 
         # 3. The rest through apt's ordering, dpkg chrooted into the image.
-        if rest:
-            conf = self._apt_config("install", root / "var/lib/dpkg/status", {
-                "Dir::Cache::archives": str(archives) + "/",
-                "DPkg::Chroot-Directory": str(root),
-                "Dir::Etc::SourceList": "/dev/null",
-            })
-            run(["apt-get", "install", "-y", "--no-download", "-o", "APT::Get::allow-downgrades=false",
-                 *[str(debs[p.key]) for p in rest]],
-                log=self.log, env=self._env(conf, script_env), what=f"{lock.recipe}: apt-get install")
+        self._apt_install(lock, rest, debs, root, script_env)
         self.log.write(f"# installed the rest at {time.monotonic() - t0:.1f} s")
         self._check_installed(lock, root)
         self._write_sources(root)
+
+    def _apt_install(self, lock: Lock, packages: list[LockedPackage], debs: dict[str, Path], root: Path,
+                     script_env: dict[str, str]) -> None:
+        """apt installs `packages` (fetched files) in its dependency order, dpkg chrooted into the image."""
+        if not packages:
+            return
+        conf = self._apt_config("install", root / "var/lib/dpkg/status", {
+            "Dir::Cache::archives": str(root / "var/cache/apt/archives") + "/",
+            "DPkg::Chroot-Directory": str(root),
+            "Dir::Etc::SourceList": "/dev/null",
+        })
+        run(["apt-get", "install", "-y", "--no-download", "-o", "APT::Get::allow-downgrades=false",
+             *[str(debs[p.key]) for p in packages]],
+            log=self.log, env=self._env(conf, script_env), what=f"{lock.recipe}: apt-get install")
+
+    def _prepare_layer(self, root: Path) -> None:
+        """A base's tree (cleaned as a template is) made ready for apt again: its archives
+        directory, and no daemon started, no fsync, until finish()."""
+        if not (root / "var/lib/dpkg/status").is_file():
+            raise BuildError(f"{root}: the base has no dpkg database (var/lib/dpkg/status)")
+        # The base's tree may have come from a mirror: the host's apt reads and writes these
+        # paths itself, so none may be a link out of the image; nothing is written through one.
+        for rel in ("var", "var/cache", "var/cache/apt", "var/cache/apt/archives", "var/lib", "var/lib/dpkg",
+                    "var/lib/dpkg/status", "etc", "etc/apt", "etc/apt/sources.list"):
+            if (root / rel).is_symlink():
+                raise BuildError(f"the base's tree: /{rel} is a symlink; apt on the host would follow it")
+        for rel, text, mode in (("usr/sbin/policy-rc.d", POLICY_RC_D, 0o755), (DPKG_BUILD_CFG, "force-unsafe-io\n", 0o644)):
+            write_in_root(root, rel, text.encode(), mode)
+        mkdir_in_root(root, "var/cache/apt/archives/partial")
 
     def _unpack(self, deb: Path, root: Path) -> dict[str, int]:
         """`dpkg-deb --fsys-tarfile DEB | tar -x` into the image; the directories the

@@ -49,9 +49,9 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from vztt.backend import Backend, InstalledPackage, PackageInfo
+from vztt.backend import Backend, BaseSystem, InstalledPackage, PackageInfo
 from vztt.base.errors import BuildError, RecipeError, ResolveError, VzttError
 from vztt.base.inroot import clear_in_root, dir_in_root, list_in_root, read_in_root, remove_in_root, write_in_root
 from vztt.recipe.lock import Lock, LockedPackage, LockedRepository
@@ -96,6 +96,7 @@ def _evr(epoch: int | str | None, ver: str, rel: str) -> str:
 
 class DnfBackend(Backend):
     family = "dnf"
+    package_db = ("var/lib/rpm/",)
 
     def __init__(self, recipe, mirrors, state_dir, log, shared_state=None):  # type: ignore[no-untyped-def]
         super().__init__(recipe, mirrors, state_dir, log, shared_state)
@@ -138,12 +139,13 @@ class DnfBackend(Backend):
                 "install_weak_deps": r.install_weak_deps, "nodocs": r.nodocs}
 
     # ----------------------------------------------------------------- resolve
-    def resolve(self) -> Lock:
+    def resolve(self, base: BaseSystem | None = None) -> Lock:
         recipe = self.recipe
         if not recipe.repositories:
             raise ResolveError(f"{recipe.path}: repositories: none configured")
-        request = list(recipe.base) + [x for x in recipe.include if x not in recipe.base]
-        if not request:
+        # A layer asks for its own packages, on its base's installed set (its rpm database).
+        request = list(recipe.include) if base else list(recipe.base) + [x for x in recipe.include if x not in recipe.base]
+        if not request and base is None:
             raise ResolveError(f"{recipe.path}: packages: nothing to install (set packages.base or packages.include)")
         urls = self.base_urls()
         state = self.state_dir / "resolve"
@@ -153,6 +155,7 @@ class DnfBackend(Backend):
             "exclude": list(recipe.exclude),
             "repos": [{"name": r.name, "url": urls[r.name], "keyring": str(r.keyring),
                        "repo_gpgcheck": r.repo_gpgcheck} for r in recipe.repositories],
+            **({"installed_root": str(base.root)} if base else {}),
         }, state, "dnf resolve", ResolveError)
         packages = tuple(sorted((LockedPackage(
             name=p["name"], version=_evr(p["epoch"], p["ver"], p["rel"]), arch=p["arch"], size=p["size"],
@@ -162,16 +165,25 @@ class DnfBackend(Backend):
         repos = doc["repos"]
         return Lock(
             recipe=recipe.name, inputs_digest=recipe.resolve_digest(), distro=recipe.distro, release=recipe.release,
-            arch=recipe.arch, source_date_epoch=max(r["timestamp"] for r in repos.values()),
+            arch=recipe.arch, source_date_epoch=max([r["timestamp"] for r in repos.values()]
+                                                    + ([base.source_date_epoch] if base else [])),
             repositories=tuple(LockedRepository(name=r.name, url=r.url, suite="", components=(),
                                                 release_sha256=repos[r.name]["sha256"])
                                for r in recipe.repositories),
-            packages=packages, request=tuple(request),
+            packages=packages, request=tuple(request), base=base.record if base else None,
         )
 
     # ----------------------------------------------------------------- install
-    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str]) -> None:
+    def install(self, lock: Lock, files: dict[str, Path], root: Path, env: dict[str, str],
+                after_base: Callable[[], None] | None = None) -> None:
+        # dnf has no bootstrap stage of its own: the base system is a layer's base, or the whole transaction.
+        if after_base and lock.base is not None:
+            after_base()
+        # A layer: the base's packages are in the image already, and stay.
+        had = {(p.name, p.arch) for p in self.installed(root)} if lock.base is not None else set()
         keyrings = {r.name: r.keyring for r in self.recipe.repositories}
+        if not lock.packages:                                # a layer of files and hooks only
+            return
         for stale in self.state_dir.glob("install-*"):      # a killed build's scratch (we hold the template lock)
             shutil.rmtree(stale, ignore_errors=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +207,9 @@ class DnfBackend(Backend):
                          scratch, f"{lock.recipe}: dnf install", BuildError, env=env)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        self._check_installed(lock, root)
+        self._check_installed(lock, root, had)
+        if after_base and lock.base is None:
+            after_base()
         self._write_repo_files(root)
 
     def _write_repo_files(self, root: Path) -> None:
@@ -215,7 +229,7 @@ class DnfBackend(Backend):
             write_in_root(root, f"{REPOS_DIR}/{r.name}.repo", repo_file(r.name, urls[r.name], key,
                                                                          r.repo_gpgcheck).encode())
 
-    def _check_installed(self, lock: Lock, root: Path) -> None:
+    def _check_installed(self, lock: Lock, root: Path, had: set[tuple[str, str]] | None = None) -> None:
         have = {(p.name, p.arch): p for p in self.installed(root)}
         want = {(p.name, p.arch): p for p in lock.packages}
         for key, p in want.items():
@@ -223,7 +237,7 @@ class DnfBackend(Backend):
             if got is None or got.version != p.version:
                 state = f"installed as {got.version}" if got else "not installed"
                 raise BuildError(f"{lock.recipe}: {p.name} {p.version} is {state} in the image after install")
-        extra = sorted(f"{n}.{a}" for n, a in have.keys() - want.keys())
+        extra = sorted(f"{n}.{a}" for n, a in have.keys() - want.keys() - (had or set()))
         if extra:
             raise BuildError(f"{lock.recipe}: the image's rpm database has packages the lock does not: "
                              f"{', '.join(extra[:5])}")

@@ -114,8 +114,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (BadUsage.exit_code, "usage error (bad command line, a bad --hostname, an --ip, --gateway, --ssh-key or "
                          "--root-password-hash that does not parse, a mirror vztt cannot read); "
                          "for `vztt status`: updates are available"),
-    (RecipeError.exit_code, "recipe or mirrors file invalid, or unknown template (`vztt list` lists the "
-                            "valid recipes and marks the invalid ones first)"),
+    (RecipeError.exit_code, "recipe, mirrors file or EZ template (`vztt import-ez`) invalid, or unknown template "
+                            "(`vztt list` lists the valid recipes and marks the invalid ones first)"),
     (ResolveError.exit_code, "resolution failed (unknown package, broken dependency, bad repository signature, stale lock)"),
     (FetchError.exit_code, "download failed, checksum mismatch, bad signature, or a stale or rolled-back mirror index"),
     (BuildError.exit_code, "install, hook, image or archive step failed (an archive the guard refuses, a destination taken)"),

@@ -15,8 +15,10 @@ clears setuid bits), fsync'ed, and renamed over the name within that same
 directory fd; a symlink at the name is replaced, never written through.
 
 Linux 5.6 or later (openat2). Every write vztt makes into such a tree (recipe
-files, apt sources, repo files, hostname, hosts, machine-id, the VM's agent,
-cleaning, the network settings of `vztt create`) goes through here.
+files, apt sources, repo files, a layer's apt settings on its base's tree, the
+`ez` hook scripts and their /vzttXXXXXX directory, hostname, hosts,
+machine-id, the VM's agent, cleaning, the network settings of `vztt create`)
+goes through here.
 """
 
 from __future__ import annotations

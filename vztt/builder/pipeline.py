@@ -22,17 +22,18 @@ from vztt.base.mounts import enter_private_namespace, require_root
 from vztt.base.proc import Log, mark_children
 from vztt.base.progress import Progress
 from vztt.boot import test as boottest
+from vztt.builder import layer as layers
 from vztt.builder.customize import clean_root, run_hooks, write_files
 from vztt.builder.fetch import Fetcher
 from vztt.builder.image import BuildImage
-from vztt.formats import FormatContext
+from vztt.formats import AppCache, FormatContext
 from vztt.recipe.lock import Lock, LockDiff, diff
 from vztt.recipe.recipe import Recipe
 from vztt.recipe.variables import Mirrors
 from vztt.store.manifest import ArchiveRecord, Manifest, PackageRecord
 from vztt.store import sbom
 from vztt.store.packages import PackageCache
-from vztt.store.templates import TemplateCache
+from vztt.store.templates import Entry, TemplateCache
 
 
 @dataclass
@@ -83,7 +84,14 @@ def resolve(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, lock_path: P
                     previous = Lock.read(lock_path)
                 except ResolveError:
                     previous = None      # unreadable old lock: replaced, reported as all new
-            lock = _backend(recipe, cache, mirrors, log).resolve()
+            backend = _backend(recipe, cache, mirrors, log)
+            if recipe.base_template:
+                # A layer: the solver starts from the base build's installed packages.
+                with cache.scratch(f"{recipe.name}.base") as scratch:
+                    entry = layers.base_entry(recipe, cache)
+                    lock = backend.resolve(layers.base_system(cache, entry, backend.package_db, scratch))
+            else:
+                lock = backend.resolve()
             lock.write(lock_path)
             d = diff(previous, lock)
             st.note(f"{len(lock.packages)} packages, {len(d.added)} added, {len(d.removed)} removed, "
@@ -117,6 +125,8 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
         try:
             backend = _backend(recipe, cache, mirrors, log)
             backend.image_urls()        # an unset variable in a shipped URL: one line now, not after the install
+            # A layer stands on its base's promoted build (boot-tested, when this build is).
+            base = layers.base_entry(recipe, cache, tested=options.test) if recipe.base_template else None
             lock_path = options.lock_path or cache.lock_file(name)
             if options.locked:
                 with progress.step("lock") as st:
@@ -124,6 +134,8 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                     if lock.inputs_digest != recipe.resolve_digest():
                         raise ResolveError(f"{lock_path}: made from other package settings of recipe {name} "
                                            "(repositories, packages or release changed since); run `vztt resolve` or build without --locked")
+                    if base is not None:
+                        layers.check_locked_base(lock, lock_path, base)
                     st.note(f"{len(lock.packages)} packages from {lock_path}")
             else:
                 lock = resolve(recipe, cache, mirrors, lock_path, progress, log).lock
@@ -140,15 +152,23 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
 
             env = {**recipe.environment, "SOURCE_DATE_EPOCH": str(lock.source_date_epoch)}
             with BuildImage(work, recipe.image_size, log) as image:
+                if base is not None:
+                    with progress.step("base") as st:
+                        tar_bytes = layers.unpack_base(cache, base, image.root)
+                        st.note(f"{base.name} build {base.manifest.build_id}, {tar_bytes / 1e6:.0f} MB, sha256 checked")
                 with progress.step("install") as st:
+                    # vztt's order: pre-cache (host) -> mid-pre/-post-install (after the base system) -> packages.
+                    before = run_hooks(image.root, recipe.hooks, env, log, name, "before-packages", work)
                     image.mount_api()
-                    backend.install(lock, files, image.root, env)
-                    st.note(f"{len(lock.packages)} packages")
+                    backend.install(lock, files, image.root, env, after_base=lambda: run_hooks(
+                        image.root, recipe.hooks, env, log, name, "after-base", work))
+                    st.note(f"{len(lock.packages)} packages" + (f" on {base.name}" if base else "")
+                            + (f", {before} hooks before" if before else ""))
                 pkg_lock.close()
                 with progress.step("customize") as st:
                     write_files(image.root, recipe.files)
-                    run_hooks(image.root, recipe.hooks, env, log, name)
-                    st.note(f"{len(recipe.files)} files, {len(recipe.hooks)} hooks")
+                    after = run_hooks(image.root, recipe.hooks, env, log, name, "after-packages", work)
+                    st.note(f"{len(recipe.files)} files, {after} hooks")
                 with progress.step("clean"):
                     image.unmount_api()
                     backend.finish(image.root)
@@ -157,14 +177,19 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 with progress.step("sbom") as st:
                     # What the image's package database says (with sources and licenses), and the
                     # sha256 of each package file from the lock: the manifest's package list.
+                    # A layer: the base's packages are in the image's database too, their files'
+                    # sha256 from the base's build (builder/layer.py).
+                    known = layers.base_package_files(cache, base) if base is not None else {}
                     installed = _package_records(backend.installed(image.root), backend.package_info(image.root),
-                                                 lock)
+                                                 lock, known)
                     st.note(f"{len(installed)} packages, {sum(bool(p.licenses) for p in installed)} "
                             "stating their licenses")
-                # `out` is set for each format by _write_formats.
+                # `out` is set for each format by write_formats.
                 context = FormatContext(name=name, tree=image.root, out=work, work=work,
                                         source_date_epoch=lock.source_date_epoch, lock_digest=lock.digest,
-                                        packages=installed, settings=recipe.merged, log=log)
+                                        packages=installed, settings=recipe.merged, log=log,
+                                        app_cache=AppCache(recipe.os_template, recipe.app_templates)
+                                        if recipe.base_template else None)
                 archives, outputs = write_formats(formats, context, cache, progress, temps)
             created = datetime.now(timezone.utc).replace(microsecond=0)
             manifest = Manifest(
@@ -178,6 +203,7 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 source_date_epoch=lock.source_date_epoch, vztt_version=__version__,
                 packages=installed, package_count=len(installed), image_used_bytes=used,
                 build_seconds=round(time.monotonic() - started, 1), steps=dict(progress.timings),
+                base=lock.base,
             )
             manifest_path = cache.manifest(name)
             tmp_manifest = cache.temp_path(manifest_path)
@@ -189,11 +215,15 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 removed = _other_formats(cache, manifest, progress)
                 manifest.write(tmp_manifest)
                 sboms = _write_sboms(cache, manifest, temps)
+                previous = cache.entry(name)
                 cache.promote(name, outputs + sboms + [(tmp_manifest, manifest_path)])
                 # A format the new manifest does not name must not linger beside it.
                 for fmt in set(formats_registry.names()) - set(manifest.archives):
                     for file_name in formats_registry.get(fmt).file_names(name):
                         cache.file(file_name).unlink(missing_ok=True)
+                # Nor a file the last build had under another name (an app cache whose applications changed).
+                for gone in _files_of(previous) - _files_of_manifest(manifest):
+                    cache.file(gone).unlink(missing_ok=True)
                 cache.record_history(name, manifest, lock)
                 st.note(", ".join(str(final) for _, final in outputs))
             manifest.steps = dict(progress.timings)
@@ -205,6 +235,14 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
                 t.unlink(missing_ok=True)
             log.close()
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _files_of(entry: Entry | None) -> set[str]:
+    return _files_of_manifest(entry.manifest) if entry else set()
+
+
+def _files_of_manifest(manifest: Manifest) -> set[str]:
+    return {f.file for a in manifest.archives.values() for f in a.files if "/" not in f.file}
 
 
 def _other_formats(cache: TemplateCache, manifest: Manifest, progress: Progress) -> list[str]:
@@ -231,8 +269,10 @@ def _other_formats(cache: TemplateCache, manifest: Manifest, progress: Progress)
 
 
 def _package_records(installed: list[InstalledPackage], info: dict[tuple[str, str], PackageInfo],
-                     lock: Lock) -> list[PackageRecord]:
-    files = {(p.name, p.arch, p.version): p.sha256 for p in lock.packages}
+                     lock: Lock, known: dict[tuple[str, str, str], str] | None = None) -> list[PackageRecord]:
+    """The manifest's package list: the image's packages, with the sha256 of each one's file
+    from the lock, or from `known` (a layer's base build: the packages it did not install)."""
+    files = {**(known or {}), **{(p.name, p.arch, p.version): p.sha256 for p in lock.packages}}
     out = []
     for p in sorted(installed, key=lambda p: (p.name, p.arch)):
         i = info.get((p.name, p.arch), PackageInfo())
@@ -266,8 +306,9 @@ def write_formats(wanted: tuple[str, ...], context: FormatContext, cache: Templa
     for fmt_name in [source, *(f for f in wanted if f != source)]:
         fmt = formats_registry.get(fmt_name)
         pairs = []
-        for part in fmt.part_list():
-            final = cache.file(part.cache_name(context.name))
+        for i, part in enumerate(fmt.part_list()):
+            # The primary file may be named otherwise (a layered template's app cache).
+            final = cache.file(fmt.output_name(context) if i == 0 else part.cache_name(context.name))
             tmp = cache.temp_path(final)
             temps.append(tmp)
             pairs.append((part.suffix, tmp, final))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vztt.ci.jobs import ALWAYS, NIGHTLY, PLAN_COMMAND, VM_PATTERNS, Cache, Job, Nightly, Step
+from vztt.ci.jobs import ALWAYS, NIGHTLY, PLAN_COMMAND, VM_PATTERNS, Cache, Job, Nightly, Step, layer_key
 from vztt.ci.yamltext import Flow, dump
 
 PATH = ".github/workflows/nightly.yml"
@@ -14,6 +14,7 @@ RUNNER = Flow(["self-hosted", "linux", "x64", "vztt"])
 CHECKOUT = {"uses": "actions/checkout@v4"}
 SETUP = {"run": "make setup"}
 TEMPLATE = "${{ matrix.template }}"
+LAYERS = "${{ matrix.layers }}"          # the layered templates that ride in the job (vztt matrix): often none
 KERNEL_KEY = "vztt-kernel-${{ hashFiles('kernel/**') }}"
 
 HEADER = """The nightly template job: plan the matrix, update + boot-test every template
@@ -37,8 +38,8 @@ def fill(command: str, template: str = TEMPLATE) -> str:
         if word.startswith("setting:"):
             name, bar, default = word.split(":", 1)[1].partition("|")
             return "${{ vars.%s || '%s' }}" % (name, default) if bar else "${{ vars.%s }}" % name
-        return {"vztt": ".venv/bin/vztt", "setup": "make setup", "template": template}[word]
-    return re.sub(r"\{(vztt|setup|template|setting:[A-Z_]+(?:\|[\w,-]+)?)\}", sub, command)
+        return {"vztt": ".venv/bin/vztt", "setup": "make setup", "template": template, "layers": LAYERS}[word]
+    return re.sub(r"\{(vztt|setup|template|layers|setting:[A-Z_]+(?:\|[\w,-]+)?)\}", sub, command)
 
 
 def _settings(n: Nightly) -> str:
@@ -71,12 +72,22 @@ def _step(step: Step) -> dict[str, Any]:
     condition = _condition(step)
     if condition:
         doc["if"] = condition
-    doc["run"] = fill(step.run)
+    if step.each:
+        # The job's template, then its layers: every one runs; the step fails with the first failure.
+        doc["run"] = (f'rc=0; for t in {TEMPLATE} {LAYERS}; do {fill(step.run, "$t")} || {{ s=$?; [ "$rc" != 0 ] || rc=$s; }}; '
+                      'done; exit "$rc"')
+    else:
+        doc["run"] = fill(step.run)
     return doc
 
 
+def _layer_line(paths: tuple[str, ...], kind: str, name: str) -> list[str]:
+    """The layers' paths, which the matrix entry of a job with layers carries (vztt matrix)."""
+    return [f"${{{{ matrix.{layer_key(kind, name)} }}}}"] if any("{template}" in p for p in paths) else []
+
+
 def _cache(cache: Cache, job: Job) -> dict[str, Any]:
-    paths = [fill(p) for p in cache.paths]
+    paths = [fill(p) for p in cache.paths] + _layer_line(cache.paths, "cache", cache.key)
     if cache.kernel:
         key = KERNEL_KEY
     else:
@@ -94,7 +105,7 @@ def _cache(cache: Cache, job: Job) -> dict[str, Any]:
 def _artifacts(job: Job) -> list[dict[str, Any]]:
     out = []
     for a in job.artifacts:
-        paths = [fill(p) for p in a.paths]
+        paths = [fill(p) for p in a.paths] + _layer_line(a.paths, "artifact", a.name)
         upload: dict[str, Any] = {"uses": "actions/upload-artifact@v4"}
         if a.when == ALWAYS:
             upload["if"] = "always()"

@@ -10,7 +10,8 @@ rendering: neither can drift from this description, nor from the other.
 
 Commands use placeholders the renderers fill in: `{vztt}` (the vztt that
 `make setup` installs), `{setup}` (`make setup`), `{template}` (the
-template of a per-template job) and `{setting:NAME}` or
+template of a per-template job), `{layers}` (the layered templates that ride
+in that job, after their base: `vztt matrix` groups them; empty for most) and `{setting:NAME}` or
 `{setting:NAME|default}` (a setting's value, or the default when it is unset
 or empty).
 """
@@ -41,6 +42,7 @@ class Step:
     run: str                        # shell; placeholders {vztt} {setup} {template}
     when: str = ON_SUCCESS          # always: also after an earlier step failed
     only: str = ""                  # a condition: "vm" (templates booted in a VM), "kernel-check"
+    each: bool = False              # run for the job's template and for each of its layers
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,10 @@ UPDATE = Job(
     ),
     steps=(
         Step("update (re-resolve; rebuild, boot-test and promote only if something changed)",
-             "{vztt} update {template} --format {setting:TEMPLATE_FORMATS|all}"),
-        Step("boot test report", "{vztt} test {template} --junit junit-{template}.xml", when=ALWAYS),
+             "{vztt} update {template} {layers} --format {setting:TEMPLATE_FORMATS|all}"),
+        Step("boot test report", "{vztt} test {template} --junit junit-{template}.xml", when=ALWAYS, each=True),
         Step("boot test in a VM with vztt's kernel (TCG where KVM does not run it)",
-             "{vztt} test {template} --vm --junit junit-vm-{template}.xml", when=ALWAYS, only="vm"),
+             "{vztt} test {template} --vm --junit junit-vm-{template}.xml", when=ALWAYS, only="vm", each=True),
     ),
     artifacts=(
         # The reports: JUnit, the logs, and a failed build's manifest (its boot test's report).
@@ -164,6 +166,29 @@ PUBLISH = Job(
 )
 
 PLAN_COMMAND = "{vztt} matrix --format {ci}"
+
+
+def layer_path_sets(job: Job) -> dict[str, tuple[str, ...]]:
+    """A per-template job's caches and artifacts whose paths name the template: a key for
+    each (the GitHub matrix entry of a job with layers carries the layers' paths under it,
+    `vztt matrix`), and those paths. The GitLab child pipeline names them all itself."""
+    out: dict[str, tuple[str, ...]] = {}
+    for what, name, paths in ([("cache", c.key, c.paths) for c in job.caches]
+                              + [("artifact", a.name, a.paths) for a in job.artifacts]):
+        named = tuple(p for p in paths if "{template}" in p)
+        if named:
+            out[layer_key(what, name)] = named
+    return out
+
+
+def layer_key(kind: str, name: str) -> str:
+    """The matrix key of a cache's or artifact's paths for the layers of a job."""
+    return f"{kind}_{name}".replace("-", "_")
+
+
+def layer_paths(paths: tuple[str, ...], layers: list[str]) -> list[str]:
+    """`paths` (placeholders) for each layer."""
+    return [p.replace("{template}", t) for t in layers for p in paths]
 JOBS = (KERNEL, UPDATE, PUBLISH)
 
 

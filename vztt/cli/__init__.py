@@ -5,7 +5,7 @@ imports none of them, so there is no import cycle.
 """
 
 from vztt.cli.main import main
-from vztt.cli import boot, build, kernel, mirror, nightly, recipes  # noqa: F401  (register their commands)
+from vztt.cli import boot, build, ezimport, kernel, mirror, nightly, recipes  # noqa: F401  (register their commands)
 from vztt.cli import sbom  # noqa: F401
 
 __all__ = ["main"]

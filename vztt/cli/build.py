@@ -69,19 +69,24 @@ def _boot_test_line(record: dict[str, Any]) -> str:
 @main.command()
 @selection
 @_with_build_options
+@click.option("--build-base", is_flag=True,
+              help="A layered template (recipe `base`) whose base is not in the cache: build the base first.")
 @mirror_option
 @json_option
 @click.pass_obj
 @guarded
 def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, locked: bool,
-          lock_path: Path | None, jobs: int, fmt: str | None, no_test: bool, wait: float, as_json: bool) -> None:
+          lock_path: Path | None, jobs: int, fmt: str | None, no_test: bool, wait: float, build_base: bool,
+          as_json: bool) -> None:
     """Build templates into the cache: NAME..., or --all (optionally --shard K/N).
 
     \b
     Steps (timed on stderr):
       resolve    lock the package set (skipped with --locked)
       fetch      download what the package cache lacks, in parallel, verified
-      install    install into a temporary loop-mounted ext4 image
+      base       a layered template (recipe `base`): unpack the base's promoted build, sha256 checked
+      install    install into a temporary loop-mounted ext4 image (hooks of phases before-packages,
+                 after-base run here)
       customize  the recipe's files and hooks
       clean      drop caches, logs, machine-id
       pack       reproducible tar, lz4
@@ -104,6 +109,10 @@ def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | No
 
     def one(name: str) -> dict[str, Any]:
         recipe = obj.store.load(name)
+        for base in _missing_bases(obj, recipe) if build_base else []:
+            progress.say(f"building {base} (the base of {name}, not in the cache)")
+            pipeline.build(obj.store.load(base), obj.cache, mirrors, pipeline.BuildOptions(
+                jobs=jobs, format=fmt, test=not no_test, wait=wait), progress)
         progress.say(f"building {name}")
         result = pipeline.build(recipe, obj.cache, mirrors, pipeline.BuildOptions(
             locked=locked, lock_path=lock_path, jobs=jobs, format=fmt, test=not no_test, wait=wait), progress)
@@ -114,6 +123,15 @@ def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | No
     results = each_template(chosen, as_json, one)
     if as_json:
         emit(results[0] if len(results) == 1 and names else results)
+
+
+def _missing_bases(obj: Context, recipe: Any) -> list[str]:
+    """The bases under a layer that the cache lacks, the lowest first."""
+    missing: list[str] = []
+    while recipe.base_template and obj.cache.entry(recipe.base_template) is None:
+        missing.insert(0, recipe.base_template)
+        recipe = obj.store.load(recipe.base_template)
+    return missing
 
 
 def _readable_formats() -> str:

@@ -185,13 +185,29 @@ def selection(fn: F) -> F:
 
 
 def selected(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None) -> list[str]:
-    """The templates a command works on: NAMES, or --all, cut to this runner's --shard."""
+    """The templates a command works on: NAMES, or --all, cut to this runner's --shard; a
+    layer after its base (and in its base's shard)."""
     from vztt.nightly import shard
     if all_ and names:
         raise click.UsageError("give template names or --all, not both")
     if not all_ and not names:
         raise click.UsageError("name a template (see `vztt list`) or pass --all")
-    return shard(list(names) if names else obj.store.names(), shard_spec)
+    chosen = list(names) if names else obj.store.names()
+    return shard(chosen, shard_spec, bases(obj, chosen))
+
+
+def bases(obj: Context, names: list[str]) -> dict[str, str]:
+    """Layer -> its base, for the templates that are layers. A recipe that does not load is
+    left out here: the command reports it when it gets to it."""
+    out = {}
+    for name in names:
+        try:
+            base = obj.store.load(name).base_template
+        except VzttError:
+            continue
+        if base:
+            out[name] = base
+    return out
 
 
 def each_template(names: list[str], as_json: bool, one: Callable[[str], Any]) -> list[Any]:

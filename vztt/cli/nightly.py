@@ -10,8 +10,8 @@ import click
 from vztt.base.progress import Progress
 from vztt.recipe.variables import MirrorNotSet
 from vztt.cli.build import build_report
-from vztt.cli.main import (Context, FormatList, each_template, emit, guarded, json_option, main, mirror_option,
-                           selected, selection)
+from vztt.cli.main import (Context, FormatList, bases, each_template, emit, guarded, json_option, main,
+                           mirror_option, selected, selection)
 
 
 @main.command()
@@ -63,7 +63,8 @@ def update(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | N
            no_test: bool, wait: float, as_json: bool) -> None:
     """Re-resolve, then rebuild, boot-test and promote only the templates that changed.
 
-    Says why each rebuild happens (recipe changed, packages changed, not built yet).
+    Says why each rebuild happens (recipe changed, packages changed, not built yet, base
+    rebuilt). A layered template is updated after its base, on the base's new build.
     """
     from vztt.builder import pipeline
     from vztt import nightly
@@ -114,17 +115,20 @@ def diff_cmd(obj: Context, name: str, as_json: bool) -> None:
 @click.pass_obj
 @guarded
 def matrix(obj: Context, fmt: str, as_json: bool) -> None:
-    """The CI matrix: one job per buildable template.
+    """The CI matrix: one job per buildable template; a layered template goes into its base's
+    job, after the base (github: as `matrix.layers` of the base's entry).
 
-    With --json: one document, {"format", "templates", "output"} (output: what --format prints).
+    With --json: one document, {"format", "templates", "jobs", "output"} (jobs: each job's
+    templates, a base then its layers; output: what --format prints).
     """
     from vztt import nightly
     names = obj.store.names()
-    text = nightly.matrix(names, fmt)
+    base_of = bases(obj, names)
+    text = nightly.matrix(names, fmt, base_of)
     if fmt == "github":
         nightly.write_github_output("matrix", text)
     if as_json:
-        emit({"format": fmt, "templates": sorted(names), "output": text})
+        emit({"format": fmt, "templates": sorted(names), "jobs": nightly.groups(names, base_of), "output": text})
         return
     click.echo(text)
 

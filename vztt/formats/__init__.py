@@ -39,6 +39,15 @@ class ImageFormatError(VzttError):
     kind = "format"
 
 
+@dataclass(frozen=True)
+class AppCache:
+    """A layered template as Virtuozzo sees it: an OS template with application templates
+    baked in (`vzpkg create appcache`); formats that know app caches name their file after it."""
+
+    os_template: str
+    apps: tuple[str, ...]
+
+
 @dataclass
 class FormatContext:
     """What a format is written from."""
@@ -60,6 +69,7 @@ class FormatContext:
 
     def out_for(self, part: "Part") -> Path:
         return self.outs.get(part.suffix, self.out)
+    app_cache: AppCache | None = None        # a layered template (recipe `base`)
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,13 @@ class Format(ABC):
         boot runtime to lay an overlay on: made below the empty directory `scratch`, gone
         when the context ends. NotBootable for a format vztt does not boot."""
         raise NotBootable(f"format {self.name}: vztt does not boot it (its host's own tools do)")
+    def output_name(self, ctx: FormatContext) -> str:
+        """The cache file a build writes (a format may name a layered template's file otherwise)."""
+        return self.file_name(ctx.name)
+
+    def accepts_file(self, file: str, template: str) -> bool:
+        """Whether a manifest may name `file` as this format's file of `template` (pull checks)."""
+        return file == self.file_name(template)
 
     def describe(self, record: ArchiveRecord) -> str:
         """The build step's line about what was written (sizes)."""

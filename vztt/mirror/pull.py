@@ -269,7 +269,8 @@ def _remote_manifest(remote: Remote, name: str, formats: list[str]) -> Manifest:
               and all([p.sha256 for p in manifest.archives[f].files]
                       == [r["sha256"] for r in archive_files(remote.build["archives"][f])]
                       and manifest.archives[f].tar_size == remote.build["archives"][f].get("tar_size")
-                      and [p.file for p in manifest.archives[f].files] == formats_registry.get(f).file_names(name)
+                      and formats_registry.get(f).accepts_file(manifest.archives[f].file, name)
+                      and [p.file for p in manifest.archives[f].parts] == formats_registry.get(f).file_names(name)[1:]
                       for f in formats))
     except (ManifestError, KeyError, ValueError):
         ok = False
@@ -293,7 +294,8 @@ def install(cache: TemplateCache, name: str, remote: Remote, parts: dict[str, li
     temps: list[Path] = []
     try:
         for f in formats:
-            for part, file_name in zip(parts[f], formats_registry.get(f).file_names(name)):
+            # the names were checked above (accepts_file, file_names): bare names in the cache
+            for part, file_name in zip(parts[f], [p.file for p in manifest.archives[f].files]):
                 final = cache.file(file_name)
                 tmp = cache.temp_path(final)
                 temps.append(tmp)

@@ -53,6 +53,15 @@ class LockedRepository:
 
 
 @dataclass(frozen=True)
+class LockedBase:
+    """A layer's base: the promoted build it was resolved on and is built on."""
+    name: str
+    build_id: str
+    lock_digest: str
+    archive_sha256: str     # the base's plain archive, checked before it is unpacked
+
+
+@dataclass(frozen=True)
 class Lock:
     recipe: str
     inputs_digest: str      # Recipe.resolve_digest(): what the solver was given
@@ -64,9 +73,14 @@ class Lock:
     packages: tuple[LockedPackage, ...]
     format: int = FORMAT
     request: tuple[str, ...] = field(default_factory=tuple)  # what was asked of the solver
+    # A layer's lock: its base build; `packages` then holds only what the layer adds or changes.
+    # None (other locks): not written, so their bytes and digests stay as they were.
+    base: LockedBase | None = None
 
     def to_json(self) -> str:
         doc = asdict(self)
+        if doc["base"] is None:
+            doc.pop("base")
         doc["packages"] = sorted(({k: v for k, v in p.items() if v is not None} for p in doc["packages"]),
                                  key=lambda p: (p["name"], p["arch"]))
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
@@ -100,6 +114,7 @@ class Lock:
                                    for r in doc["repositories"]),
                 packages=tuple(LockedPackage(**p) for p in doc["packages"]),
                 request=tuple(doc.get("request", ())),
+                base=LockedBase(**doc["base"]) if doc.get("base") else None,
             )
         except ResolveError:
             raise

@@ -7,6 +7,7 @@ absolute and templates rendered, so nothing downstream reads TOML again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -18,6 +19,7 @@ from typing import Any
 
 from vztt.base.errors import RecipeError
 from vztt.netconfig.settings import RECIPE_FIELDS as NET_FIELDS, RawSettings, check as check_net_settings
+from vztt.recipe import layer as layering
 from vztt.recipe.inputs import as_text, check_packages, confined_file, read_confined
 from vztt.recipe.settings import APPEND, BY_KEY, BY_NAME, GROUPS, MERGE, SETTINGS, Setting
 from vztt.recipe.templating import render
@@ -53,6 +55,8 @@ class Hook:
     name: str
     where: str               # "image" or "host"
     script: str
+    phase: str = "after-packages"   # before-packages | after-base | after-packages
+    convention: str = "sh"          # sh: /bin/sh -e -c; ez: as vztt called template scripts
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,11 @@ class Recipe:
     base: tuple[str, ...] = ()
     install_weak_deps: bool = False
     nodocs: bool = True
+    # Layers (`base`): the base template, the root OS template of the chain, the application
+    # templates the layer stands for. Empty for other recipes, and then out of the digests.
+    base_template: str = ""
+    os_template: str = ""
+    app_templates: tuple[str, ...] = ()
 
     @property
     def family(self) -> str:
@@ -118,6 +127,8 @@ class Recipe:
                "include": self.include, "exclude": self.exclude, "merged_usr": self.merged_usr,
                "repositories": [{k: v for k, v in asdict(r).items() if k != "image_url"} for r in self.repositories],
                "base": self.base, "install_weak_deps": self.install_weak_deps}
+        if self.base_template:
+            doc["base_template"] = self.base_template
         self._without_dnf_keys(doc)
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
@@ -131,11 +142,15 @@ class Recipe:
             if not r["image_url"]:       # not set: the digest of a recipe from before the key
                 r.pop("image_url")
         self._without_dnf_keys(doc)
-        # Only a level other than the default counts, so the digests of recipes that
-        # leave it alone stay as they were before the key existed.
+        # Keys newer than a recipe's digest count only when set: older recipes keep their digests.
+        # (compression.level: only a level other than the default counts.)
         level = self.merged.get("compression.level", BY_NAME["compression.level"].default)
         if level != BY_NAME["compression.level"].default:
             doc["compression_level"] = level
+        for d, defaults in [(doc, {"base_template": "", "os_template": "", "app_templates": ()}),
+                            *((h, {"phase": "after-packages", "convention": "sh"}) for h in doc["hooks"])]:
+            for k in [k for k, default in defaults.items() if d[k] == default]:
+                d.pop(k)
         text = json.dumps(doc, sort_keys=True, default=_json_default, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -286,6 +301,7 @@ class RecipeStore:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self._bases: list[str] = []      # layers being loaded, to catch a cycle of bases
         if not self.directory.is_dir():
             raise RecipeError(f"{self.directory}: recipes directory does not exist")
 
@@ -325,21 +341,21 @@ class RecipeStore:
             raise RecipeError(f"{name}: no such recipe in {self.directory} (known: {known})")
         chain: list[Path] = []
         layers: list[dict[str, Any]] = []
-        current, referrer = path, None
+        current, referrer, via = path, None, "extends"
         while True:
             if current in chain:
                 cycle = " -> ".join(p.stem for p in chain + [current])
-                raise RecipeError(f"{chain[-1]}: extends: inheritance cycle {cycle}")
+                raise RecipeError(f"{chain[-1]}: {via}: inheritance cycle {cycle}")
             if not current.is_file():
-                raise RecipeError(f"{referrer}: extends: parent recipe {current.stem!r} not found in {self.directory}")
+                raise RecipeError(f"{referrer}: {via}: parent recipe {current.stem!r} not found in {self.directory}")
             chain.append(current)
             layer = _flatten(self._read(current), current)
             layers.append(layer)
-            parent = layer.get("extends")
+            parent = layer.get(via := "extends" if "extends" in layer else "base")   # a layer's base: its parent too
             if parent is None:
                 break
             if not NAME_RE.match(parent):
-                raise RecipeError(f"{current}: extends: {parent!r} is not a recipe name")
+                raise RecipeError(f"{current}: {via}: {parent!r} is not a recipe name")
             referrer, current = current, self.directory / f"{parent}.toml"
 
         merged: dict[str, Any] = {s.key: _copy(s.default) for s in SETTINGS if s.inherit}
@@ -359,11 +375,32 @@ class RecipeStore:
         merged["name"] = name
         merged["abstract"] = leaf.get("abstract", False)
         merged["extends"] = leaf.get("extends")
+        merged["app_templates"] = leaf.get("app_templates", [])
         origins["name"] = path
         for key in ("abstract", "extends"):
             if key in leaf:
                 origins[key] = path
-        return _finish(name, path, tuple(chain), merged, origins, allow_abstract)
+        recipe = _finish(name, path, tuple(chain), merged, origins, allow_abstract)
+        return self._layered(recipe) if merged.get("base") else recipe
+
+    def _layered(self, recipe: Recipe) -> Recipe:
+        """A layer: only what it adds to its base's recipe is built (recipe/layer.py)."""
+        where, base_name = f"{recipe.origins.get('base', recipe.path)}: base", recipe.merged["base"]
+        layering.check_name(base_name, recipe.name, NAME_RE, where, self._bases)
+        try:
+            self._bases.append(recipe.name)
+            base = self.load(base_name)
+        except RecipeError as e:
+            raise RecipeError(e.message if e.message.startswith(where) else f"{where}: {e}") from None
+        finally:
+            self._bases.remove(recipe.name)
+        layering.check_fixed(m := recipe.merged, bm := base.merged, where, base_name)
+        return dataclasses.replace(
+            recipe, base_template=base_name, os_template=base.os_template or base_name,
+            app_templates=layering.app_names(recipe.name, m, base.app_templates),
+            include=layering.own_packages(recipe.include, bm["packages.include"]),
+            files=layering.own_items(recipe.files, m["files"], bm["files"]),
+            hooks=layering.own_items(recipe.hooks, m["hooks"], bm["hooks"]))
 
 
 def _copy(value: Any) -> Any:
@@ -441,7 +478,11 @@ def _finish(name: str, path: Path, chain: tuple[Path, ...], merged: dict[str, An
         else:
             src = Path(h["script"])
             script = as_text(read_confined(src, label + ".script"), src, label + ".script", "a hook script must be")
-        hooks.append(Hook(name=h["name"], where=h.get("where", "image"), script=script))
+        hook = Hook(name=h["name"], where=h.get("where", "image"), script=script,
+                    phase=h.get("phase", "after-packages"), convention=h.get("convention", "sh"))
+        if hook.phase == "before-packages" and hook.where != "host":
+            raise RecipeError(f"{label}.phase: before-packages hooks run on the host (the image has no shell yet)")
+        hooks.append(hook)
 
     smoke = []
     for s in merged["smoke"]:

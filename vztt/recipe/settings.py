@@ -84,11 +84,20 @@ FILE_FIELDS = (
 
 HOOK_FIELDS = (
     Setting("name", "str", "Identifies the hook; a child recipe overrides a parent's hook of the same name."),
-    Setting("where", "str", "`image`: run with /bin/sh chrooted into the image after install; `host`: run on the host with $VZTT_ROOT set to the image root.",
+    Setting("where", "str", "`image`: run chrooted into the image; `host`: run on the host with $VZTT_ROOT set to the image root "
+            "(`convention` says how; `phase`, when).",
             default="image", choices=("image", "host")),
     Setting("run", "str", "Inline shell script.", templated=True),
     Setting("script", "str", "Script file next to the recipe (instead of `run`), inside the recipes directory "
             "once symlinks are followed; UTF-8 text."),
+    Setting("phase", "str", "When the hook runs: `before-packages` (host hooks only: the image is still empty, as "
+            "vztt's pre-cache), `after-base` (the base system is installed: apt's Essential stage, or a layer's base; "
+            "as vztt's mid-pre-install and mid-post-install), `after-packages` (every package installed, after `files`).",
+            default="after-packages", choices=("before-packages", "after-base", "after-packages")),
+    Setting("convention", "str", "How the script is called: `sh`: `/bin/sh -e -c SCRIPT` (host hooks get $VZTT_ROOT); "
+            "`ez`: as Virtuozzo's vztt called template scripts: an image hook is copied into the image as "
+            "`/vzttXXXXXX/script` and run with `bash`, a host hook is run as a program with the arguments VE_ROOT CTID; "
+            "both with the recipe's environment.", default="sh", choices=("sh", "ez")),
 )
 
 SMOKE_FIELDS = (
@@ -103,6 +112,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("extends", "str", "Parent recipe (its file name without .toml).", inherit=False),
     Setting("abstract", "bool", "A base recipe: not listed, not buildable.", default=False, inherit=False),
     Setting("name", "str", "Template name; defaults to the file name and must equal it.", inherit=False),
+    Setting("base", "str", "A layered template: built on the promoted, boot-tested build of this template (its archive, "
+            "verified by sha256), adding this recipe's own packages, files and hooks; its lock holds only what the layer "
+            "adds or changes. Settings are inherited from the base's recipe as with `extends` (when `extends` is not set); "
+            "the boot test runs the base's smoke checks and the layer's."),
+    Setting("app_templates", "list[str]", "Layers: the Virtuozzo application templates this layer stands for; they name "
+            "its ploop cache as `vzpkg create appcache` names one (`<os>_app_<md5 of the sorted names>`) and get a "
+            "`templates/<app>/timestamp`. Default: the layer's name after its base's `<distro>-<version>-<arch>-`.",
+            default=[], inherit=False),
     Setting("distro", "str", "Distribution; selects the package backend.", choices=DISTROS),
     Setting("release", "str", "Release as the distro's tools name it (apt codename, dnf releasever)."),
     Setting("version", "str", "Release version (12, 22.04, 9)."),
@@ -135,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("files", "records", "Files written into the image after install, merged by path.", default=[], merge=BY_KEY,
             record_key="path", fields=FILE_FIELDS),
     Setting("environment", "dict[str,str]", "Environment for package scripts and hooks.", default={}, merge=MERGE),
-    Setting("hooks", "records", "Scripts run after install, in order, merged by name.", default=[], merge=BY_KEY,
+    Setting("hooks", "records", "Scripts run in order within their `phase`, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=HOOK_FIELDS),
     Setting("smoke", "records", "Checks run in the booted template, merged by name.", default=[], merge=BY_KEY,
             record_key="name", fields=SMOKE_FIELDS),

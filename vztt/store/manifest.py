@@ -23,6 +23,7 @@ JSON (format 1), keys sorted, one-space indent:
      "build_seconds", "steps": {step: seconds},
      "boot_test": {"result": "passed" | "failed" | "skipped", ...},
      "pulled": {"from", "build", "at", "signer", "index_serial", "manifest_sha256"}   # pulled ones only
+     "base": {"name", "build_id", "lock_digest", "archive_sha256"}   # layered templates only: the base build
      "failed_files": [...]}                            # <name>.manifest.json-failed only
 
 Keys this version does not know are kept (`extra`) and written back as read.
@@ -38,6 +39,7 @@ from typing import Any
 
 from vztt.base.errors import VzttError
 from vztt.base.files import atomic_write
+from vztt.recipe.lock import LockedBase
 
 FORMAT = 1
 NOT_TESTED = "skipped"
@@ -184,6 +186,7 @@ class Manifest:
     boot_test: dict[str, Any] = field(default_factory=lambda: {"result": NOT_TESTED})
     pulled: PulledRecord | None = None
     failed_files: list[str] = field(default_factory=list)
+    base: LockedBase | None = None                           # a layer: the base build it was made on
     extra: dict[str, Any] = field(default_factory=dict)      # keys this version does not know
     format: int = FORMAT
 
@@ -230,6 +233,8 @@ class Manifest:
             doc["pulled"] = self.pulled.to_json()
         if self.failed_files:
             doc["failed_files"] = list(self.failed_files)
+        if self.base is not None:
+            doc["base"] = dict(self.base.__dict__)
         return doc
 
     def to_json(self) -> str:
@@ -277,6 +282,7 @@ class Manifest:
                 boot_test=dict(doc.get("boot_test") or {"result": NOT_TESTED}),
                 pulled=PulledRecord.from_json(doc["pulled"]) if isinstance(doc.get("pulled"), dict) else None,
                 failed_files=[str(f) for f in doc.get("failed_files") or []],
+                base=LockedBase(**{k: str(v) for k, v in doc["base"].items()}) if isinstance(doc.get("base"), dict) else None,
                 extra={k: v for k, v in doc.items() if k not in known},
                 format=int(doc.get("format", FORMAT)),
             )

@@ -38,6 +38,9 @@ from vztt.store.manifest import Manifest, ManifestError, PackageRecord
 
 KINDS = ("spdx", "cyclonedx")
 NOASSERTION = "NOASSERTION"
+# A package whose file's sha256 the build does not know: a layer's base package when the
+# base's manifest and lock do not give it (a base built by an older vztt).
+NO_SHA256 = "not in the lock, nor in the base build's manifest or lock"
 NAMESPACE = "https://spdx.org/spdxdocs/vztt"      # SPDX's convention for namespaces nobody serves
 
 # recipe distro -> (purl namespace, supplier): purl's names for the vendors.
@@ -123,6 +126,9 @@ def spdx(manifest: Manifest) -> dict[str, Any]:
         }
         if p.sha256:
             doc["checksums"] = [{"algorithm": "SHA256", "checksumValue": p.sha256.lower()}]
+        else:
+            # SPDX has no NOASSERTION checksum: the field is left out, and this says why.
+            doc["comment"] = f"package file SHA256: {NOASSERTION} ({NO_SHA256})"
         if p.source:
             doc["sourceInfo"] = f"built package from: {p.source} {p.source_version}".rstrip()
         if p.licenses:
@@ -177,6 +183,8 @@ def cyclonedx(manifest: Manifest) -> dict[str, Any]:
             properties += [{"name": "vztt:source_package", "value": p.source}]
         if p.source_version:
             properties += [{"name": "vztt:source_version", "value": p.source_version}]
+        if not p.sha256:
+            properties += [{"name": "vztt:package_sha256", "value": NOASSERTION}]
         c["properties"] = properties
         components.append(c)
     return {

@@ -33,6 +33,16 @@ from vztt.formats.ploop.disk import make_disk
 from vztt.formats.ploop.image import IMAGE_NAME, ImageInfo, read_image, write_image
 
 VZPACKAGES = "templates/vzpackages"
+APP_CACHE_SUFFIX = "_app_"       # vztt's src/appcache.c
+
+
+def app_cache_name(os_template: str, apps: Sequence[str]) -> str:
+    """What `vzpkg create appcache` calls the cache of OS template `os_template` with the
+    application templates `apps` (src/appcache.c, check_appcache_options): the OS name,
+    `_app_`, and the md5 of the sorted names, one per line after five spaces (the list file
+    vztt writes and hashes)."""
+    listing = "".join(f"     {app}\n" for app in sorted(apps))
+    return f"{os_template}{APP_CACHE_SUFFIX}{hashlib.md5(listing.encode()).hexdigest()}"
 
 
 def vzpackages_text(packages: Sequence[tuple[str, str, str]]) -> str:
@@ -70,7 +80,8 @@ class CacheMember:
 
 
 def cache_members(template_name: str, *, image: Path, disk_descriptor: str, vzpackages: str,
-                  timestamp: str, mtime: int, dot_prefix: bool = True) -> list[CacheMember]:
+                  timestamp: str, mtime: int, dot_prefix: bool = True,
+                  more_templates: Sequence[str] = ()) -> list[CacheMember]:
     """The members of a plain.ploopv2 cache tar, in vztt's order.
 
     vztt runs `tar -c --numeric-owner ... | lz4` in the ploop directory:
@@ -79,18 +90,23 @@ def cache_members(template_name: str, *, image: Path, disk_descriptor: str, vzpa
     DiskDescriptor.xml` (no `./`). vztt's package-list reader extracts
     `-O ./templates/vzpackages`, and GNU tar matches member names literally,
     so the `./` form (the default here) is the one every vztt reader finds.
-    Owner is root (0/0) for all; the tar writer sets it.
+    Owner is root (0/0) for all; the tar writer sets it. `more_templates`: the other
+    templates of an app cache (its applications), each with its timestamp.
     """
-    if not template_name or "/" in template_name or template_name in (".", ".."):
-        raise BuildError(f"cache: bad template name {template_name!r}")
+    names = [template_name, *(t for t in more_templates if t != template_name)]
+    for t in names:
+        if not t or "/" in t or t in (".", "..") or t == "vzpackages":
+            raise BuildError(f"cache: bad template name {t!r}")
     p = "./" if dot_prefix else ""
     image = Path(image)
+    stamps = [m for t in names for m in (
+        CacheMember(f"{p}templates/{t}/", "dir", 0o755, mtime),
+        CacheMember(f"{p}templates/{t}/timestamp", "file", 0o644, mtime, data=timestamp.encode()))]
     return [
         CacheMember(f"{p}{IMAGE_NAME}", "file", 0o600, mtime, source=image),
         CacheMember(f"{p}templates/", "dir", 0o755, mtime),
         CacheMember(f"{p}templates/vzpackages", "file", 0o644, mtime, data=vzpackages.encode()),
-        CacheMember(f"{p}templates/{template_name}/", "dir", 0o755, mtime),
-        CacheMember(f"{p}templates/{template_name}/timestamp", "file", 0o644, mtime, data=timestamp.encode()),
+        *stamps,
         CacheMember(f"{p}{DESCRIPTOR_NAME}", "file", 0o644, mtime, data=disk_descriptor.encode()),
     ]
 
@@ -114,7 +130,7 @@ class PloopResult:
 
 def pack_ploop(plain: Path, out: Path, workdir: Path, *, name: str, packages: Sequence[tuple[str, str, str]],
                disk_size: int, ext4_features: str, source_date_epoch: int, identity: str,
-               log: Log | None = None) -> PloopResult:
+               log: Log | None = None, templates: Sequence[str] = ()) -> PloopResult:
     """The ploop cache of the plain archive `plain`, written to `out` (renamed into place by the caller).
 
     The disk is filled from the plain archive unpacked onto a tmpfs, not from
@@ -134,9 +150,11 @@ def pack_ploop(plain: Path, out: Path, workdir: Path, *, name: str, packages: Se
         stats = write_image(raw, hds)
         raw.unlink()
         info = read_image(hds)
+        first, *more = templates or (name,)
         members = cache_members(
-            name, image=hds, vzpackages=vzpackages_text(sorted(packages)),
-            disk_descriptor=descriptor_for(info), timestamp=f"{source_date_epoch}\n", mtime=source_date_epoch)
+            first, image=hds, vzpackages=vzpackages_text(sorted(packages)),
+            disk_descriptor=descriptor_for(info), timestamp=f"{source_date_epoch}\n", mtime=source_date_epoch,
+            more_templates=more)
         digest = write_tar_lz4(out, members)
         return PloopResult(path=out, sha256=digest, size=out.stat().st_size, disk_size=stats.disk_size,
                            clusters=stats.clusters_written, fs_uuid=fs_uuid)
