@@ -134,20 +134,33 @@ def _clean(cache: Path) -> None:
     assert leftovers(cache) == []
 
 
+def _solver_runs(cache: Path) -> int:
+    """apt-get install --print-uris runs in the resolve logs since the last call (which removes them)."""
+    runs = 0
+    for log in (cache / "logs").glob("*.resolve.log"):
+        runs += log.read_text(errors="replace").count("$ apt-get install --print-uris")
+        log.unlink()
+    return runs
+
+
 @pytest.mark.network
 def test_status_update_diff(fx: Fixture) -> None:
     for name in ("fx-a", "fx-b"):
         r = fx.vztt("build", name, "--no-test")
         assert r.returncode == 0, r.stderr
+    _solver_runs(fx.cache)
     r = fx.vztt("status", "fx-a", "fx-b")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fx-a: current" in r.stdout and "fx-b: current" in r.stdout
+    # a no-op status: the Release file is the builds' locks', so the solver is not run
+    assert _solver_runs(fx.cache) == 0
     before_b = (fx.cache / "fx-b.manifest.json").read_bytes()
 
     # A newer hello-fixture reaches the mirror: only fx-a includes it.
     fx.publish([build_deb(HELLO_1, fx.root / "hello1"), build_deb(HELLO_2, fx.root / "hello2")])
     r = fx.vztt("status", "--json", "fx-a", "fx-b")
     assert r.returncode == 2, r.stderr
+    assert _solver_runs(fx.cache) > 0              # a new Packages index: a new Release, so they resolve
     states = {s["name"]: s for s in r.json()}
     assert states["fx-a"]["state"] == "outdated" and states["fx-b"]["state"] == "current"
     assert states["fx-a"]["changes"] == [{"name": "hello-fixture", "arch": "all", "old": "1.0", "new": "2.0"}]

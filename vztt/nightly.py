@@ -74,15 +74,26 @@ def _lock_packages(lock: Lock) -> list[Row]:
 
 
 def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Progress) -> Status:
-    """Resolve afresh (into a scratch lock, the real one is left alone) and compare. A layer
+    """Resolve afresh (into a scratch lock, the real one is left alone; not at all when a lock
+    at hand is what it would give: unchanged_lock) and compare. A layer
     is resolved on its base's current build, and is outdated when that is not the build it
     was made on."""
     entry = cache.entry(recipe.name)
     base = cache.entry(recipe.base_template) if recipe.base_template else None
     if recipe.base_template and base is None:
         return Status(recipe.name, NEW if entry is None else OUTDATED, [f"base {recipe.base_template} is not built"])
-    with cache.scratch(f"status-{recipe.name}") as scratch:
-        fresh = build_mod.resolve(recipe, cache, mirrors, scratch / "lock.json", progress).lock
+    # Resolving is skipped when a lock it would make again is at hand: the cached build's, or
+    # the lock file, when the resolve inputs and the repositories' Release files are unchanged
+    # (builder/pipeline.py unchanged_lock). Else resolve afresh, into a scratch lock.
+    candidates = []
+    if entry is not None:
+        candidates.append((cache.history_dir(recipe.name) / f"{entry.manifest.build_id}.lock.json",
+                           entry.manifest.lock_digest))
+    candidates.append((cache.lock_file(recipe.name), None))
+    fresh = build_mod.unchanged_lock(recipe, cache, mirrors, candidates, progress)
+    if fresh is None:
+        with cache.scratch(f"status-{recipe.name}") as scratch:
+            fresh = build_mod.resolve(recipe, cache, mirrors, scratch / "lock.json", progress).lock
     if entry is None:
         return Status(recipe.name, NEW, ["no cached template"], lock=fresh)
     m = entry.manifest

@@ -60,6 +60,12 @@ class Backend(ABC):
         self.shared_state = shared_state  # repository metadata shared between templates (apt), if given
         self.log = log
 
+    def release_digests(self) -> dict[str, str] | None:
+        """Repository name -> the sha256 of its signed Release/repomd as the solver would read
+        it now (refreshed, verified), without resolving; None where the backend cannot tell
+        without resolving (then a status always resolves)."""
+        return None
+
     def base_urls(self) -> dict[str, str]:
         """Repository name -> URL with the mirror variables expanded."""
         return {r.name: self.mirrors.expand(r.url, f"{self.recipe.path}: repositories[{r.name}].url").rstrip("/")

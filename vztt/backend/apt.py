@@ -30,7 +30,7 @@ from typing import Callable
 from urllib.parse import unquote
 
 from vztt.backend import Backend, BaseSystem, InstalledPackage, PackageInfo
-from vztt.backend.aptlists import LISTS, SharedRepo, provide, shared_repo, shared_resolve_dir
+from vztt.backend.aptlists import LISTS, SharedRepo, provide, release, shared_repo, shared_resolve_dir
 from vztt.backend.debcopyright import declared_licenses
 from vztt.base.errors import BuildError, ResolveError
 from vztt.base.files import atomic_write
@@ -137,6 +137,22 @@ class AptBackend(Backend):
             env = self._resolve_config(where, urls, base)
             provide(repos, lambda repo: self._update_repo(repo, urls), where / LISTS)
             return self._resolve_in(where, env, urls, base)
+
+    def release_digests(self) -> dict[str, str] | None:
+        """Each repository's InRelease, refreshed and verified in its shared directory (once
+        per process, as a resolve would), hashed as the lock's `release_sha256` is."""
+        if self.shared_state is None or not self.recipe.repositories:
+            return None
+        urls = self.base_urls()
+        out = {}
+        for r in self.recipe.repositories:
+            repo = shared_repo(self.shared_state, r.name, urls[r.name], r.suite, r.components, self.recipe.deb_arch,
+                               r.keyring)
+            data = release(repo, lambda repo: self._update_repo(repo, urls), _apt_list_name(urls[r.name], r.suite))
+            if data is None:
+                return None
+            out[r.name] = hashlib.sha256(data).hexdigest()
+        return out
 
     def _resolve_config(self, where: Path, urls: dict[str, str], base: BaseSystem | None) -> dict[str, str]:
         """apt's configuration in `where` for resolving the recipe (on an empty system, or on a

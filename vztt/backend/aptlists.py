@@ -71,6 +71,26 @@ def shared_resolve_dir(root: Path, repos: list[SharedRepo], arch: str) -> Iterat
         yield directory
 
 
+def _refresh(repo: SharedRepo, update: Callable[[SharedRepo], None]) -> int:
+    """apt-get update of the repository, once per process (its lock held)."""
+    if repo.directory in _refreshed:
+        return 0
+    update(repo)
+    _refreshed.add(repo.directory)
+    return 1
+
+
+def release(repo: SharedRepo, update: Callable[[SharedRepo], None], list_name: str) -> bytes | None:
+    """The repository's InRelease as apt verified it (refreshed once per process), without
+    resolving: what a status compares with its lock's (`release_sha256`) to skip the solver.
+    None when apt holds no InRelease for it."""
+    with _locked(repo.directory):
+        _refresh(repo, update)
+        found = [f for f in repo.lists.glob("*InRelease") if f.name.endswith(list_name)] \
+            if repo.lists.is_dir() else []
+        return found[0].read_bytes() if found else None
+
+
 def provide(repos: list[SharedRepo], update: Callable[[SharedRepo], None], dest: Path) -> int:
     """Refresh each repository once per process (`update` runs apt-get update in its
     directory), then make `dest` (a template's lists directory) hold exactly their lists,
@@ -83,10 +103,7 @@ def provide(repos: list[SharedRepo], update: Callable[[SharedRepo], None], dest:
     refreshed = 0
     for repo in repos:
         with _locked(repo.directory):
-            if repo.directory not in _refreshed:
-                update(repo)
-                _refreshed.add(repo.directory)
-                refreshed += 1
+            refreshed += _refresh(repo, update)
             for f in repo.lists.iterdir():
                 if f.is_file() and f.name != "lock":
                     target = dest / f.name

@@ -102,6 +102,53 @@ def resolve(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, lock_path: P
             log.close()
 
 
+def unchanged_lock(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors,
+                   candidates: list[tuple[Path, str | None]], progress: Progress | None = None) -> Lock | None:
+    """The first lock of `candidates` (paths, each with the digest it must have, if one) that the solver would make again now, without
+    running it: made from the same resolve inputs (`Recipe.resolve_digest`: repositories by
+    URL, suite, components and keyring, the package request, the architecture), on the base
+    build the cache holds (a layer), and from the signed Release files the repositories serve
+    now (refreshed and verified as a resolve would: once per process, shared between
+    templates, backend/aptlists.py). A Release file lists the sha256 of every index it
+    covers, so a changed Packages index is a changed Release: then no lock is reused and
+    the caller resolves. None also when the backend cannot tell (dnf resolves as before)."""
+    progress = progress or Progress(quiet=True)
+    locks = []
+    for path, digest in candidates:
+        try:
+            lock = Lock.read(path) if path.is_file() else None
+        except ResolveError:
+            lock = None
+        if lock is not None and digest is not None and lock.digest != digest:
+            continue
+        if lock is not None and lock.recipe == recipe.name and lock.inputs_digest == recipe.resolve_digest():
+            locks.append(lock)
+    if not locks:
+        return None
+    base = None
+    if recipe.base_template:
+        entry = cache.entry(recipe.base_template)
+        if entry is None or "plain" not in entry.manifest.archives:
+            return None
+        base = layers.base_record(entry)
+    log = cache.new_log(recipe.name, "resolve")
+    try:
+        with progress.step("resolve") as st:
+            current = _backend(recipe, cache, mirrors, log).release_digests()
+            if current is None:
+                st.note("the solver runs (the backend cannot compare Release files)")
+                return None
+            for lock in locks:
+                if lock.base == base and {r.name: r.release_sha256 for r in lock.repositories} == current:
+                    st.note(f"{len(lock.packages)} packages: inputs and {len(current)} Release file(s) unchanged, "
+                            "the lock stands (solver not run)")
+                    return lock
+            st.note("a Release file changed")
+            return None
+    finally:
+        log.close()
+
+
 def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: BuildOptions | None = None,
           progress: Progress | None = None) -> BuildResult:
     options = options or BuildOptions()
