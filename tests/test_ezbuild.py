@@ -76,6 +76,11 @@ def ez(debian12: BuiltTemplate, tmp_path_factory: pytest.TempPathFactory) -> EzB
     shutil.copyfile(key.keyring, recipes / "keys" / "debian-archive-keyring.gpg")
     r = run_vztt("import-ez", installed_tree(root / "ez"), "--to", recipes, cache=root / "cache")
     assert r.returncode == 0, r.stderr
+    # The EZ template has no ifupdown, sshd or ping (an EZ tree says nothing of boot tests): the
+    # boot test's network rows are off, as for the other fixture templates (test_network.py
+    # boots templates with a network); the layers inherit it from their base.
+    with open(recipes / "debian-12-x86_64.toml", "a") as fh:
+        fh.write("\n[boot]\nnetwork = false\n")
     b = EzBuild(root=root, recipes=recipes, cache=root / "cache", packages=root / "packages", repo=root / "repo",
                 key=key, debs=debs, first=Result(0, "", ""))
     # The layer, and its base first (--build-base): both boot-tested, the layer as a ploop app cache too.
