@@ -206,6 +206,8 @@ def test_unsigned_repository(fake: FakeSetup, command: str) -> None:
     assert not (fake.repo.dist_dir / "InRelease").exists()
     line = fails(fake.vztt(command, FAKE), EXIT_RESOLVE)
     assert "repository fixture" in line and str(fake.repo.root) in line, line
+    # The reason, not any exit-4 error (a repository that merely fails to resolve is exit 4 too).
+    assert "Release file is not signed (vztt accepts signed repositories only)" in line, line
     fake.assert_clean(lock=False)
 
 
