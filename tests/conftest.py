@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from strictskips import pytest_runtest_makereport  # noqa: F401  (make test: an unexpected skip fails)
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 PACKAGE_CACHE = Path(os.environ.get("VZTT_TEST_PACKAGE_CACHE") or REPO / "cache" / "packages")
