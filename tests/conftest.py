@@ -129,3 +129,9 @@ def el_distribution():  # type: ignore[no-untyped-def]
     or built (a few minutes; the Debian mirror is needed then)."""
     from rpmdist import build_distribution
     return build_distribution(FIXTURE_CACHE, log=lambda line: sys.stderr.write(f"rpmdist: {line}\n"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """The fault suite's table (tests/faults/), when it ran."""
+    import faultkit
+    faultkit.print_table(terminalreporter.write)

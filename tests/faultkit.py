@@ -56,8 +56,8 @@ class Watched:
         return self.proc.pid
 
     def steps(self) -> list[str]:
-        """The steps that have ended so far, in order."""
-        return [m[1] for l in list(self.lines) if (m := STEP_LINE.match(l))]
+        """The steps that have ended well so far, in order (a step a signal stopped ends FAILED)."""
+        return [m[1] for l in list(self.lines) if (m := STEP_LINE.match(l)) and m[2] == "ok"]
 
     def wait_step(self, step: str, timeout: float = 600) -> None:
         """Until STEP's line is printed; AssertionError if the process ends first."""
@@ -180,3 +180,151 @@ def record(fault: str, step: str, outcome: str) -> None:
 
 def signal_name(sig: int) -> str:
     return signal.Signals(sig).name
+
+
+# -- a local distribution to build from (the session's Debian 12 packages, signed here) --
+
+LEAF = """extends = "debian"
+release = "stable"
+version = "12"
+[[repositories]]
+name = "main"
+url = "$FIXTURE_MIRROR"
+keyring = "fixture.gpg"
+[[repositories]]
+name = "updates"
+enabled = false
+[[repositories]]
+name = "security"
+enabled = false
+"""
+
+
+class LocalDistro:
+    """The real Debian 12 packages of the session's build, republished on file:// with a
+    throwaway key, and a leaf recipe `fx-fault` over them: builds without the network."""
+
+    def __init__(self, root: Path, lock: dict):
+        from aptrepo import make_gpg_key, make_repo
+        from conftest import RECIPES
+        from minidist import stage_locked_debs
+        import shutil
+        self.root = root
+        key = make_gpg_key(root / "key")
+        debs = stage_locked_debs(lock, PACKAGE_CACHE, root / "debs")
+        self.recipes = root / "recipes"
+        shutil.copytree(RECIPES, self.recipes)
+        shutil.copyfile(key.keyring, self.recipes / "keys" / "fixture.gpg")
+        (self.recipes / "fx-fault.toml").write_text(LEAF)
+        self.repo_root = root / "repo"
+        make_repo(self.repo_root, debs, suite="stable", key=key)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"VZTT_MIRROR_FIXTURE_MIRROR": f"file://{self.repo_root}"}
+
+    def argv(self, cache: Path, *args: str) -> list[str | os.PathLike[str]]:
+        return ["--cache-dir", cache, "--recipes", self.recipes, *args]
+
+
+def loop_devices(cache: Path) -> list[str]:
+    """Loop devices backed by a file under `cache`, as "DEVICE FILE" (a device number is
+    reused as soon as it is free: the backing file, in a build's own work dir, says whose)."""
+    out = subprocess.run(["losetup", "-nO", "NAME,BACK-FILE"], capture_output=True, text=True).stdout.splitlines()
+    return [" ".join(l.split()) for l in out if str(cache) in l]
+
+
+def print_table(write) -> None:  # type: ignore[no-untyped-def]
+    """The summary the fault suite ends with (tests/conftest.py's pytest_terminal_summary)."""
+    if not TABLE:
+        return
+    w1 = max(len(r[0]) for r in TABLE + [("fault", "", "")])
+    w2 = max(len(r[1]) for r in TABLE + [("", "step", "")])
+    write(f"\nfault injection: {len(TABLE)} faults\n")
+    write(f"{'fault':<{w1}}  {'step':<{w2}}  outcome\n")
+    for fault, step, outcome in TABLE:
+        write(f"{fault:<{w1}}  {step:<{w2}}  {outcome}\n")
+
+
+# -- network faults: a loopback proxy in front of the suite's nginx -------------------
+
+class Rule:
+    """For the next `times` requests whose path holds `match`: "reset" (RST after `after`
+    bytes of the response), "500" (answer 500 without asking nginx), "slow" (relay in
+    16 KiB pieces, `delay` seconds apart)."""
+
+    def __init__(self, match: str, action: str, times: int = 1, after: int = 0, delay: float = 0.02):
+        self.match, self.action, self.times, self.after, self.delay = match, action, times, after, delay
+        self.hits = 0
+
+
+class FaultProxy:
+    """One request per connection (it asks nginx to close after each), so that each
+    request meets the rules."""
+
+    def __init__(self, port: int, rules: list[Rule]):
+        import socket
+        self.target = ("127.0.0.1", port)
+        self.rules = rules
+        self.requests: list[str] = []
+        self.ranges: list[str | None] = []        # each request's Range header
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(32)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self, location: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{location}/"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(client,), daemon=True).start()
+
+    def _one(self, client) -> None:  # type: ignore[no-untyped-def]
+        import socket
+        import struct
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    return
+                head += data
+            first, _, rest = head.partition(b"\r\n")
+            path = first.split()[1].decode(errors="replace")
+            self.requests.append(path)
+            headers = [h for h in rest.split(b"\r\n") if h and not h.lower().startswith(b"connection:")]
+            self.ranges.append(next((h.split(b":", 1)[1].strip().decode() for h in headers
+                                     if h.lower().startswith(b"range:")), None))
+            request = first + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"Connection: close\r\n\r\n"
+            rule = next((r for r in self.rules if r.match in path and r.hits < r.times), None)
+            if rule:
+                rule.hits += 1
+            if rule and rule.action == "500":
+                client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            with socket.create_connection(self.target) as up:
+                up.sendall(request)
+                sent = 0
+                while data := up.recv(16384):
+                    if rule and rule.action == "reset" and sent + len(data) > rule.after:
+                        client.sendall(data[: rule.after - sent])
+                        time.sleep(0.5)         # read by the client first: an RST drops unread bytes
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return                                  # close with linger 0: RST
+                    client.sendall(data)
+                    sent += len(data)
+                    if rule and rule.action == "slow":
+                        time.sleep(rule.delay)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.sock.close()
