@@ -22,7 +22,7 @@ OPTIONAL = [
     r"no constant TSC here",                                  # this host's CPU
     r"this host's kernel has kernel\.virt_osrelease",         # a Virtuozzo host kernel
 ]
-ROOT_ONLY = r"\bneeds? root\b"                                 # optional only in a run that is not root
+ROOT_ONLY = r"\bneeds? root\b|\bas root\b"                               # optional only in a run that is not root
 
 
 def optional(reason: str) -> bool:
