@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,3 +283,38 @@ def test_disk_fills_during_the_download(served: Path, tmp_path: Path, keys: Keys
         assert (cache / ARCHIVE).read_bytes() == archive_of(served)
     record("disk fills mid-download (96 MB loop fs)", "pull: download", f"exit {code}, one line naming ENOSPC, "
            "old template intact; next pull exit 0")
+
+
+def test_pull_while_publish_replaces_the_index(mirror: Path, tmp_path: Path, keys: Keys) -> None:
+    """Pulls in a loop while publishes replace the index (signature, then index: two renames):
+    every pull succeeds with the right bytes; none sees a torn pair."""
+    import threading
+    dest = copy_mirror(mirror, tmp_path / "mirror")
+    want = archive_of(dest)
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def pulls() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            host = tmp_path / f"host{i}"
+            r = pull(host, str(dest), keys)
+            ok = r.returncode == 0 and (host / ARCHIVE).read_bytes() == want
+            results.append((0 if ok else (r.returncode or -1), r.stderr[-300:]))
+            shutil.rmtree(host, ignore_errors=True)
+
+    t = threading.Thread(target=pulls)
+    t.start()
+    try:
+        for i in range(4):
+            src = tmp_path / f"src{i}"
+            tiny_template(src, name=f"other{i}-1-x86_64", payload=os.urandom(1000))
+            r = run_vztt("publish", "--to", dest, cache=src, env=keys.env())
+            assert r.returncode == 0, r.stderr
+    finally:
+        stop.set()
+        t.join(timeout=300)
+    assert len(results) >= 3, results
+    assert [r for r in results if r[0] != 0] == []
+    record("pull while publish replaces the index", "index", f"{len(results)} pulls during 4 publishes: all exit 0, right bytes")
