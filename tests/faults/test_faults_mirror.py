@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -136,6 +137,7 @@ def test_pull_killed_mid_download(served: Path, host: Path, keys: Keys, web: Ngi
         parts = host / ".downloads"
         while not (parts.is_dir() and any(p.stat().st_size > 100_000 for p in parts.iterdir())):
             assert w.proc.poll() is None, w.lines
+            time.sleep(0.01)
         w.signal(sig)
         code = w.wait(timeout=60)
         assert "download" not in w.steps(), w.lines
@@ -240,7 +242,11 @@ def small_fs(tmp_path: Path, size: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
-        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        for _ in range(100):          # the autoclear loop device goes a moment after the umount
+            loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+            if str(img) not in loops:
+                break
+            time.sleep(0.1)
         assert str(img) not in loops, loops
 
 
@@ -270,6 +276,7 @@ def test_disk_fills_during_the_download(served: Path, tmp_path: Path, keys: Keys
             parts = cache / ".downloads"
             while not (parts.is_dir() and any(p.stat().st_size > 100_000 for p in parts.iterdir())):
                 assert w.proc.poll() is None, w.lines
+                time.sleep(0.01)
             subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "status=none"], capture_output=True)
             code = w.wait(timeout=120)
         finally:
