@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from strictskips import pytest_runtest_makereport  # noqa: F401  (make test: an unexpected skip fails)
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 PACKAGE_CACHE = Path(os.environ.get("VZTT_TEST_PACKAGE_CACHE") or REPO / "cache" / "packages")
@@ -127,3 +129,9 @@ def el_distribution():  # type: ignore[no-untyped-def]
     or built (a few minutes; the Debian mirror is needed then)."""
     from rpmdist import build_distribution
     return build_distribution(FIXTURE_CACHE, log=lambda line: sys.stderr.write(f"rpmdist: {line}\n"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """The fault suite's table (tests/faults/), when it ran."""
+    import faultkit
+    faultkit.print_table(terminalreporter.write)
