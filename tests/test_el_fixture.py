@@ -164,6 +164,7 @@ def test_the_image_is_what_an_el_container_needs(el9: ElBuild) -> None:
     # the presets ran (systemd's %posttrans preset-all): EL's units on, Debian's network daemons off
     wants = tree / "etc/systemd/system/multi-user.target.wants"
     assert (wants / "sshd.service").is_symlink()
+    assert (wants / "NetworkManager.service").is_symlink()           # what brings the keyfile's network up
     assert not (wants / "systemd-networkd.service").exists()
     assert leftovers(el9.cache) == []
 
