@@ -76,6 +76,11 @@ def ez(debian12: BuiltTemplate, tmp_path_factory: pytest.TempPathFactory) -> EzB
     shutil.copyfile(key.keyring, recipes / "keys" / "debian-archive-keyring.gpg")
     r = run_vztt("import-ez", installed_tree(root / "ez"), "--to", recipes, cache=root / "cache")
     assert r.returncode == 0, r.stderr
+    # The EZ tree's OS template is systemd and iproute2 (no ifupdown, ping or sshd): like its
+    # maintainer would, the imported recipe turns the boot test's network rows off (its layers
+    # inherit that). tests/test_network.py proves the rows on templates that have them.
+    with (recipes / f"{OS}.toml").open("a") as f:
+        f.write("\n[boot]\nnetwork = false\n")
     b = EzBuild(root=root, recipes=recipes, cache=root / "cache", packages=root / "packages", repo=root / "repo",
                 key=key, debs=debs, first=Result(0, "", ""))
     # The layer, and its base first (--build-base): both boot-tested, the layer as a ploop app cache too.
