@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ from pathlib import Path
 import pytest
 
 from strictskips import pytest_runtest_makereport  # noqa: F401  (make test: an unexpected skip fails)
+
+# A run started in the background of a shell script (`make test &`, nohup) inherits SIGINT
+# ignored, and so would every vztt the tests start (exec keeps an ignored signal): the tests
+# that interrupt vztt (Ctrl-C) would see it run on. Handled here, children get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
