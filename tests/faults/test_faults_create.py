@@ -66,6 +66,12 @@ def test_create_signalled_while_unpacking(tmp_path: Path, layout: str, sig: int)
         return
     assert code == -9
     left = beside(dest)
+    if not left and dest.is_dir():
+        # The container was renamed into DEST before the kill landed (the unpack of a small
+        # archive can end within the moment the test waits): nothing was left to clean.
+        record(f"SIGKILL create ({layout})", "unpack", "DEST complete before the signal")
+        assert loops_of(tmp_path) == [] and mounts_of(tmp_path) == []
+        return
     assert left, "the kill came after the create finished"
     r = run_vztt(*args, cache=cache)
     assert r.returncode == 0, r.stderr
