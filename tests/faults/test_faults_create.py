@@ -58,6 +58,14 @@ def test_create_signalled_while_unpacking(tmp_path: Path, layout: str, sig: int)
     if code == 0:
         record(f"{signal_name(sig)} create ({layout})", "unpack", "finished before the signal")
         return
+    if sig == signal.SIGINT and code == 130 and dest.is_dir() and beside(dest) == []:
+        # The rename into DEST came before the signal, which landed as the command returned
+        # (an archive this small unpacks in a tenth of a second): DEST is whole, nothing beside.
+        assert loops_of(tmp_path) == [] and mounts_of(tmp_path) == []
+        if layout == "dir":
+            assert (dest / "usr" / "bin" / "payload").stat().st_size == 24 << 20
+        record(f"SIGINT create ({layout})", "unpack", "DEST complete before the signal")
+        return
     if sig == signal.SIGINT:
         assert code == 130 and len(w.errors()) == 1, w.lines
         assert beside(dest) == [] and not dest.exists(), beside(dest)
