@@ -10,7 +10,8 @@ STAMP := $(VENV)/.deps-stamp
 # (from Debian, because dnf's bindings exist only for Debian's python3).
 # openssh-client: the boot test's network check logs in to the booted template
 # with ssh (and makes its throwaway key with ssh-keygen); python3-yaml: the tests
-# read the netplan files vztt writes.
+# read the netplan files vztt writes; faketime: the reproducibility test builds again
+# five years later (tests/test_hosts.py, tests/reprokit.py).
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
@@ -22,7 +23,8 @@ APT_PACKAGES := \
 	ploop qemu-utils fdisk gdisk \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl \
-	squashfs-tools openssh-client python3-yaml python3-xmltodict python3-attr rsync chromium fonts-dejavu-core
+	squashfs-tools openssh-client python3-yaml python3-xmltodict python3-attr rsync chromium fonts-dejavu-core \
+	faketime
 
 # The other container hosts, whose own programs the tests run against our formats and mirror
 # (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.
@@ -94,8 +96,10 @@ $(HOSTS_STAMP): Makefile .ci/add-backports.sh
 	fi
 	@touch $@
 
+# -rs: every skip's reason at the end; VZTT_STRICT_SKIPS=1: a skip for anything but an optional
+# resource (tests/strictskips.py: the real Ubuntu archive, the host's CPU or kernel) fails the run.
 test: setup $(TEST_STAMP) $(HOSTS_STAMP) $(GCL)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	VZTT_STRICT_SKIPS=1 $(PY) -m pytest -q -rs -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.
 test-fast: setup $(TEST_STAMP) $(GCL)

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from strictskips import pytest_runtest_makereport  # noqa: F401  (make test: an unexpected skip fails)
+
+# A run started in the background of a shell script (`make test &`, nohup) inherits SIGINT
+# ignored, and so would every vztt the tests start (exec keeps an ignored signal): the tests
+# that interrupt vztt (Ctrl-C) would see it run on. Handled here, children get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -127,3 +136,9 @@ def el_distribution():  # type: ignore[no-untyped-def]
     or built (a few minutes; the Debian mirror is needed then)."""
     from rpmdist import build_distribution
     return build_distribution(FIXTURE_CACHE, log=lambda line: sys.stderr.write(f"rpmdist: {line}\n"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """The fault suite's table (tests/faults/), when it ran."""
+    import faultkit
+    faultkit.print_table(terminalreporter.write)

@@ -14,7 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-CACHE = Path("/var/tmp/vztt-test-rootfs")
+# VZTT_TEST_ROOTFS_CACHE: another place (a fresh machine's first run, in a test of the tests).
+CACHE = Path(os.environ.get("VZTT_TEST_ROOTFS_CACHE") or "/var/tmp/vztt-test-rootfs")
 SUITE = "bookworm"
 INCLUDE = ("systemd-sysv", "iproute2")
 

@@ -275,6 +275,10 @@ def _build_in(out: Path, work: Path, source: DebianSource, deb_cache: Path, log:
 
     t0 = time.monotonic()
     jobs: list[tuple[Staged, Path]] = [(s, work / "rpms") for s in staged] + [(s, work / "rpms-el10") for s in el10]
+    for rpmdir in {d for _, d in jobs}:
+        # made here, before the parallel rpmbuilds: two of them making it at once, the loser
+        # fails ("failed to create directory %{_rpmdir}: File exists"; rpm 4.18)
+        rpmdir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         built = list(pool.map(lambda job: rpmbuild(job[0], work, job[1]), jobs))
     rpms, el10_rpms = built[:len(staged)], built[len(staged):]

@@ -176,6 +176,9 @@ def release_files(major: int) -> dict[str, Content]:
             enable dbus-broker.service
             enable getty@.service
             enable remote-fs.target
+            enable NetworkManager.service
+            enable NetworkManager-dispatcher.service
+            enable NetworkManager-wait-online.service
             disable systemd-networkd.service
             disable systemd-networkd-wait-online.service
             disable systemd-network-generator.service
@@ -188,6 +191,24 @@ def release_files(major: int) -> dict[str, Content]:
             """),
         "/usr/lib/systemd/system-preset/99-default-disable.preset": "disable *\n",
     }
+
+
+# EL's NetworkManager.conf (the compiled-in plugins are EL's keyfile,ifcfg-rh; Debian's build
+# has no ifcfg-rh and its default ifupdown plugin is left out: keyfile alone, said here)
+NM_CONF = textwrap.dedent("""\
+    # Configuration file for NetworkManager.
+    # See "man 5 NetworkManager.conf" for details.
+    #
+    # Configuration snippets go in /etc/NetworkManager/conf.d/.
+
+    [main]
+    plugins=keyfile
+
+    [logging]
+    # When debugging NetworkManager, enabling debug logging is of great help.
+    #level=DEBUG
+    #domains=ALL
+    """)
 
 
 ROOTFILES: dict[str, Content] = {

@@ -8,8 +8,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass, field
 
-from rpmdist_files import (ARCH, FILESYSTEM_DIRS, FILESYSTEM_LINKS, MULTIARCH, PAM_FILES, ROOTFILES, SAME,
-                           SETUP_FILES, SSHD_FILES, SYSTEMD_POST, SYSTEMD_POSTTRANS, SYSTEMD_PRE, SYSUSERS_BASIC,
+from rpmdist_files import (ARCH, FILESYSTEM_DIRS, FILESYSTEM_LINKS, MULTIARCH, NM_CONF, PAM_FILES, ROOTFILES,
+                           SAME, SETUP_FILES, SSHD_FILES, SYSTEMD_POST, SYSTEMD_POSTTRANS, SYSTEMD_PRE, SYSUSERS_BASIC,
                            Content, release_files, rpm_macros, systemd_post, systemd_postun_with_restart,
                            systemd_preun, sysuser)
 
@@ -19,7 +19,7 @@ BASE = (
     "system-release", "setup", "filesystem", "basesystem", "bash", "coreutils", "glibc-minimal-langpack",
     "systemd", "rpm", "dnf", "openssh-server", "openssh-clients", "iproute", "iputils", "procps-ng",
     "util-linux", "shadow-utils", "passwd", "rootfiles", "hostname", "less", "vim-minimal", "findutils",
-    "tar", "gzip", "which",
+    "tar", "gzip", "which", "NetworkManager",
 )
 
 # ==========================================================================
@@ -326,6 +326,26 @@ PACKAGES: tuple[ElPackage, ...] = (
                                       "/usr/share/bash-completion/completions/tc")),),
               requires=(f"iproute = {SAME}",)),
     _lib("linux-atm-libs", "libatm1"),
+    # ---- NetworkManager: what brings an EL system's network up (from the keyfile `vztt create --ip` writes)
+    _lib("libndp", "libndp0"),
+    _lib("NetworkManager-libnm", "libnm0", summary="Libraries for adding NetworkManager support to applications"),
+    ElPackage("NetworkManager", "Network connection manager and user applications", take=(Take("network-manager"),),
+              requires=(f"NetworkManager-libnm = {SAME}", "dbus"), requires_post=("systemd",),
+              # EL's base package only: the device plugins (wifi, team, wwan, bluetooth, adsl, ppp) are EL's
+              # NetworkManager-wifi, -team, ... subpackages and need wpa_supplicant, libteamdctl, ModemManager,
+              # bluez, pppd; nmtui (libnewt) is NetworkManager-tui. Debian's own: the ifupdown settings plugin
+              # and its dispatcher script, the netdev group's polkit rules (EL has no such group).
+              drop=(f"{MULTIARCH}/NetworkManager", f"{MULTIARCH}/NetworkManager/*", "/usr/lib/pppd", "/usr/lib/pppd/*",
+                    "/usr/bin/nmtui", "/usr/bin/nmtui-*", "/etc/NetworkManager/dispatcher.d/01-ifupdown",
+                    "/usr/share/polkit-1/rules.d", "/usr/share/polkit-1/rules.d/*", "/var/lib/polkit-1",
+                    "/var/lib/polkit-1/*"),
+              files={"/etc/NetworkManager/NetworkManager.conf": NM_CONF},
+              # secrets live there: root's only (Debian's postinst chmods it; EL's spec owns it 0700)
+              modes={"/var/lib/NetworkManager": 0o700, "/etc/NetworkManager/system-connections": 0o700},
+              scripts={"post": systemd_post("NetworkManager.service", "NetworkManager-wait-online.service",
+                                            "NetworkManager-dispatcher.service", "nm-priv-helper.service"),
+                       "preun": systemd_preun("NetworkManager.service", "NetworkManager-wait-online.service",
+                                              "NetworkManager-dispatcher.service", "nm-priv-helper.service")}),
     ElPackage("iputils", "Network monitoring tools including ping", take=(Take("iputils-ping"),)),
     # ---- openssh: EL's split, EL's units
     ElPackage("openssh", "An open source implementation of SSH protocol version 2",

@@ -127,10 +127,20 @@ def test_boot_exec_poweroff_leaves_nothing(rootfs, state_dir):
         assert all(line.endswith(":/") for line in own.splitlines()), own
         assert processes_in_cgroup("t-boot")
         assert str(box.init_pid) in (box.cgroups.unified / "init.scope/cgroup.procs").read_text()
-        for controller, path in box.cgroups.v1.items():  # this host: memory and pids are v1
-            limit = {"memory": "memory.limit_in_bytes", "pids": "pids.max"}[controller]
-            assert (path / limit).read_text().strip() == str(box.cgroups.limits[controller])
-            assert str(box.init_pid) in (path / "cgroup.procs").read_text().split()
+        # Both limits, set wherever the host keeps the controller: a v1 hierarchy (a hybrid
+        # host) or cgroup2 (a unified host); a host with neither fails here, not quietly.
+        assert box.cgroups.limits == {"memory": 1 << 30, "pids": 1000}
+        checked = []
+        for controller, limit in box.cgroups.limits.items():
+            if controller in box.cgroups.v1:
+                path = box.cgroups.v1[controller]
+                knob = {"memory": "memory.limit_in_bytes", "pids": "pids.max"}[controller]
+                assert str(box.init_pid) in (path / "cgroup.procs").read_text().split()
+            else:
+                path, knob = box.cgroups.unified, {"memory": "memory.max", "pids": "pids.max"}[controller]
+            assert (path / knob).read_text().strip() == str(limit), (controller, path / knob)
+            checked.append(controller)
+        assert sorted(checked) == ["memory", "pids"]
         assert box.cgroups.notes == []
 
         assert box.exec(["sh", "-c", "echo out; echo err >&2; exit 3"]) == (3, "out\nerr\n")

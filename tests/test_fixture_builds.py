@@ -207,6 +207,27 @@ def test_unsigned_repository(fake: FakeSetup, command: str) -> None:
     assert not (fake.repo.dist_dir / "InRelease").exists()
     line = fails(fake.vztt(command, FAKE), EXIT_RESOLVE)
     assert "repository fixture" in line and str(fake.repo.root) in line, line
+    # The reason, not any exit-4 error (a repository that merely fails to resolve is exit 4 too).
+    assert "Release file is not signed (vztt accepts signed repositories only)" in line, line
+    fake.assert_clean(lock=False)
+
+
+@pytest.mark.parametrize("command", ["resolve", "build"])
+def test_changed_packages_under_a_valid_release(fake: FakeSetup, command: str) -> None:
+    """Packages edited after Release was signed (a mirror serving a stale or forged index
+    under a valid signature): its hash no longer matches the signed Release."""
+    import gzip
+    import lzma
+    bindir = fake.repo.dist_dir / "main" / f"binary-{fake.repo.arch}"
+    text = (bindir / "Packages").read_text()
+    assert "\nVersion: 1.0-1\n" in text
+    forged = text.replace("\nVersion: 1.0-1\n", "\nVersion: 9.0-1\n", 1).encode()      # libfix1, newer
+    (bindir / "Packages").write_bytes(forged)
+    (bindir / "Packages.gz").write_bytes(gzip.compress(forged))
+    (bindir / "Packages.xz").write_bytes(lzma.compress(forged))
+    line = fails(fake.vztt(command, FAKE), EXIT_RESOLVE)
+    assert line.startswith("vztt: resolve error: ") and "repository fixture" in line, line
+    assert "an index does not match the signed Release (Hash Sum mismatch)" in line, line
     fake.assert_clean(lock=False)
 
 

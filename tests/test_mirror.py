@@ -247,11 +247,17 @@ def test_wrong_sha256_and_truncated_downloads(tiny_mirror: Path, host_cache: Pat
     (short / rel).write_bytes(data[: len(data) // 2])
     line = _pull_fails(host_cache, web.url("mirror") + "short/", keys)
     assert "truncated" in line or "ends before" in line
-    # Once the mirror is right again, the pull finishes from what it kept.
+    # Once the mirror is right again, the pull finishes from what it kept: one ranged GET
+    # (206) from the first missing byte, nginx sending only the rest.
     (short / rel).write_bytes(data)
+    log_before = len(web.access_log())
     r = run_vztt("pull", TINY, "--from", web.url("mirror") + "short/", "--json", cache=host_cache, env=keys.env())
     assert r.returncode == 0, r.stderr
     assert (host_cache / f"{TINY}.plain.tar.lz4").read_bytes() == data
+    assert r.json()["resumed"] == 1, r.stdout
+    gets = [re.search(r'"GET (\S+) [^"]*" (\d{3}) (\d+)', l) for l in web.access_log()[log_before:]]
+    archive_gets = [(int(m[2]), int(m[3])) for m in gets if m and m[1].endswith("/short/" + rel)]
+    assert archive_gets == [(206, len(data) - len(data) // 2)], archive_gets
 
 
 def test_a_dropped_connection_is_resumed(tiny_mirror: Path, tmp_path: Path, keys: Keys, web: Nginx) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from aptrepo import FakePackage, build_deb, make_gpg_key, make_repo
-from conftest import PACKAGE_CACHE, RECIPES, REPO, BuiltTemplate, Result, leftovers, one_line_error, run_vztt
+from conftest import (PACKAGE_CACHE, RECIPES, REPO, BuiltTemplate, Result, leftovers, one_line_error,
+                      processes_naming, run_vztt)
+from faultkit import Watched, traces
 from minidist import stage_locked_debs
 from vztt.nightly import matrix, parse_shard, shard
 from vztt.base.errors import RecipeError
@@ -219,27 +221,30 @@ def test_two_builds_of_one_template(fx: Fixture) -> None:
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("after,delay", [("fetch", 0.0), ("fetch", 5.0), ("install", 0.3)],
-                         ids=["after-fetch", "mid-install", "mid-pack"])
-def test_sigkill_then_rerun(fx: Fixture, after: str, delay: float) -> None:
-    """SIGKILL at a step; the next run cleans up by itself and the cached template is never corrupt."""
+@pytest.mark.parametrize("after,during,delay", [("fetch", "install", 0.0), ("fetch", "install", 5.0),
+                                                ("clean", "pack", 0.3)],
+                         ids=["start-of-install", "mid-install", "mid-pack"])
+def test_sigkill_then_rerun(fx: Fixture, after: str, during: str, delay: float) -> None:
+    """SIGKILL during a step; the next run cleans up by itself and the cached template is never corrupt."""
     name = "fx-b"
-    good = (fx.cache / f"{name}.plain.tar.lz4").read_bytes() if (fx.cache / f"{name}.plain.tar.lz4").exists() else None
-    proc = fx.popen("build", name, "--no-test", "--locked")
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.strip().startswith(after):
-            break
+    cached = fx.cache / f"{name}.plain.tar.lz4"
+    if not cached.exists():                         # a previous template of our own, whatever ran before
+        r = fx.vztt("build", name, "--no-test")
+        assert r.returncode == 0, r.stderr
+    good = cached.read_bytes()
+    proc = Watched(["--cache-dir", fx.cache, "--recipes", fx.recipes, "build", name, "--no-test", "--locked"],
+                   env={"VZTT_MIRROR_FIXTURE_MIRROR": f"file://{fx.repo_root}"})
+    proc.wait_step(after)                           # step lines print when a step ends: `during` runs now
     time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    if good is not None:                            # the previous template is intact
-        assert (fx.cache / f"{name}.plain.tar.lz4").read_bytes() == good
+    proc.signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert during not in proc.steps(), proc.lines   # the kill landed in `during`, not after it
+    assert cached.read_bytes() == good              # the previous template is intact
+    left = leftovers(fx.cache)
+    assert left, "a build killed mid-way left nothing: the kill came too late to test the cleanup"
     r = fx.vztt("build", name, "--no-test", "--locked")
     assert r.returncode == 0, r.stderr
-    assert fx.vztt("inspect", fx.cache / f"{name}.plain.tar.lz4").returncode == 0
-    deadline = time.monotonic() + 30                # children of the killed build end with it
-    while leftovers(fx.cache) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    _clean(fx.cache)
-    assert not list(fx.cache.glob("*-old"))
+    assert fx.vztt("inspect", cached).returncode == 0
+    # Cleaned by that run, not by time: nothing of the killed build is left, nor running.
+    assert traces(fx.cache) == []
+    assert processes_naming(fx.cache) == []

@@ -327,6 +327,28 @@ def test_tampered_repomd_after_a_good_resolve(setup: Setup, fixture_repo: Fixtur
     setup.assert_clean()
 
 
+def test_repo_gpgcheck_false_relaxes_the_metadata_only(setup: Setup, fixture_repo: Fixture) -> None:
+    """repo_gpgcheck = false: a repomd.xml that changed under its signature resolves (the
+    setting's whole point: a mirror that does not sign its metadata); packages are still
+    signature-checked: an unsigned one stops the build. Against the control, true refuses it."""
+    copy = setup.tmp / "mirror"
+    shutil.copytree(fixture_repo.repo.root, copy)
+    tamper_repomd(RpmRepo(copy, None))
+    mirror = f"file://{copy}"
+    assert setup.vztt("resolve", NAME, mirror=mirror).returncode == EXIT_RESOLVE           # the control
+    recipe = setup.recipes / f"{NAME}.toml"
+    recipe.write_text(recipe.read_text().replace('keyring = "fixture.asc"\n',
+                                                 'keyring = "fixture.asc"\nrepo_gpgcheck = false\n', 1))
+    r = setup.vztt("resolve", NAME, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    setup.recipe(include=["fix-unsigned"])
+    recipe.write_text(recipe.read_text().replace('keyring = "fixture.asc"\n',
+                                                 'keyring = "fixture.asc"\nrepo_gpgcheck = false\n', 1))
+    line = fails(setup.vztt("build", NAME, "--no-test", mirror=mirror), EXIT_BUILD)
+    assert "fix-unsigned-1.0-1.el9.noarch" in line and "not signed" in line, line
+    setup.assert_clean()
+
+
 def test_missing_dependency(setup: Setup) -> None:
     setup.recipe(include=["fix-broken"])
     line = fails(setup.vztt("build", NAME, "--no-test"), EXIT_RESOLVE)

@@ -221,7 +221,9 @@ def test_osrelease_in_the_vm(debian12: BuiltTemplate, built_kernel: Path, tmp_pa
 def test_a_vm_that_does_not_boot_in_time_is_killed_and_its_console_kept(debian12: BuiltTemplate,
                                                                          built_kernel: Path,
                                                                          tmp_path: Path) -> None:
-    recipes = recipes_with(tmp_path, debian12.name, "[boot]\ntimeout = 1\n")
+    # 3 s (9 s under TCG, which every VM here uses): far from a boot, long enough for the
+    # kernel's first lines to reach the console on a loaded host (1 s left it empty).
+    recipes = recipes_with(tmp_path, debian12.name, "[boot]\ntimeout = 3\n")
     result = run_vztt("test", debian12.name, "--vm", cache=debian12.cache, recipes=recipes,
                       env=kernel_env(built_kernel), timeout=120)
     assert result.returncode == 8, result.stdout + result.stderr

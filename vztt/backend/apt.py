@@ -239,6 +239,8 @@ class AptBackend(Backend):
         # several suites (main, -updates) usually share one mirror URL.
         for r in self.recipe.repositories:
             names = {f"{_file_uri_path(urls[r.name])} {r.suite} ", f"{urls[r.name]} {r.suite} "}
+            # An index apt fetched by its own URL (Packages under dists/SUITE/): a hash mismatch.
+            names |= {f"{base.rstrip('/')}/dists/{r.suite}/" for base in (_file_uri_path(urls[r.name]), urls[r.name])}
             lines = [l for l in output.splitlines()
                      if l.startswith(("E:", "W:", "Err:")) and any(n in l for n in names)]
             if not lines:
@@ -247,6 +249,9 @@ class AptBackend(Backend):
             text = "\n".join(lines)
             if re.search(r"NO_PUBKEY|BADSIG|signatures were invalid|EXPKEYSIG|REVKEYSIG", text):
                 raise ResolveError(f"{culprit}: Release signature does not verify with keyring {r.keyring}")
+            if "Hash Sum mismatch" in text:
+                raise ResolveError(f"{culprit}: an index does not match the signed Release (Hash Sum mismatch): "
+                                   "the mirror is inconsistent or was tampered with")
             if "is not signed" in text:
                 raise ResolveError(f"{culprit}: Release file is not signed (vztt accepts signed repositories only)")
             raise ResolveError(f"{culprit}: {summarize(text)}")

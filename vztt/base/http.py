@@ -26,6 +26,7 @@ download, hashed as it is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -38,7 +39,7 @@ from typing import IO, Iterator
 import requests
 
 from vztt import __version__
-from vztt.base.errors import FetchError, VzttError
+from vztt.base.errors import EnvironmentProblem, FetchError, VzttError
 
 USER_AGENT = f"vztt/{__version__}"
 CHUNK = 1 << 20
@@ -154,8 +155,15 @@ class PartFile:
         self.have = self.hashed = 0
 
     def add(self, data: bytes) -> bytes:
-        """Append `data`; what of it the consumer has not had yet."""
-        self.fh.write(data)
+        """Append `data`; what of it the consumer has not had yet. A full disk is one line
+        (EnvironmentProblem), not a traceback; the bytes written so far stay for a resume."""
+        try:          # straight to the file (O_APPEND): no buffered bytes left to fail again at close
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fh.fileno(), view):]
+        except OSError as e:
+            error = EnvironmentProblem if e.errno in (errno.ENOSPC, errno.EDQUOT) else FetchError
+            raise error(f"{self.path}: writing the download: {e.strerror}") from None
         self._sha.update(data)
         start = self.have
         self.have += len(data)

@@ -143,10 +143,12 @@ def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
         return None
 
 
-def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
-    """Replace root/rel (resolved inside root) with a regular file holding `data`, of
-    owner uid:gid and permissions `mode` (setuid bits included); directories on the way
-    are made. A symlink at rel is replaced; a directory there is refused."""
+@contextlib.contextmanager
+def _replacing(root: Path, rel: str) -> Iterator[tuple[int, str]]:
+    """(directory fd, temporary name) for making what replaces root/rel: the directory
+    resolved inside root (made if missing), a directory at rel refused. The block makes
+    the temporary name; it is then renamed over rel within the directory fd (fsync'ed),
+    or removed if the block fails."""
     parent, name = _split(rel)
     with _root(root) as root_fd:
         dir_fd = _open_dir(root, root_fd, parent, create=True)
@@ -155,18 +157,8 @@ def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644, uid: int
             if st is not None and stat.S_ISDIR(st.st_mode):
                 raise UnsafePath(f"{root}: {rel}: a directory is in the way")
             tmp = temp_name(Path(name)).name
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
             try:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fchown(fd, uid, gid)        # first: chown clears the setuid bits fchmod sets
-                    os.fchmod(fd, mode)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                yield dir_fd, tmp
                 os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -175,6 +167,24 @@ def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644, uid: int
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_in_root(root: Path, rel: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
+    """Replace root/rel (resolved inside root) with a regular file holding `data`, of
+    owner uid:gid and permissions `mode` (setuid bits included); directories on the way
+    are made. A symlink at rel is replaced; a directory there is refused."""
+    with _replacing(root, rel) as (dir_fd, tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchown(fd, uid, gid)        # first: chown clears the setuid bits fchmod sets
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_in_root(root: Path, rel: str) -> bytes | None:
@@ -326,21 +336,5 @@ def symlink_in_root(root: Path, rel: str, target: str) -> None:
     """Replace root/rel (not a directory) with a symlink to `target`, the way to it
     resolved inside root: made under a temporary name and renamed over it, so nothing at
     rel is followed or written through."""
-    parent, name = _split(rel)
-    with _root(root) as root_fd:
-        dir_fd = _open_dir(root, root_fd, parent, create=True)
-        try:
-            st = _lstat(name, dir_fd)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                raise UnsafePath(f"{root}: {rel}: a directory is in the way")
-            tmp = temp_name(Path(name)).name
-            os.symlink(target, tmp, dir_fd=dir_fd)
-            try:
-                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                raise
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with _replacing(root, rel) as (dir_fd, tmp):
+        os.symlink(target, tmp, dir_fd=dir_fd)

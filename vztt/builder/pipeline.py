@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -154,6 +155,10 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
     options = options or BuildOptions()
     progress = progress or Progress(quiet=True)
     require_root("vztt build")
+    # The template's modes are the packages' and the recipe's, not the caller's umask: under
+    # umask 077 the directories apt, dpkg and vztt make (/proc, /usr/lib64, /var/lib/dpkg/...)
+    # came out 0700 (found by tests/test_hosts.py's build in another environment).
+    os.umask(0o022)
     # Every mount of this build dies with this process, whatever happens to it.
     enter_private_namespace()
     boottest.clean_stale(cache)     # containers of killed runs: processes, cgroups, scratch

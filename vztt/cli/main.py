@@ -117,6 +117,12 @@ def guarded(fn: F) -> F:
                                     f"(uid {os.getuid()}; run as root, or choose a --cache-dir you own)"), as_json)
         except KeyboardInterrupt:
             fail(Interrupted("interrupted; mounts, loop devices and temporary files were cleaned up"), as_json)
+        finally:
+            # The command is over: its work done (or failed, and cleaned up). A signal from here
+            # on has nothing left to clean, and would only turn the status it earned into a
+            # death by SIGINT (Python's exit for a KeyboardInterrupt nobody catches).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return wrapper  # type: ignore[return-value]
 
 

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlparse
 
 import requests
 
-from vztt.base.files import atomic_file, atomic_write, temp_name
+from vztt.base.files import atomic_file, atomic_write, temp_name, writer_pid
 from vztt.base.http import CHUNK, new_session, read_bounded, status_line
 from vztt.mirror.config import is_http, local_path
 from vztt.mirror.index import MirrorError
@@ -67,7 +67,17 @@ class DirTarget:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise MirrorError(f"{self.root}: another publish to this mirror is running") from None
+            self._remove_stale_temps()
             yield
+
+    def _remove_stale_temps(self) -> None:
+        """Temporary files a killed publish left (`.<name>.tmp-<random>-<pid>`): with the lock
+        held no other publish is writing, and no index names them. Links are not followed."""
+        for top, dirs, names in os.walk(self.root, followlinks=False):
+            for name in names:
+                path = Path(top) / name
+                if writer_pid(path) is not None and path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
 
     def read(self, rel: str, limit: int) -> bytes | None:
         try:

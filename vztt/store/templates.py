@@ -215,7 +215,7 @@ class TemplateCache:
         for tmp, final in files:
             os.replace(tmp, final)
         fsync_dir(self.root)
-        for old in olds:
+        for old in olds:        # manifest-old last: recover() reads a commit from it and the manifest
             old.unlink(missing_ok=True)
 
     def recover(self, name: str) -> None:
@@ -225,12 +225,22 @@ class TemplateCache:
         olds = list(self.root.glob(f"{name}.*{OLD}"))
         if not olds:
             return
-        if not manifest.exists() and old_manifest.exists():
-            for old in olds:
-                os.replace(old, old.with_name(old.name[:-len(OLD)]))
-        else:
-            for old in olds:
-                old.unlink(missing_ok=True)
+        # The manifest is the commit record. Both it and its -old there: the new manifest was
+        # renamed into place (committed); the -old files are the previous build's, removed
+        # (promote removes manifest-old last). Otherwise promote died before that rename:
+        # still moving the cached files aside (the manifest in place, not yet its -old) or
+        # putting the new ones in place (only manifest-old): the previous pair is restored,
+        # over any new file already renamed in.
+        # (A cached file with no manifest before it was never a template: its -old is
+        # dropped when the new file is in place.)
+        placing = old_manifest.exists() and not manifest.exists()      # decided once, before any rename
+        aside = manifest.exists() and not old_manifest.exists()
+        for old in sorted(olds, key=lambda p: p == old_manifest):       # manifest-old last, as promote
+            final = old.with_name(old.name[:-len(OLD)])
+            if placing or (aside and not final.exists()):
+                os.replace(old, final)
+            else:
+                old.unlink(missing_ok=True)                     # committed, or nothing to restore
 
     # build scratch areas
     def clean_stale_work(self) -> list[Path]:
