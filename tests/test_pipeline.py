@@ -24,7 +24,6 @@ vztt (VZTT, SETUP=true) instead of `make setup` in every job directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import yaml
 from aptrepo import make_gpg_key, make_repo
 from conftest import PACKAGE_CACHE, RECIPES, BuiltTemplate
 from gitlabci import GCL, GitLabLocal, Run
-from minidist import stage_locked_debs
+from minidist import sha256_file, stage_locked_debs
 from mirrorkit import Keys, keys, snapshot, web
 from vztt.mirror.index import files_of, parse_index
 from nginx import DAV_PASSWORD, DAV_USER, Nginx
@@ -153,20 +152,12 @@ def _verify_index(lab: Lab, root: Path) -> dict:
     return json.loads((root / "index.json").read_text())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _assert_every_named_file_whole(index: dict, root: Path) -> None:
     for t in index["templates"].values():
         for b in t["builds"]:
             for rec in files_of(b):
                 path = root / rec["path"]
-                assert path.stat().st_size == rec["size"] and _sha256(path) == rec["sha256"], path
+                assert path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"], path
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +258,7 @@ def test_a_cancelled_publish_leaves_nothing_half_written(lab: Lab, first: Run) -
         m = json.loads((lab.gcl.artifacts(f"update: {template}") / "cache" / f"{template}.manifest.json").read_text())
         expected.update({a["file"]: a["sha256"] for a in m["archives"].values()})
     for path in (p for p in root.rglob("*.tar.lz4")):
-        assert _sha256(path) == expected[path.name], path            # what is there is whole
+        assert sha256_file(path) == expected[path.name], path            # what is there is whole
 
     again = lab.gcl.run("publish", "--variable", f"TEMPLATE_MIRROR={target}", file=CHILD)
     assert again.jobs.get("publish") == "PASS", again.tail()
