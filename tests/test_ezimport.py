@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import RECIPES, one_line_error, run_vztt
 from eztree import APP_FILES, OS_FILES, installed_tree, source_tree
@@ -126,9 +127,18 @@ def test_layers_go_with_their_bases() -> None:
     # a shard takes a base with its layers
     assert sorted(shard(names, "2/3", base_of)) == ["d12", "d12-nginx", "d12-nginx-tls", "d12-pg"]
     gh = json.loads(matrix(names, "github", base_of))
-    assert gh == {"template": ["a1", "d12", "u24"],
-                  "include": [{"template": "d12", "layers": "d12-nginx d12-nginx-tls d12-pg"}]}
-    assert ".venv/bin/vztt update d12 d12-nginx d12-nginx-tls d12-pg\n" in matrix(names, "gitlab", base_of)
+    assert gh["template"] == ["a1", "d12", "u24"] and len(gh["include"]) == 1
+    inc = gh["include"][0]
+    assert (inc["template"], inc["layers"]) == ("d12", "d12-nginx d12-nginx-tls d12-pg")
+    # the base's job carries its layers' files too: caches, test reports, templates
+    for layer in ("d12-nginx", "d12-nginx-tls", "d12-pg"):
+        assert f"cache/locks/{layer}.lock.json" in inc["cache_vztt_template"].split("\n")
+        assert f"junit-{layer}.xml" in inc["artifact_junit"].split("\n")
+        assert f"cache/{layer}.plain.tar.lz4" in inc["artifact_template"].split("\n")
+    child = yaml.safe_load(matrix(names, "gitlab", base_of))
+    assert child["update: d12"]["variables"] == {"TEMPLATE": "d12", "LAYERS": "d12-nginx d12-nginx-tls d12-pg"}
+    assert any("$VZTT update $TEMPLATE $LAYERS" in line for line in child["update: d12"]["script"])
+    assert not any(k.startswith("update: d12-") for k in child)       # the layers ride in their base's job
     assert json.loads(matrix(names, "json", base_of))[:3] == ["a1", "d12", "d12-nginx"]
     # a layer whose base is not among the names goes on its own
     assert groups(["d12-nginx"], base_of) == [["d12-nginx"]]
