@@ -11,7 +11,9 @@ STAMP := $(VENV)/.deps-stamp
 # openssh-client: the boot test's network check logs in to the booted template
 # with ssh (and makes its throwaway key with ssh-keygen); python3-yaml: the tests
 # read the netplan files vztt writes; faketime: the reproducibility test builds again
-# five years later (tests/test_hosts.py, tests/reprokit.py).
+# five years later (tests/test_hosts.py, tests/reprokit.py); python3-seccomp: the
+# container runtime's system call filter (libseccomp builds it); libc6-dev's static
+# libc (build-essential): tests/escape.c, the escape attempts, is linked static.
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
@@ -24,7 +26,7 @@ APT_PACKAGES := \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl \
 	squashfs-tools openssh-client python3-yaml \
-	faketime
+	faketime python3-seccomp
 
 # The other container hosts, whose own programs the tests run against our formats and mirror
 # (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.

@@ -38,15 +38,21 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_READ = 23
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_NO_NEW_PRIVS = 38
 
 # vztt's kernel patch (kernel/patches/virt_osrelease.patch): uname -r in the writer's UTS namespace
 OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
 PR_CAPBSET_DROP = 24
-CAP_SYS_MODULE = 16
-CAP_SYS_TIME = 25
+CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 # pivot_root has no glibc wrapper; its number depends on the architecture.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_SYS_CAPGET_CAPSET = {"x86_64": (125, 126), "aarch64": (90, 91), "riscv64": (90, 91),
+                      "ppc64le": (183, 184), "s390x": (184, 185)}
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 def _check(result: int, what: str) -> int:
@@ -112,3 +118,41 @@ def interface_up(name: str = "lo") -> None:
         ifreq = struct.pack("16sH22x", name.encode(), 0)  # struct ifreq: name, flags
         flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
+
+
+def prctl_get(option: int, arg: int) -> int:
+    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _capcall(index: int, data) -> None:  # type: ignore[no-untyped-def]
+    numbers = _SYS_CAPGET_CAPSET.get(platform.machine())
+    if numbers is None:
+        raise OSError(0, f"capget/capset: unknown syscall number on {platform.machine()}")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.syscall(ctypes.c_long(numbers[index]), ctypes.byref(header), data), "capget/capset")
+
+
+def capget() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
+    data = (_CapData * 2)()
+    _capcall(0, data)
+    return tuple(getattr(data[0], f) | getattr(data[1], f) << 32  # type: ignore[return-value]
+                 for f in ("effective", "permitted", "inheritable"))
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    data = (_CapData * 2)()
+    for i in range(2):
+        data[i].effective = (effective >> 32 * i) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> 32 * i) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> 32 * i) & 0xFFFFFFFF
+    _capcall(1, data)

@@ -35,6 +35,7 @@ import signal
 import stat
 import sys
 
+import _confine as C
 import _linux as L
 
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7),
@@ -71,12 +72,6 @@ def setup_mounts(root: str, console: str, container: str) -> None:
 
     proc = under("proc")
     L.mount("proc", proc, "proc", NO_EXEC)
-    for path in ("sys", "sysrq-trigger"):  # sysctls and sysrq are the host kernel's: read-only
-        if not os.path.exists(f"{proc}/{path}"):
-            continue  # no CONFIG_MAGIC_SYSRQ
-        L.mount(f"{proc}/{path}", f"{proc}/{path}", None, L.MS_BIND)
-        L.mount(None, f"{proc}/{path}", None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | NO_EXEC)
-
     # Read-only sysfs: udev and other units that need to write there skip themselves.
     L.mount("sysfs", under("sys"), "sysfs", NO_EXEC | L.MS_RDONLY)
     # The cgroup2 tree, rooted at our cgroup namespace, i.e. the container's cgroup.
@@ -105,6 +100,61 @@ def setup_mounts(root: str, console: str, container: str) -> None:
     with open(f"{root}/run/systemd/container", "w") as f:
         f.write(container + "\n")
     L.mount("tmpfs", under("tmp"), "tmpfs", NOSUID_NODEV, "mode=1777")
+    mask_host_paths(root)
+
+
+def mask_host_paths(root: str) -> None:
+    """The host kernel's knobs read-only, its memory, keys, firmware and debug
+    files hidden (_confine.py has the lists and why)."""
+    proc, sys_ = os.path.join(root, "proc"), os.path.join(root, "sys")
+    for path in C.PROC_READONLY:   # sysctls, sysrq, buses are the host kernel's
+        full = os.path.join(proc, path)
+        if os.path.lexists(full):  # (no CONFIG_MAGIC_SYSRQ: no sysrq-trigger)
+            L.mount(full, full, None, L.MS_BIND | L.MS_REC)
+            L.mount(None, full, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | NO_EXEC)
+    # An empty file to bind over files: made on the /dev tmpfs, unlinked once bound
+    # (the binds keep the inode), so nothing inside names it.
+    empty = os.path.join(root, "dev", ".vztt-masked")
+    with open(empty, "w"):
+        pass
+    os.chmod(empty, 0)
+    try:
+        for path in C.PROC_MASKED_FILES:
+            full = os.path.join(proc, path)
+            if os.path.isfile(full):
+                L.mount(empty, full, None, L.MS_BIND)
+                L.mount(None, full, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | NO_EXEC)
+    finally:
+        os.unlink(empty)
+    for full in ([os.path.join(proc, p) for p in C.PROC_MASKED_DIRS]
+                 + [os.path.join(sys_, p) for p in C.SYS_MASKED_DIRS]):
+        if os.path.isdir(full) and not os.path.islink(full):
+            L.mount("tmpfs", full, "tmpfs", L.MS_RDONLY | NO_EXEC, "size=4k,nr_inodes=1,mode=555")
+
+
+def load_confinement(filt) -> None:  # type: ignore[no-untyped-def]
+    """Limit this process (and so what it execs) to _confine.py's capabilities and
+    system calls: the bounding set, the inheritable and ambient sets (so no exec
+    gets a capability back), then the seccomp filter. No no_new_privs: setuid
+    programs inside (su, ping) keep working, within the bounding set."""
+    with open(L.CAP_LAST_CAP_FILE) as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if not C.KEEP_MASK & (1 << cap):
+            L.prctl(L.PR_CAPBSET_DROP, cap)
+    L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
+    effective, permitted, inheritable = L.capget()
+    L.capset(effective & C.KEEP_MASK, permitted & C.KEEP_MASK, inheritable & C.KEEP_MASK)
+    filt.load()
+
+
+def prepared_filter():  # type: ignore[no-untyped-def]
+    """The seccomp filter, built while the host's Python modules are reachable
+    (before pivot_root); loaded last, by load_confinement."""
+    import seccomp
+    filt = C.seccomp_filter()
+    filt.set_attr(seccomp.Attr.CTL_NNP, 0)
+    return filt
 
 
 def set_osrelease(release: str) -> None:
@@ -131,6 +181,7 @@ def container_init(config: dict, status_fd: int) -> None:
     try:
         die_with_parent()  # (our parent is outside our pid namespace: getppid() says 0)
         join_cgroups(config["procs_files"])
+        filt = prepared_filter()
         L.unshare(L.CLONE_NEWCGROUP)  # after joining: the namespace is rooted at the container's cgroup
         if config.get("osrelease"):  # before /proc/sys goes read-only; we are in the new UTS namespace
             set_osrelease(config["osrelease"])
@@ -138,13 +189,12 @@ def container_init(config: dict, status_fd: int) -> None:
         enter_root(config["root"])
         L.sethostname(config["hostname"])
         L.interface_up("lo")
-        for cap in (L.CAP_SYS_MODULE, L.CAP_SYS_TIME):  # host-wide knobs init should not turn
-            L.prctl(L.PR_CAPBSET_DROP, cap)
         if config.get("go_fd") is not None:  # the host gives us an interface first
             if os.read(config["go_fd"], 2) != b"go":
                 raise RuntimeError("the host went away before the container's network was ready")
             os.close(config["go_fd"])
         os.set_inheritable(status_fd, False)  # closes on exec: end of file tells success
+        load_confinement(filt)  # last: the steps above need what it takes away
         init = config["init"]
         try:
             os.execve(init[0], init, config["env"])
@@ -185,6 +235,7 @@ def boot(config: dict) -> None:
 def enter(args: list[str]) -> None:
     split = args.index("--")
     join_cgroups(args[:split])
+    load_confinement(prepared_filter())  # nsenter needs only setns and chroot of what is left
     command = args[split + 1:]
     os.execv(command[0], command)
 

@@ -7,15 +7,22 @@ it, power it off, and leave nothing behind.
         box.poweroff(timeout=30)
 
 What a container is here (the recipe from NOTES.md, "Booting templates here"):
-- new pid, mount, uts, ipc, net and cgroup namespaces (no user namespace: we
-  are root, and this is a test harness for our own templates, not a security
-  boundary);
+- new pid, mount, uts, ipc, net and cgroup namespaces (no user namespace yet);
+- confined (_confine.py, applied by _stage.py to init and to every exec): the
+  capability bounding set nspawn keeps (no CAP_DAC_READ_SEARCH, CAP_SYS_RAWIO,
+  CAP_SYSLOG, CAP_SYS_MODULE, CAP_SYS_TIME, ...), empty inheritable and ambient
+  sets, a seccomp filter built with libseccomp (open_by_handle_at, kexec,
+  modules, iopl, bpf, perf, userfaultfd, keyrings, the clock... refused), and
+  a device policy (cgroup v1 devices: the basic nodes, ptys, tun, fuse; no
+  block device). tests/test_escape.py tries the escapes these stop;
 - the tree: an overlayfs whose upper and work dirs are in a scratch directory,
   over the tree as read-only lower (`overlay=True`, the tree stays pristine),
   or a scratch copy of it (`overlay=False`). `prepare(root)` may edit it before
   boot. Either way the scratch directory goes at the end;
 - inside the container's own mount namespace (so these vanish with it): /proc
-  (with /proc/sys read-only), read-only /sys, cgroup2 on /sys/fs/cgroup, a
+  (/proc/sys, sysrq-trigger, bus, fs, irq read-only; kcore, kallsyms, keys,
+  timer_list... masked by an empty file; acpi, scsi by an empty tmpfs), read-only
+  /sys (firmware, kernel/debug, kernel/security... masked), cgroup2 on /sys/fs/cgroup, a
   tmpfs /dev with the basic nodes, devpts and a private pty as /dev/console,
   tmpfs /run and /tmp; then pivot_root (see _stage.py);
 - `container=vztt` in init's environment and /run/systemd/container;
@@ -412,6 +419,11 @@ def _check_host(overlay: bool) -> None:
     if overlay and "overlay" not in Path("/proc/filesystems").read_text().split():
         raise RuntimeUnavailable("the kernel has no overlayfs (modprobe overlay?)")
     require("nsenter")
+    try:
+        import seccomp  # noqa: F401  (the stage builds its filter with it)
+    except ImportError:
+        raise RuntimeUnavailable("the container's system call filter needs libseccomp's Python bindings "
+                                 "(apt-get install python3-seccomp)") from None
 
 
 def _python() -> str:

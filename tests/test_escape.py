@@ -1,0 +1,217 @@
+"""Escape attempts from inside a booted container: each must fail, with the error
+the wall that stops it gives (the capability bounding set, the seccomp filter,
+the device policy, the /proc masks, the namespaces).
+
+tests/escape.c is built static and put into the container's scratch tree (the
+overlay's upper directory, through Container's `prepare`); the template tree
+stays as it was. One container serves every attempt; each runs as root inside
+through Container.exec, as a test's or `vztt run`'s command would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rootfs_helpers import debian_rootfs, rootfs_cached  # noqa: E402
+
+from vztt.boot.runtime import Container, _confine  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="booting containers needs root"),
+    *([] if rootfs_cached() else [pytest.mark.network]),
+]
+
+SOURCE = Path(__file__).with_name("escape.c")
+INSIDE = "/usr/local/sbin/vztt-escape"   # in the overlay's upper directory only
+
+
+@pytest.fixture(scope="module")
+def escape_binary(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("escape") / "escape"
+    subprocess.run(["gcc", "-static", "-O1", "-Wall", "-Werror", "-o", str(out), str(SOURCE)], check=True)
+    return out
+
+
+def host_block_device() -> str:
+    """MAJ:MIN of a block device of the host (the disk under / if / is on one)."""
+    dev = os.stat("/").st_dev
+    if os.major(dev) != 0:
+        return f"{os.major(dev)}:{os.minor(dev)}"
+    for entry in sorted(Path("/sys/class/block").iterdir()):
+        if not entry.name.startswith(("loop", "ram")):
+            return (entry / "dev").read_text().strip()
+    return (next(Path("/sys/class/block").iterdir()) / "dev").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def box(escape_binary, tmp_path_factory):
+    rootfs = debian_rootfs()
+    state = tmp_path_factory.mktemp("escape-state")
+
+    def put_escape(root: Path) -> None:
+        target = root / INSIDE.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(escape_binary, target)
+
+    with Container(rootfs, state, hostname="escape", prepare=put_escape) as container:
+        state_, failed = container.wait_running(timeout=60)
+        container.boot_state = (state_, failed)
+        yield container
+        container.poweroff(timeout=30)
+    assert not (rootfs / INSIDE.lstrip("/")).exists(), "the escape program got into the template's tree"
+
+
+def attempt(box: Container, *args: str) -> str:
+    status, out = box.exec([INSIDE, *args], timeout=30)
+    assert status == 0, out
+    return out.strip().splitlines()[-1]
+
+
+def assert_blocked(line: str, *errnos: str, step: str | None = None) -> None:
+    match = re.fullmatch(r"blocked (\S+) \((.*)\)", line)
+    assert match, line
+    assert match.group(1) in errnos, line
+    if step is not None:
+        assert match.group(2) == step, line
+
+
+def test_the_container_booted_clean(box):
+    assert box.boot_state == ("running", [])
+
+
+def own_bounding_set() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapBnd:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapBnd in /proc/self/status")
+
+
+def test_capabilities_inside_are_the_kept_set(box):
+    # what the host's own bounding set allows of the kept list (this host's lacks CAP_SYS_RESOURCE)
+    expected = _confine.KEEP_MASK & own_bounding_set()
+    assert expected & (1 << _confine.CAPS["CAP_SYS_ADMIN"])
+    status, out = box.exec(["grep", "-E", "^Cap(Eff|Bnd|Amb|Inh):", "/proc/self/status"])
+    caps = dict(line.split(":\t") for line in out.split("\n") if line)
+    assert int(caps["CapBnd"], 16) == expected, out
+    assert int(caps["CapEff"], 16) == expected, out
+    assert int(caps["CapAmb"], 16) == 0 and int(caps["CapInh"], 16) == 0, out
+    # init's too, not only exec's: its bounding set and a seccomp filter (mode 2)
+    status, out = box.exec(["grep", "-E", "^(CapBnd|Seccomp):", "/proc/1/status"])
+    assert f"{expected:016x}" in out and re.search(r"Seccomp:\s+2", out), out
+
+
+def test_open_by_handle(box):
+    assert_blocked(attempt(box, "by-handle"), "EPERM", step="open_by_handle_at")
+
+
+def test_block_device_of_the_host(box):
+    # the device policy refuses the node itself (no "m" for any block device)
+    assert_blocked(attempt(box, "block-device", host_block_device()), "EPERM", step="mknod")
+
+
+def test_mount_the_host_disk(box):
+    assert_blocked(attempt(box, "mount-disk", host_block_device()), "EPERM", step="mknod")
+
+
+def test_cgroup_v1_release_agent(box):
+    # a v1 hierarchy mounted in the container's cgroup namespace is rooted at its own
+    # cgroup, which has no release_agent (only a hierarchy's root has one)
+    assert_blocked(attempt(box, "release-agent"), "ENOENT", "EPERM", step="open release_agent")
+
+
+def test_sibling_cgroup(box):
+    sibling = box.cgroups.unified.parent / f"escape-sibling-{uuid.uuid4().hex[:8]}"
+    sibling.mkdir()
+    try:
+        assert_blocked(attempt(box, "sibling-cgroup", sibling.name), "ENOENT", step="open sibling cgroup.procs")
+    finally:
+        sibling.rmdir()
+
+
+@pytest.mark.parametrize("name,step", [
+    ("module", "init_module/finit_module"), ("kexec", "kexec_load"), ("iopl", "iopl"),
+    ("time", "clock_settime/settimeofday"), ("perf", "perf_event_open"), ("bpf", "bpf"),
+    ("userfaultfd", "userfaultfd"), ("swapon", "swapon"),
+])
+def test_refused_system_calls(box, name, step):
+    assert_blocked(attempt(box, name), "EPERM", step=step)
+
+
+def test_keyring(box):
+    assert_blocked(attempt(box, "keyctl"), "ENOSYS", step="keyctl")
+
+
+def test_kernel_log(box):
+    # not in the container's /dev, and the device policy refuses making it
+    assert_blocked(attempt(box, "kmsg"), "EPERM", step="mknod /dev/kmsg")
+
+
+def test_kernel_memory(box):
+    if Path("/proc/kcore").exists():   # masked by an empty file (and no CAP_SYS_RAWIO under it)
+        assert_blocked(attempt(box, "kcore"), "ENODATA", "EPERM")
+    else:                              # a kernel without CONFIG_PROC_KCORE, like this host's
+        assert_blocked(attempt(box, "kcore"), "ENOENT", step="open /proc/kcore")
+
+
+def test_sysrq_trigger(box):
+    if Path("/proc/sysrq-trigger").exists():   # bound read-only
+        assert_blocked(attempt(box, "sysrq"), "EROFS", step="open /proc/sysrq-trigger")
+    else:                                      # a kernel without CONFIG_MAGIC_SYSRQ
+        assert_blocked(attempt(box, "sysrq"), "ENOENT", step="open /proc/sysrq-trigger")
+
+
+def test_hostname_stays_the_hosts(box):
+    before = socket.gethostname()
+    assert attempt(box, "sethostname") == "changed (own namespace)"
+    assert socket.gethostname() == before
+
+
+def test_ptrace_a_host_process(box):
+    helper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert_blocked(attempt(box, "ptrace", str(helper.pid)), "ESRCH", "EPERM", step="ptrace attach")
+    finally:
+        helper.kill()
+        helper.wait()
+
+
+def test_abstract_socket_of_the_host(box):
+    name = f"vztt-escape-{uuid.uuid4().hex[:8]}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind("\0" + name)
+        server.listen(1)
+        assert_blocked(attempt(box, "abstract-socket", name), "ECONNREFUSED", step="connect")
+
+
+def test_host_root_file_through_proc_pid_root(box, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("host only\n")
+    secret.chmod(0o600)
+    helper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert_blocked(attempt(box, "proc-root", str(helper.pid), str(secret)), "ENOENT", "EACCES", "EPERM",
+                       step="open /proc/PID/root/...")
+    finally:
+        helper.kill()
+        helper.wait()
+
+
+def test_proc_and_sys_masks(box):
+    assert Path("/proc/kallsyms").read_bytes() and os.listdir("/sys/firmware")   # the host has them
+    status, out = box.exec(["sh", "-c", "cat /proc/keys /proc/timer_list /proc/kallsyms | wc -c; "
+                            "ls -A /sys/firmware | wc -l; "
+                            "echo 1 > /proc/sys/kernel/panic 2>&1 || echo refused"])
+    assert status == 0, out
+    lines = out.split()
+    assert lines[0] == "0" and lines[1] == "0", out
+    assert "Read-only file system" in out, out
