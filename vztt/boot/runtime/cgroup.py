@@ -146,6 +146,17 @@ def create(groups: Cgroups) -> None:
             _limit_unified(groups, root, controller, limit)
 
 
+def delegate(groups: Cgroups, uid: int, gid: int) -> None:
+    """Hand the container's cgroup2 directory to its user namespace's root (as
+    systemd delegates a subtree): it may make cgroups below it and move its
+    processes among them, nothing above or beside it. The v1 directories
+    (limits, device policy) stay the host's: the container never sees them."""
+    os.chown(groups.unified, uid, gid)
+    for name in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+        if (groups.unified / name).exists():
+            os.chown(groups.unified / name, uid, gid)
+
+
 def _limit_unified(groups: Cgroups, root: Path, controller: str, limit: int) -> None:
     # Enable the controller in subtree_control from the hierarchy's root down
     # to the container's parent.

@@ -64,7 +64,7 @@ from typing import Callable
 from vztt.base.errors import BootError, RuntimeUnavailable, VzttError
 from vztt.base.inroot import write_in_root
 from vztt.base.proc import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired, kill_tree, run, spawn
-from . import _linux, cgroup
+from . import _linux, cgroup, idmap
 from .console import ConsoleLog, start_console
 from .host import EXEC_ENV, require, signals_deferred
 from .hostnet import HostNet
@@ -92,7 +92,7 @@ class Container:
                  init: tuple[str, ...] = ("/sbin/init",),
                  prepare: Callable[[Path], None] | None = None,
                  console_log: str | os.PathLike | None = None, osrelease: str | None = None,
-                 link: HostNet | None = None, link_iface: str = "eth0"):
+                 link: HostNet | None = None, link_iface: str = "eth0", userns: bool = True):
         self.tree = Path(tree).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.name = name or f"vztt-{uuid.uuid4().hex[:12]}"
@@ -105,6 +105,9 @@ class Container:
         self.prepare = prepare
         self.osrelease = osrelease          # uname -r inside, if the kernel has kernel.virt_osrelease
         self.link, self.link_iface = link, link_iface   # a veth pair into the container, made before init runs
+        self.userns = userns                # False: --unsafe-no-userns, the container's root is the host's
+        self.ids: idmap.IdMap | None = None  # its user namespace's slot of host ids
+        self._userns_fd: int | None = None
         self.scratch = self.state_dir / self.name
         self.root = self.scratch / "root"   # what the container sees as /
         self.console_log = Path(console_log) if console_log else self.state_dir / f"{self.name}.console.log"
@@ -141,6 +144,8 @@ class Container:
         """Boot: returns once init has been exec'd. BootError if it cannot be
         (e.g. no /sbin/init); RuntimeUnavailable if the host cannot do it."""
         _check_host(self.overlay)
+        if self.userns:
+            idmap.check_host()
         if not self.tree.is_dir():
             raise BootError(f"cannot boot {self.tree}: not a directory")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -149,16 +154,25 @@ class Container:
         try:
             # Cgroup names are host-wide, container names only per state dir.
             unique = f"{self.name}.{uuid.uuid4().hex[:8]}"
+            if self.userns:
+                self.ids = idmap.allocate()
+                self._userns_fd = self._make_userns()
             try:
                 self.cgroups = cgroup.plan(unique, self.memory_max, self.pids_max)
                 self._save()
                 cgroup.create(self.cgroups)
+                if self.ids is not None:
+                    cgroup.delegate(self.cgroups, self.ids.uid, self.ids.gid)
             except OSError as e:
                 raise RuntimeUnavailable(f"cannot create cgroups: {e}") from None
-            self._make_root()
-            self._write_hostname()
+            host_view = self._make_root()
+            self._write_hostname(host_view)
             if self.prepare is not None:
-                self.prepare(self.root)
+                self.prepare(host_view)
+            if self.ids is not None and self.overlay:
+                idmap.shift_tree(self.scratch / "upper", self.ids)  # what the host wrote: the container's ids
+            if host_view != self.root:  # a scratch copy, seen with the container's ids from here on
+                self._shifted(host_view, self.root)
             self._boot()
         except BaseException as exc:
             self._close_after(exc)
@@ -185,6 +199,10 @@ class Container:
                 self._console.stop()
             if not problems:
                 self._state_file.unlink(missing_ok=True)
+            if self._userns_fd is not None:
+                os.close(self._userns_fd)
+            if self.ids is not None:
+                self.ids.release()  # its processes are gone: another container may have the ids
             self._lock.close()  # releases the flock
         if problems:
             raise RuntimeUnavailable(f"cleanup of container {self.name} incomplete: "
@@ -207,9 +225,11 @@ class Container:
                             f"console log: {self.console_log}")
         # _stage.py puts itself in the container's cgroups, then execs nsenter.
         procs = [str(p) for p in cgroup.procs_files(self.cgroups.dirs)]
-        command = [_python(), "-E", "-s", str(STAGE), "enter", *procs, "--",
-                   require("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
-                   "--net", "--pid", "--cgroup", "--root", "--wd", "--", *argv]
+        nsenter = [] if self.userns else [
+            require("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
+            "--net", "--pid", "--cgroup", "--root", "--wd", "--"]
+        command = [_python(), "-E", "-s", str(STAGE), "enter", str(self.init_pid), "1" if self.userns else "0",
+                   *procs, "--", *nsenter, *argv]
         # The command's environment is EXEC_ENV exactly: no build mark inside.
         proc = spawn(command, what=f"exec in container {self.name}", error=RuntimeUnavailable, env=EXEC_ENV,
                      mark=False, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT)
@@ -305,41 +325,95 @@ class Container:
         json.dump(self._record(), self._lock)
         self._lock.flush()
 
-    def _make_root(self) -> None:
+    def _make_userns(self) -> int:
+        """A file descriptor of a user namespace mapping 0..65535 to our slot: the
+        container's. Made by a helper (a process must be in it for us to write
+        its maps), which goes once we hold it."""
+        helper = spawn([_python(), "-E", "-s", str(STAGE), "userns"], what="user namespace helper",
+                       error=RuntimeUnavailable, env={"PATH": EXEC_ENV["PATH"]}, mark=False, stdin=PIPE,
+                       stdout=PIPE, stderr=PIPE)
+        try:
+            if helper.stdout.readline() != b"ready\n":
+                helper.wait(timeout=10)
+                raise RuntimeUnavailable(f"cannot create a user namespace: {helper.stderr.read().decode().strip()}")
+            with open(f"/proc/{helper.pid}/uid_map", "w") as f:
+                f.write(self.ids.uid_map())
+            with open(f"/proc/{helper.pid}/gid_map", "w") as f:
+                f.write(self.ids.gid_map())
+            return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RuntimeUnavailable(f"cannot map the container's user namespace: {e.strerror}") from None
+        finally:
+            helper.stdin.close()
+            with contextlib.suppress(TimeoutExpired):
+                helper.wait(timeout=10)
+            helper.stdout.close()
+            helper.stderr.close()
+
+    def _shifted(self, tree: Path, at: Path) -> Path:
+        """`tree` seen with the container's ids (an idmapped mount at `at`), or
+        `tree` itself without a user namespace. Idmapped rather than chowned at
+        unpack: nothing to copy or rewrite (no unpack time added), and the tree
+        stays as shipped."""
+        if self._userns_fd is None:
+            return tree
+        at.mkdir()
+        try:
+            _linux.idmapped_bind(tree, at, self._userns_fd)
+        except OSError as e:
+            raise RuntimeUnavailable(f"cannot map {tree} into the container's ids (idmapped mount: Linux 5.12, "
+                                     f"tmpfs 6.3): {e.strerror}; without a user namespace only with "
+                                     f"{idmap.UNSAFE_FLAG}") from None
+        return at
+
+    def _make_root(self) -> Path:
+        """Make the root; returns where the host writes into it before boot: the root,
+        or in a user namespace without overlay the scratch copy (its ids unshifted:
+        the host's root writes as the container's root), idmapped onto the root later."""
         self.scratch.mkdir()
         if not self.overlay:
-            self.root.mkdir()
-            run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", self.root], what=f"cannot copy {self.tree}",
+            copy = self.scratch / "copy"
+            copy.mkdir()
+            run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", copy], what=f"cannot copy {self.tree}",
                 error=RuntimeUnavailable)
-            return
-        dirs = {"lowerdir": self.tree, "upperdir": self.scratch / "upper",
+            if self._userns_fd is None:
+                copy.rename(self.root)
+                return self.root
+            return copy
+        lower = self._shifted(self.tree, self.scratch / "lower")
+        dirs = {"lowerdir": lower, "upperdir": self.scratch / "upper",
                 "workdir": self.scratch / "work"}
         for path in dirs.values():
             if re.search(r"[,:\\]", str(path)):  # overlayfs option separators
                 raise ValueError(f"path unusable for overlayfs: {path}")
         dirs["upperdir"].mkdir()
         dirs["workdir"].mkdir()
+        if self.ids is not None:  # the upper directory is the merged root's: the container root's
+            os.chown(dirs["upperdir"], self.ids.uid, self.ids.gid)
+            os.chmod(dirs["upperdir"], self.tree.stat().st_mode & 0o7777)
         self.root.mkdir()
         try:
             _linux.mount("overlay", self.root, "overlay", 0,
                          ",".join(f"{key}={value}" for key, value in dirs.items()))
         except OSError as e:
             raise RuntimeUnavailable(f"cannot mount overlayfs over {self.tree}: {e.strerror}") from None
+        return self.root
 
-    def _write_hostname(self) -> None:
-        write_in_root(self.root, "/etc/hostname", (self.hostname + "\n").encode())
+    def _write_hostname(self, root: Path) -> None:
+        write_in_root(root, "/etc/hostname", (self.hostname + "\n").encode())
 
     def _boot(self) -> None:
         self._console = start_console(self.console_log)
         slave = self._console.slave
+        if self.ids is not None:  # /dev/console: the container's root's tty
+            os.fchown(slave, self.ids.uid, self.ids.gid + 5)
         status_read, status_write = os.pipe()
-        # With a link, init waits before exec until its interface is in place (`go` pipe).
-        go_read, go_write = os.pipe() if self.link is not None else (None, None)
+        # Init waits until we have put it into its cgroups and its interface in place (`go` pipe).
+        go_read, go_write = os.pipe()
         config = {
             "root": str(self.root), "hostname": self.hostname, "container": CONTAINER,
             "console": os.ttyname(slave), "owner_pid": os.getpid(), "status_fd": status_write,
-            "go_fd": go_read,
-            "procs_files": [str(p) for p in cgroup.procs_files(self.cgroups.dirs)],
+            "go_fd": go_read, "userns_fd": self._userns_fd,
             "init": list(self.init), "osrelease": self.osrelease,
             "env": {"container": CONTAINER, "PATH": EXEC_ENV["PATH"]},
         }
@@ -349,11 +423,11 @@ class Container:
             self._stage = spawn([_python(), "-E", "-s", STAGE, "boot", json.dumps(config)],
                                 what=f"container {self.name}", error=RuntimeUnavailable,
                                 env={"PATH": EXEC_ENV["PATH"]}, mark=False, stdin=slave, stdout=slave,
-                                stderr=slave, pass_fds=[fd for fd in (status_write, go_read) if fd is not None])
+                                stderr=slave, pass_fds=[fd for fd in (status_write, go_read, self._userns_fd)
+                                                        if fd is not None])
         finally:
             os.close(status_write)
-            if go_read is not None:
-                os.close(go_read)
+            os.close(go_read)
         link_problem: RuntimeUnavailable | None = None
         try:
             deadline = time.monotonic() + SETUP_TIMEOUT
@@ -368,7 +442,14 @@ class Container:
             if go_write is not None:
                 try:
                     if self.init_pid is not None:
-                        self.link.veth_into(self.init_pid, self.link_iface)
+                        for procs in cgroup.procs_files(self.cgroups.dirs):
+                            with open(procs, "w") as f:
+                                f.write(str(self.init_pid))
+                        if self.link is not None:
+                            self.link.veth_into(self.init_pid, self.link_iface)
+                except OSError as e:
+                    link_problem = RuntimeUnavailable(f"cannot put container {self.name} into its cgroups: "
+                                                      f"{e.strerror}")
                 except RuntimeUnavailable as e:
                     link_problem = e        # unless init's own error explains it (below)
                 finally:
