@@ -170,7 +170,7 @@ class Container:
             if self.prepare is not None:
                 self.prepare(host_view)
             if self.ids is not None and self.overlay:
-                idmap.shift_tree(self.scratch / "upper", self.ids)  # what the host wrote: the container's ids
+                idmap.shift_tree(self.scratch / "upper", self.ids, self.root)  # what the host wrote: the container's ids
             if host_view != self.root:  # a scratch copy, seen with the container's ids from here on
                 self._shifted(host_view, self.root)
             self._boot()

@@ -122,15 +122,17 @@ def allocate() -> IdMap:
                              f"{DEFAULT_FIRST}:{DEFAULT_COUNT}) is in use: widen it")
 
 
-def shift_tree(top: Path, ids: IdMap) -> None:
-    """Give every entry under `top` that has host ids outside the slot the slot's
-    ids for them: what the host wrote into a container's overlay (its upper
-    directory) before boot, hostname and network files. (chown clears a setuid
-    bit; nothing written there has one.)"""
+def shift_tree(top: Path, ids: IdMap, through: Path) -> None:
+    """Give every entry under `top` (an overlay's upper directory) that has host
+    ids outside the slot the slot's ids for them: what the host wrote into a
+    container's overlay before boot, hostname and network files. Changed
+    through the overlay mounted at `through`, never in `top` itself: overlayfs
+    checks permissions against its own copy of the owner, which a change under
+    it would not update. (chown clears a setuid bit; nothing written there has one.)"""
     for parent, dirs, files in os.walk(top):
         for name in [".", *dirs, *files] if parent == str(top) else [*dirs, *files]:
             path = os.path.join(parent, name)
             st = os.lstat(path)
             uid, gid = ids.shift(st.st_uid, st.st_gid)
             if (uid, gid) != (st.st_uid, st.st_gid):
-                os.lchown(path, uid, gid)
+                os.lchown(os.path.normpath(os.path.join(through, os.path.relpath(path, top))), uid, gid)
