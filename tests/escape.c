@@ -145,6 +145,38 @@ static int sibling_cgroup(const char *sibling)
     return escaped("opened the sibling's cgroup.procs via a cgroup2 mount");
 }
 
+/* A fresh procfs (not the masked, read-only one we were given): its sysctls
+ * are the host kernel's; kernel.core_pattern runs a program as the host's root.
+ * Opened for writing only, nothing is written. */
+static int fresh_proc(void)
+{
+    mkdir("/tmp/freshproc", 0700);
+    if (mount("proc", "/tmp/freshproc", "proc", 0, NULL) < 0)
+        return blocked("mount proc");
+    int fd = open("/tmp/freshproc/sys/kernel/core_pattern", O_WRONLY);
+    int e = errno;
+    umount("/tmp/freshproc");
+    errno = e;
+    if (fd < 0)
+        return blocked("open core_pattern");
+    return escaped("core_pattern writable");
+}
+
+/* The container's own cgroup v1 limits (pids, memory) are the host's to set. */
+static int raise_limit(void)
+{
+    mkdir("/tmp/cgpids", 0700);
+    if (mount("cgroup", "/tmp/cgpids", "cgroup", 0, "pids") < 0)
+        return blocked("mount cgroup v1 pids");
+    int fd = open("/tmp/cgpids/pids.max", O_WRONLY);
+    int e = errno;
+    umount("/tmp/cgpids");
+    errno = e;
+    if (fd < 0)
+        return blocked("open pids.max");
+    return escaped("pids.max writable");
+}
+
 static int load_module(void)
 {
     if (syscall(SYS_init_module, "", 0UL, "") < 0 && syscall(SYS_finit_module, 0, "", 0) < 0)
@@ -314,6 +346,8 @@ int main(int argc, char **argv)
     if (!strcmp(a, "mount-disk")) return mount_disk(x);
     if (!strcmp(a, "release-agent")) return release_agent();
     if (!strcmp(a, "sibling-cgroup")) return sibling_cgroup(x);
+    if (!strcmp(a, "fresh-proc")) return fresh_proc();
+    if (!strcmp(a, "raise-limit")) return raise_limit();
     if (!strcmp(a, "module")) return load_module();
     if (!strcmp(a, "kexec")) return kexec();
     if (!strcmp(a, "iopl")) return do_iopl();

@@ -24,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from rootfs_helpers import debian_rootfs, rootfs_cached  # noqa: E402
 
-from vztt.boot.runtime import Container, _confine  # noqa: E402
+from vztt.boot.runtime import Container, RuntimeUnavailable, _confine, idmap  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="booting containers needs root"),
@@ -216,3 +216,60 @@ def test_proc_and_sys_masks(box):
     lines = out.split()
     assert lines[0] == "0" and lines[1] == "0", out
     assert "Read-only file system" in out, out
+
+
+# -- what the user namespace adds ---------------------------------------------------
+
+def test_root_inside_is_an_unprivileged_host_range(box):
+    status, out = box.exec(["cat", "/proc/self/uid_map", "/proc/self/gid_map"])
+    uid_line, gid_line = [line.split() for line in out.splitlines()]
+    assert uid_line[0] == "0" and uid_line[2] == str(idmap.SLOT), out
+    assert int(uid_line[1]) == box.ids.uid and int(gid_line[1]) == box.ids.gid, out
+    assert box.ids.uid >= idmap.SLOT and box.ids.gid >= idmap.SLOT       # not the host's root, nor any user
+    # a file made inside belongs, on the host, to the container's range
+    assert box.exec(["touch", "/root/made-inside"])[0] == 0
+    made = box.scratch / "upper/root/made-inside"
+    assert (made.stat().st_uid, made.stat().st_gid) == (box.ids.uid, box.ids.gid)
+    # and the tree's files are root's inside
+    assert box.exec(["stat", "-c", "%u:%g", "/etc/passwd", "/usr/bin/passwd"])[1].split() == ["0:0", "0:0"]
+
+
+def test_fresh_proc_sysctls_are_not_writable(box):
+    """Without a user namespace, root with CAP_SYS_ADMIN mounts a new proc and writes
+    kernel.core_pattern: the read-only /proc/sys is only a mount flag."""
+    assert_blocked(attempt(box, "fresh-proc"), "EACCES", "EPERM", "EROFS")
+
+
+def test_own_cgroup_limits_are_the_hosts(box):
+    # mounted, the hierarchy shows the container its own cgroup without the limit files
+    assert_blocked(attempt(box, "raise-limit"), "ENOENT", "EACCES", "EPERM", "EROFS")
+
+
+def test_two_containers_never_share_ids(box, tmp_path):
+    with Container(debian_rootfs(), tmp_path / "state", hostname="second") as other:
+        assert other.ids.uid != box.ids.uid and other.ids.gid != box.ids.gid
+        assert abs(other.ids.uid - box.ids.uid) >= idmap.SLOT
+        assert other.wait_running(timeout=60) == ("running", [])
+        assert other.poweroff(timeout=30)
+
+
+def test_no_user_namespaces_on_the_host_is_runtime_unavailable(tmp_path, monkeypatch):
+    disabled = tmp_path / "max_user_namespaces"
+    disabled.write_text("0\n")
+    monkeypatch.setattr(idmap, "MAX_USERNS", disabled)
+    with pytest.raises(RuntimeUnavailable) as caught:
+        Container(debian_rootfs(), tmp_path / "state").start()
+    message = str(caught.value)
+    assert "user.max_user_namespaces = 0" in message and "--unsafe-no-userns" in message
+    assert "\n" not in message and caught.value.exit_code == 10
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+def test_unsafe_no_userns_boots_as_the_hosts_root(tmp_path):
+    with Container(debian_rootfs(), tmp_path / "state", userns=False) as box:
+        assert box.wait_running(timeout=60) == ("running", [])
+        assert box.exec(["cat", "/proc/self/uid_map"])[1].split() == ["0", "0", "4294967295"]
+        # the other walls stay
+        status, out = box.exec(["grep", "^Seccomp:", "/proc/self/status"])
+        assert out.split() == ["Seccomp:", "2"], out
+        assert box.poweroff(timeout=30)

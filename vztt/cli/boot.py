@@ -30,6 +30,12 @@ def _ready_to_boot(obj: Context, name: str, command: str,
     return recipe, cache, chosen, files
 
 
+unsafe_userns_option = click.option(
+    "--unsafe-no-userns", "unsafe_no_userns", is_flag=True,
+    help="Boot the container without a user namespace: its root is the host's root (the capability, "
+         "system call and device limits stay). Only for a host that has none (user.max_user_namespaces = 0), "
+         "and only for templates you trust.")
+
 format_option = click.option(
     "--format", "fmt", type=click.Choice(list(formats.bootable())),
     help="Which cached artifact to boot: plain (the archive, unpacked) or ploop (the Virtuozzo cache: its "
@@ -45,11 +51,12 @@ format_option = click.option(
 @click.option("--hostname", help="The booted template's hostname. [default: the recipe's `hostname`]")
 @network_options
 @format_option
+@unsafe_userns_option
 @json_option
 @click.pass_obj
 @guarded
 def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: str | None, fmt: str | None,
-             as_json: bool, **net: Any) -> None:
+             unsafe_no_userns: bool, as_json: bool, **net: Any) -> None:
     """Boot the cached template NAME in a container and run its checks.
 
     \b
@@ -91,7 +98,8 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt test", fmt)
     progress = Progress(quiet=as_json)
     progress.say(f"testing {files[0]}" + (" in a VM" if vm else ""))
-    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen, given=given, hostname=hostname)
+    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen, given=given, hostname=hostname,
+                                userns=not unsafe_no_userns)
     if junit:
         bootreport.write_junit(report, junit)
     error = report.exception()
@@ -112,11 +120,12 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
 @click.option("--hostname", help="The container's hostname. [default: the recipe's `hostname`]")
 @network_options
 @format_option
+@unsafe_userns_option
 @json_option
 @click.pass_obj
 @guarded
 def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, hostname: str | None,
-            fmt: str | None, as_json: bool, **net: Any) -> None:
+            fmt: str | None, unsafe_no_userns: bool, as_json: bool, **net: Any) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
@@ -138,7 +147,7 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, v
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt run", fmt)
     progress = Progress(quiet=as_json)
     status, output = boottest.run_command(recipe, cache, files, list(command), timeout, progress, vm=vm, fmt=chosen,
-                                          given=given, hostname=hostname)
+                                          given=given, hostname=hostname, userns=not unsafe_no_userns)
     if as_json:
         emit({"name": name, "command": list(command), "status": status, "output": output, "vm": vm,
               "format": chosen, "steps": dict(progress.timings)})
