@@ -273,3 +273,35 @@ def test_unsafe_no_userns_boots_as_the_hosts_root(tmp_path):
         status, out = box.exec(["grep", "^Seccomp:", "/proc/self/status"])
         assert out.split() == ["Seccomp:", "2"], out
         assert box.poweroff(timeout=30)
+
+
+# -- another's template boots in a VM by default ----------------------------------
+
+def _cache_with(pulled) -> object:
+    from types import SimpleNamespace
+    entry = SimpleNamespace(manifest=SimpleNamespace(pulled=pulled))
+    return SimpleNamespace(entry=lambda name: entry)
+
+
+def test_pulled_template_of_another_key_boots_in_a_vm(monkeypatch):
+    from types import SimpleNamespace
+    from vztt.base.errors import BadUsage
+    from vztt.boot.test import default_vm
+    ours, theirs = "A" * 24 + "0123456789ABCDEF", "B" * 40
+    pulled = lambda signer: SimpleNamespace(source="https://mirror.example/", signer=signer)  # noqa: E731
+    for name in ("VZTT_OWN_KEYS", "VZTT_SIGN_KEY", "VZTT_UNTRUSTED_RUNTIME"):
+        monkeypatch.delenv(name, raising=False)
+    assert default_vm(_cache_with(None), "t") == (False, None)            # built here
+    vm, why = default_vm(_cache_with(pulled(theirs)), "t")
+    assert vm and theirs in why and "mirror.example" in why
+    monkeypatch.setenv("VZTT_SIGN_KEY", "0x0123456789ABCDEF")             # our publishing key, as a long id
+    assert default_vm(_cache_with(pulled(ours)), "t") == (False, None)
+    assert default_vm(_cache_with(pulled(theirs)), "t")[0]
+    monkeypatch.setenv("VZTT_OWN_KEYS", theirs.lower())                   # the configured list wins
+    assert default_vm(_cache_with(pulled(theirs)), "t") == (False, None)
+    assert default_vm(_cache_with(pulled(ours)), "t")[0]
+    monkeypatch.setenv("VZTT_UNTRUSTED_RUNTIME", "container")
+    assert default_vm(_cache_with(pulled(ours)), "t")[0] is False
+    monkeypatch.setenv("VZTT_UNTRUSTED_RUNTIME", "chroot")
+    with pytest.raises(BadUsage):
+        default_vm(_cache_with(pulled(ours)), "t")

@@ -115,6 +115,44 @@ def cached_files(cache: TemplateCache, name: str, fmt: str | None = None) -> tup
     return chosen, [cache.root / f.file for f in archives[chosen].files]
 
 
+# The keys whose pulled templates `vztt test` may boot in a container: this host's own
+# publishing keys (fingerprints or long key ids, space-separated), else the key
+# `vztt publish` signs with here (VZTT_SIGN_KEY, when it is given as a fingerprint).
+OWN_KEYS_ENV = "VZTT_OWN_KEYS"
+# What `vztt test` boots another's template in: vm (default) or container.
+UNTRUSTED_RUNTIME_ENV = "VZTT_UNTRUSTED_RUNTIME"
+
+
+def own_keys() -> list[str]:
+    given = os.environ.get(OWN_KEYS_ENV, "").split() or os.environ.get("VZTT_SIGN_KEY", "").split()
+    return [k.upper().removeprefix("0X") for k in given if re.fullmatch(r"(0[xX])?[0-9A-Fa-f]{16,40}", k)]
+
+
+def untrusted_origin(cache: TemplateCache, name: str) -> str | None:
+    """Why NAME is someone else's (pulled from a mirror, signed by a key that is not
+    one of own_keys()), or None: built here, or signed by our own key. A template
+    is code: the container is one kernel away from the host, the VM is not."""
+    entry = cache.entry(name)
+    pulled = entry.manifest.pulled if entry is not None else None
+    if pulled is None:
+        return None
+    signer = pulled.signer.upper()
+    if signer and any(signer.endswith(key) for key in own_keys()):
+        return None
+    return f"pulled from {pulled.source}, signed by {signer or 'an unknown key'}, not this host's publishing key"
+
+
+def default_vm(cache: TemplateCache, name: str) -> tuple[bool, str | None]:
+    """(whether `vztt test` without --vm/--container boots NAME in a VM, why)."""
+    why = untrusted_origin(cache, name)
+    if why is None:
+        return False, None
+    choice = os.environ.get(UNTRUSTED_RUNTIME_ENV, "vm").strip() or "vm"
+    if choice not in ("vm", "container"):
+        raise BadUsage(f"{UNTRUSTED_RUNTIME_ENV}={choice}: vm or container")
+    return choice == "vm", why
+
+
 def container_name(template: str, purpose: str) -> str:
     """A runtime container name (letters, digits, '.', '-'), unique per process."""
     slug = re.sub(r"[^A-Za-z0-9.-]", "-", template).strip(".-") or "template"

@@ -46,8 +46,11 @@ format_option = click.option(
 @click.argument("name")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
               help="Also write the report as JUnit XML to FILE (for CI).")
-@click.option("--vm", is_flag=True, help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`) "
-              "instead of a container: KVM if it works here, TCG otherwise.")
+@click.option("--vm/--container", "vm", default=None,
+              help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`): KVM if it works here, TCG "
+                   "otherwise; or in a container. [default: a container, but a VM for a template pulled from a "
+                   "mirror and signed by a key that is not this host's own (VZTT_OWN_KEYS, else VZTT_SIGN_KEY); "
+                   "VZTT_UNTRUSTED_RUNTIME=container makes that a container too]")
 @click.option("--hostname", help="The booted template's hostname. [default: the recipe's `hostname`]")
 @network_options
 @format_option
@@ -55,7 +58,7 @@ format_option = click.option(
 @json_option
 @click.pass_obj
 @guarded
-def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: str | None, fmt: str | None,
+def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool | None, hostname: str | None, fmt: str | None,
              unsafe_no_userns: bool, as_json: bool, **net: Any) -> None:
     """Boot the cached template NAME in a container and run its checks.
 
@@ -77,8 +80,16 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
       package-db     the package database is consistent (dpkg --audit; rpm -Va)
       smoke:NAME     each recipe smoke check (/bin/sh -c inside)
       poweroff       a clean poweroff in time
-    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here,
+    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here
+    (no user namespaces: user.max_user_namespaces = 0; --unsafe-no-userns boots without one),
     or this host's CPU lacks the recipe's cpu_level (x86-64-v3 for EL 10).
+
+    \b
+    The container: a user namespace (its root is an unprivileged host id range),
+    nspawn's capability set, a seccomp filter, a device policy, /proc and /sys
+    masked. A template pulled from a mirror and signed by a key that is not this
+    host's own boots in a VM (--vm) unless --container is given: the VM is the
+    stronger boundary.
 
     \b
     The network: the link's other end is in a network namespace the test makes
@@ -97,7 +108,11 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
     validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt test", fmt)
     progress = Progress(quiet=as_json)
-    progress.say(f"testing {files[0]}" + (" in a VM" if vm else ""))
+    if vm is None:
+        vm, why = boottest.default_vm(cache, name)
+        if why is not None:
+            progress.say(f"{name}: {why}: " + ("booting it in a VM (--container to boot it in a container)"
+                                               if vm else f"booting it in a container ({boottest.UNTRUSTED_RUNTIME_ENV})"))
     report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen, given=given, hostname=hostname,
                                 userns=not unsafe_no_userns)
     if junit:
