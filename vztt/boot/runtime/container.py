@@ -7,23 +7,19 @@ it, power it off, and leave nothing behind.
         box.poweroff(timeout=30)
 
 What a container is here (the recipe from NOTES.md, "Booting templates here"):
-- new pid, mount, uts, ipc, net and cgroup namespaces (no user namespace yet);
-- confined (_confine.py, applied by _stage.py to init and to every exec): the
-  capability bounding set nspawn keeps (no CAP_DAC_READ_SEARCH, CAP_SYS_RAWIO,
-  CAP_SYSLOG, CAP_SYS_MODULE, CAP_SYS_TIME, ...), empty inheritable and ambient
-  sets, a seccomp filter built with libseccomp (open_by_handle_at, kexec,
-  modules, iopl, bpf, perf, userfaultfd, keyrings, the clock... refused), and
-  a device policy (cgroup v1 devices: the basic nodes, ptys, tun, fuse; no
-  block device). tests/test_escape.py tries the escapes these stop;
+- new user, pid, mount, uts, ipc, net and cgroup namespaces; the user
+  namespace maps the container's ids to a slot of host ids (idmap.py; without
+  one only with `userns=False`, --unsafe-no-userns), the tree is idmapped;
+- confined by _confine.py (applied by _stage.py to init and every exec):
+  nspawn's capability bounding set, a libseccomp filter, a device policy
+  (cgroup.py), /proc and /sys masks. tests/test_escape.py tries the escapes;
 - the tree: an overlayfs whose upper and work dirs are in a scratch directory,
   over the tree as read-only lower (`overlay=True`, the tree stays pristine),
   or a scratch copy of it (`overlay=False`). `prepare(root)` may edit it before
   boot. Either way the scratch directory goes at the end;
 - inside the container's own mount namespace (so these vanish with it): /proc
-  (/proc/sys, sysrq-trigger, bus, fs, irq read-only; kcore, kallsyms, keys,
-  timer_list... masked by an empty file; acpi, scsi by an empty tmpfs), read-only
-  /sys (firmware, kernel/debug, kernel/security... masked), cgroup2 on /sys/fs/cgroup, a
-  tmpfs /dev with the basic nodes, devpts and a private pty as /dev/console,
+  and read-only /sys (both masked, see _confine.py), cgroup2 on /sys/fs/cgroup,
+  a tmpfs /dev with the basic nodes, devpts and a private pty as /dev/console,
   tmpfs /run and /tmp; then pivot_root (see _stage.py);
 - `container=vztt` in init's environment and /run/systemd/container;
   loopback up, hostname set (and written to /etc/hostname in the tree, which
@@ -50,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -156,7 +153,7 @@ class Container:
             unique = f"{self.name}.{uuid.uuid4().hex[:8]}"
             if self.userns:
                 self.ids = idmap.allocate()
-                self._userns_fd = self._make_userns()
+                self._userns_fd = idmap.make_userns(self.ids, [_python(), "-E", "-s", str(STAGE), "userns"])
             try:
                 self.cgroups = cgroup.plan(unique, self.memory_max, self.pids_max)
                 self._save()
@@ -172,7 +169,7 @@ class Container:
             if self.ids is not None and self.overlay:
                 idmap.shift_tree(self.scratch / "upper", self.ids, self.root)  # what the host wrote: the container's ids
             if host_view != self.root:  # a scratch copy, seen with the container's ids from here on
-                self._shifted(host_view, self.root)
+                idmap.mount_shifted(host_view, self.root, self._userns_fd)
             self._boot()
         except BaseException as exc:
             self._close_after(exc)
@@ -325,47 +322,6 @@ class Container:
         json.dump(self._record(), self._lock)
         self._lock.flush()
 
-    def _make_userns(self) -> int:
-        """A file descriptor of a user namespace mapping 0..65535 to our slot: the
-        container's. Made by a helper (a process must be in it for us to write
-        its maps), which goes once we hold it."""
-        helper = spawn([_python(), "-E", "-s", str(STAGE), "userns"], what="user namespace helper",
-                       error=RuntimeUnavailable, env={"PATH": EXEC_ENV["PATH"]}, mark=False, stdin=PIPE,
-                       stdout=PIPE, stderr=PIPE)
-        try:
-            if helper.stdout.readline() != b"ready\n":
-                helper.wait(timeout=10)
-                raise RuntimeUnavailable(f"cannot create a user namespace: {helper.stderr.read().decode().strip()}")
-            with open(f"/proc/{helper.pid}/uid_map", "w") as f:
-                f.write(self.ids.uid_map())
-            with open(f"/proc/{helper.pid}/gid_map", "w") as f:
-                f.write(self.ids.gid_map())
-            return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise RuntimeUnavailable(f"cannot map the container's user namespace: {e.strerror}") from None
-        finally:
-            helper.stdin.close()
-            with contextlib.suppress(TimeoutExpired):
-                helper.wait(timeout=10)
-            helper.stdout.close()
-            helper.stderr.close()
-
-    def _shifted(self, tree: Path, at: Path) -> Path:
-        """`tree` seen with the container's ids (an idmapped mount at `at`), or
-        `tree` itself without a user namespace. Idmapped rather than chowned at
-        unpack: nothing to copy or rewrite (no unpack time added), and the tree
-        stays as shipped."""
-        if self._userns_fd is None:
-            return tree
-        at.mkdir()
-        try:
-            _linux.idmapped_bind(tree, at, self._userns_fd)
-        except OSError as e:
-            raise RuntimeUnavailable(f"cannot map {tree} into the container's ids (idmapped mount: Linux 5.12, "
-                                     f"tmpfs 6.3): {e.strerror}; without a user namespace only with "
-                                     f"{idmap.UNSAFE_FLAG}") from None
-        return at
-
     def _make_root(self) -> Path:
         """Make the root; returns where the host writes into it before boot: the root,
         or in a user namespace without overlay the scratch copy (its ids unshifted:
@@ -380,7 +336,8 @@ class Container:
                 copy.rename(self.root)
                 return self.root
             return copy
-        lower = self._shifted(self.tree, self.scratch / "lower")
+        lower = self.tree if self._userns_fd is None else idmap.mount_shifted(self.tree, self.scratch / "lower",
+                                                                              self._userns_fd)
         dirs = {"lowerdir": lower, "upperdir": self.scratch / "upper",
                 "workdir": self.scratch / "work"}
         for path in dirs.values():
@@ -500,11 +457,9 @@ def _check_host(overlay: bool) -> None:
     if overlay and "overlay" not in Path("/proc/filesystems").read_text().split():
         raise RuntimeUnavailable("the kernel has no overlayfs (modprobe overlay?)")
     require("nsenter")
-    try:
-        import seccomp  # noqa: F401  (the stage builds its filter with it)
-    except ImportError:
+    if importlib.util.find_spec("seccomp") is None:  # the stage builds its filter with it
         raise RuntimeUnavailable("the container's system call filter needs libseccomp's Python bindings "
-                                 "(apt-get install python3-seccomp)") from None
+                                 "(apt-get install python3-seccomp)")
 
 
 def _python() -> str:

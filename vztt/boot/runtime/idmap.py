@@ -18,12 +18,16 @@ newuidmap is needed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from vztt.base.errors import RuntimeUnavailable
+from vztt.base.proc import PIPE, TimeoutExpired, spawn
+from . import _linux
+from .host import EXEC_ENV
 
 SLOT = 65536                      # ids 0..65535 inside (nobody is 65534)
 DEFAULT_FIRST = 0x60000000        # 1610612736
@@ -136,3 +140,43 @@ def shift_tree(top: Path, ids: IdMap, through: Path) -> None:
             uid, gid = ids.shift(st.st_uid, st.st_gid)
             if (uid, gid) != (st.st_uid, st.st_gid):
                 os.lchown(os.path.normpath(os.path.join(through, os.path.relpath(path, top))), uid, gid)
+
+
+def make_userns(ids: IdMap, helper_argv: list[str]) -> int:
+    """A file descriptor of a user namespace mapping 0..SLOT-1 to the slot `ids`:
+    the container's. Made by a helper (`_stage.py userns`: a process must be in
+    it for us to write its maps), which goes once we hold it."""
+    helper = spawn(helper_argv, what="user namespace helper", error=RuntimeUnavailable,
+                   env={"PATH": EXEC_ENV["PATH"]}, mark=False, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    try:
+        if helper.stdout.readline() != b"ready\n":
+            helper.wait(timeout=10)
+            raise RuntimeUnavailable(f"cannot create a user namespace: {helper.stderr.read().decode().strip()}")
+        with open(f"/proc/{helper.pid}/uid_map", "w") as f:
+            f.write(ids.uid_map())
+        with open(f"/proc/{helper.pid}/gid_map", "w") as f:
+            f.write(ids.gid_map())
+        return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuntimeUnavailable(f"cannot map the container's user namespace: {e.strerror}") from None
+    finally:
+        helper.stdin.close()
+        with contextlib.suppress(TimeoutExpired):
+            helper.wait(timeout=10)
+        helper.stdout.close()
+        helper.stderr.close()
+
+
+def mount_shifted(tree: Path, at: Path, userns_fd: int) -> Path:
+    """`tree` at `at`, seen with the container's ids (an idmapped mount). Idmapped
+    rather than chowned at unpack: nothing is copied or rewritten (the unpack takes
+    what it took), and the tree stays as shipped. RuntimeUnavailable (exit 10)
+    where the kernel or the tree's filesystem cannot."""
+    at.mkdir()
+    try:
+        _linux.idmapped_bind(tree, at, userns_fd)
+    except OSError as e:
+        raise RuntimeUnavailable(f"cannot map {tree} into the container's ids (idmapped mount: Linux 5.12, "
+                                 f"tmpfs 6.3): {e.strerror}; without a user namespace only with "
+                                 f"{UNSAFE_FLAG}") from None
+    return at
