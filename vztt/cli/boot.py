@@ -108,6 +108,8 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool | None, hostn
     validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt test", fmt)
     progress = Progress(quiet=as_json)
+    if unsafe_no_userns and not vm:
+        progress.say("--unsafe-no-userns: no user namespace, the container's root is this host's root")
     if vm is None:
         vm, why = boottest.default_vm(cache, name)
         if why is not None:
@@ -161,6 +163,8 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, v
     validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt run", fmt)
     progress = Progress(quiet=as_json)
+    if unsafe_no_userns and not vm:
+        progress.say("--unsafe-no-userns: no user namespace, the container's root is this host's root")
     status, output = boottest.run_command(recipe, cache, files, list(command), timeout, progress, vm=vm, fmt=chosen,
                                           given=given, hostname=hostname, userns=not unsafe_no_userns)
     if as_json:

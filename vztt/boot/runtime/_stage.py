@@ -238,6 +238,8 @@ def boot(config: dict) -> None:
             # directory may be 0700): we go there first, everything after is relative.
             os.chdir(config["root"])
             become_root_in(config["userns_fd"])  # every namespace below is the user namespace's
+            # A change of ids clears the parent-death signal: set it again.
+            die_with_parent(config["owner_pid"], signal.SIGTERM)
         L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET | L.CLONE_NEWPID)
         child = os.fork()  # the first child in the new pid namespace is its PID 1
     except OSError as e:

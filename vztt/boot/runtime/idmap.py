@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,8 @@ def shift_tree(top: Path, ids: IdMap, through: Path) -> None:
         for name in [".", *dirs, *files] if parent == str(top) else [*dirs, *files]:
             path = os.path.join(parent, name)
             st = os.lstat(path)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                continue  # a whiteout: a file the host removed, absent from the overlay
             uid, gid = ids.shift(st.st_uid, st.st_gid)
             if (uid, gid) != (st.st_uid, st.st_gid):
                 os.lchown(os.path.normpath(os.path.join(through, os.path.relpath(path, top))), uid, gid)
