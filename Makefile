@@ -17,7 +17,7 @@ STAMP := $(VENV)/.deps-stamp
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
-	python3-pytest \
+	python3-pytest python3-seccomp \
 	apt apt-utils dpkg dpkg-dev gpg gpg-agent gpgv debian-archive-keyring \
 	e2fsprogs util-linux mount tar lz4 xz-utils zstd iproute2 git \
 	mmdebstrap \
@@ -26,7 +26,7 @@ APT_PACKAGES := \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl \
 	squashfs-tools openssh-client python3-yaml \
-	faketime python3-seccomp
+	faketime
 
 # The other container hosts, whose own programs the tests run against our formats and mirror
 # (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.
