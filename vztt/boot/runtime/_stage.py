@@ -21,6 +21,10 @@ Run by container.py as a script with the host's Python (never imported):
         make a user namespace, say `ready`, live until end of stdin (the host
         writes its maps and keeps a file descriptor of it).
 
+    python3 _stage.py osrelease PID RELEASE
+        set kernel.virt_osrelease in init's UTS namespace (a user namespace's
+        init cannot); a note on stderr if the kernel has none.
+
     python3 _stage.py enter PID USERNS PROCS_FILE... -- COMMAND...
         join the container's cgroups, then init's namespaces, confined, and
         exec COMMAND (nsenter without a user namespace).
@@ -179,9 +183,7 @@ def set_osrelease(release: str) -> None:
             f.write(release)
     except FileNotFoundError:
         os.write(2, f"vztt: this kernel has no kernel.virt_osrelease: osrelease {release} not applied\n".encode())
-    except PermissionError:  # the host's sysctls are not the user namespace's root's to write
-        os.write(2, f"vztt: kernel.virt_osrelease is not writable in a user namespace: "
-                    f"osrelease {release} not applied\n".encode())
+
 
 
 def enter_root(root: str) -> None:
@@ -204,9 +206,9 @@ def container_init(config: dict, status_fd: int) -> None:
             raise RuntimeError("the host went away before the container's cgroups and network were ready")
         os.close(config["go_fd"])
         L.unshare(L.CLONE_NEWCGROUP)  # after joining: the namespace is rooted at the container's cgroup
-        if config.get("osrelease"):  # before /proc/sys goes read-only; we are in the new UTS namespace
-            set_osrelease(config["osrelease"])
         userns = config.get("userns_fd") is not None
+        if config.get("osrelease") and not userns:  # before /proc/sys goes read-only; in our new UTS namespace
+            set_osrelease(config["osrelease"])  # (in a user namespace the host does it: `osrelease` below)
         root = "." if userns else config["root"]   # see boot()
         setup_mounts(root, config["console"], config["container"], userns)
         enter_root(root)
@@ -308,6 +310,15 @@ def enter(args: list[str]) -> None:
     os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 
 
+def osrelease(pid: str, release: str) -> None:
+    """osrelease PID RELEASE: set kernel.virt_osrelease in init's UTS namespace, as
+    the host's root (the sysctl file is the global root's to write, which the root
+    of a container's user namespace is not)."""
+    fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
+    L.setns(fd, L.CLONE_NEWUTS)
+    set_osrelease(release)
+
+
 def hold_userns() -> None:
     """A fresh user namespace for the host to write the container's maps into and
     open (its fd is the container's user namespace); we go at end of stdin."""
@@ -320,6 +331,8 @@ def hold_userns() -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "userns":
         hold_userns()
+    elif sys.argv[1] == "osrelease":
+        osrelease(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "boot":
         boot(json.loads(sys.argv[2]))
     elif sys.argv[1] == "enter":

@@ -7,12 +7,9 @@ it, power it off, and leave nothing behind.
         box.poweroff(timeout=30)
 
 What a container is here (the recipe from NOTES.md, "Booting templates here"):
-- new user, pid, mount, uts, ipc, net and cgroup namespaces; the user
-  namespace maps the container's ids to a slot of host ids (idmap.py; without
-  one only with `userns=False`, --unsafe-no-userns), the tree is idmapped;
-- confined by _confine.py (applied by _stage.py to init and every exec):
-  nspawn's capability bounding set, a libseccomp filter, a device policy
-  (cgroup.py), /proc and /sys masks. tests/test_escape.py tries the escapes;
+- new user (ids: a slot of host ids, idmap.py; none only with userns=False), pid,
+  mount, uts, ipc, net and cgroup namespaces; confined by _confine.py (by _stage.py,
+  for init and every exec) and cgroup.py's device policy; test_escape.py tries it;
 - the tree: an overlayfs whose upper and work dirs are in a scratch directory,
   over the tree as read-only lower (`overlay=True`, the tree stays pristine),
   or a scratch copy of it (`overlay=False`). `prepare(root)` may edit it before
@@ -323,9 +320,8 @@ class Container:
         self._lock.flush()
 
     def _make_root(self) -> Path:
-        """Make the root; returns where the host writes into it before boot: the root,
-        or in a user namespace without overlay the scratch copy (its ids unshifted:
-        the host's root writes as the container's root), idmapped onto the root later."""
+        """Make the root; returns where the host writes before boot: the root, or (user
+        namespace, no overlay) the scratch copy, idmapped onto the root later."""
         self.scratch.mkdir()
         if not self.overlay:
             copy = self.scratch / "copy"
@@ -402,6 +398,10 @@ class Container:
                         for procs in cgroup.procs_files(self.cgroups.dirs):
                             with open(procs, "w") as f:
                                 f.write(str(self.init_pid))
+                        if self.userns and self.osrelease:   # its note, if any, goes to the console
+                            os.write(slave, run([_python(), "-E", "-s", str(STAGE), "osrelease", str(self.init_pid),
+                                                 self.osrelease], what="set osrelease", error=RuntimeUnavailable,
+                                                env={"PATH": EXEC_ENV["PATH"]}, inherit_env=False).stderr.encode())
                         if self.link is not None:
                             self.link.veth_into(self.init_pid, self.link_iface)
                 except OSError as e:
