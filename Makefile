@@ -11,11 +11,13 @@ STAMP := $(VENV)/.deps-stamp
 # openssh-client: the boot test's network check logs in to the booted template
 # with ssh (and makes its throwaway key with ssh-keygen); python3-yaml: the tests
 # read the netplan files vztt writes; faketime: the reproducibility test builds again
-# five years later (tests/test_hosts.py, tests/reprokit.py).
+# five years later (tests/test_hosts.py, tests/reprokit.py); python3-seccomp: the
+# container runtime's system call filter (libseccomp builds it); libc6-dev's static
+# libc (build-essential): tests/escape.c, the escape attempts, is linked static.
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-setuptools python3-wheel \
 	python3-click python3-jinja2 python3-lz4 python3-requests python3-debian python3-apt python3-dnf \
-	python3-pytest \
+	python3-pytest python3-seccomp \
 	apt apt-utils dpkg dpkg-dev gpg gpg-agent gpgv debian-archive-keyring \
 	e2fsprogs util-linux mount tar lz4 xz-utils zstd iproute2 git \
 	mmdebstrap \

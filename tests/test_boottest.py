@@ -274,6 +274,23 @@ def test_run_prints_and_exits_with_the_commands_status(debian12: BuiltTemplate) 
     assert nothing_left(debian12.cache, debian12.name) == []
 
 
+def test_run_is_in_a_user_namespace_unless_told_unsafe(debian12: BuiltTemplate) -> None:
+    """The container's root is an unprivileged host range (boot.runtime.idmap); only
+    --unsafe-no-userns makes it the host's root. Confined either way (seccomp mode 2)."""
+    probe = ["--", "sh", "-c", "cat /proc/self/uid_map; grep ^Seccomp: /proc/self/status"]
+    r = run_vztt("run", debian12.name, *probe, cache=debian12.cache, timeout=300)
+    assert r.returncode == 0, r.stderr
+    uid_map, seccomp = r.stdout.splitlines()
+    inside, outside, count = map(int, uid_map.split())
+    assert (inside, count) == (0, 65536) and outside >= 65536, r.stdout
+    assert seccomp.split() == ["Seccomp:", "2"], r.stdout
+    r = run_vztt("run", debian12.name, "--unsafe-no-userns", *probe, cache=debian12.cache, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split() == ["0", "0", "4294967295"], r.stdout
+    assert "--unsafe-no-userns" in run_vztt("test", "--help").stdout
+    assert nothing_left(debian12.cache, debian12.name) == []
+
+
 def _start_test(cache: Path, name: str) -> subprocess.Popen[str]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("VZTT_")},
            "VZTT_PACKAGE_CACHE": str(PACKAGE_CACHE)}

@@ -115,6 +115,44 @@ def cached_files(cache: TemplateCache, name: str, fmt: str | None = None) -> tup
     return chosen, [cache.root / f.file for f in archives[chosen].files]
 
 
+# The keys whose pulled templates `vztt test` may boot in a container: this host's own
+# publishing keys (fingerprints or long key ids, space-separated), else the key
+# `vztt publish` signs with here (VZTT_SIGN_KEY, when it is given as a fingerprint).
+OWN_KEYS_ENV = "VZTT_OWN_KEYS"
+# What `vztt test` boots another's template in: vm (default) or container.
+UNTRUSTED_RUNTIME_ENV = "VZTT_UNTRUSTED_RUNTIME"
+
+
+def own_keys() -> list[str]:
+    given = os.environ.get(OWN_KEYS_ENV, "").split() or os.environ.get("VZTT_SIGN_KEY", "").split()
+    return [k.upper().removeprefix("0X") for k in given if re.fullmatch(r"(0[xX])?[0-9A-Fa-f]{16,40}", k)]
+
+
+def untrusted_origin(cache: TemplateCache, name: str) -> str | None:
+    """Why NAME is someone else's (pulled from a mirror, signed by a key that is not
+    one of own_keys()), or None: built here, or signed by our own key. A template
+    is code: the container is one kernel away from the host, the VM is not."""
+    entry = cache.entry(name)
+    pulled = entry.manifest.pulled if entry is not None else None
+    if pulled is None:
+        return None
+    signer = pulled.signer.upper()
+    if signer and any(signer.endswith(key) for key in own_keys()):
+        return None
+    return f"pulled from {pulled.source}, signed by {signer or 'an unknown key'}, not this host's publishing key"
+
+
+def default_vm(cache: TemplateCache, name: str) -> tuple[bool, str | None]:
+    """(whether `vztt test` without --vm/--container boots NAME in a VM, why)."""
+    why = untrusted_origin(cache, name)
+    if why is None:
+        return False, None
+    choice = os.environ.get(UNTRUSTED_RUNTIME_ENV, "vm").strip() or "vm"
+    if choice not in ("vm", "container"):
+        raise BadUsage(f"{UNTRUSTED_RUNTIME_ENV}={choice}: vm or container")
+    return choice == "vm", why
+
+
 def container_name(template: str, purpose: str) -> str:
     """A runtime container name (letters, digits, '.', '-'), unique per process."""
     slug = re.sub(r"[^A-Za-z0-9.-]", "-", template).strip(".-") or "template"
@@ -137,11 +175,13 @@ def artifact_tree(cache: TemplateCache, name: str, fmt: str, files: list[Path]) 
 
 @contextlib.contextmanager
 def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: bool = False,
-           hostname: str | None = None, net: tuple[HostNet, BootNet] | None = None) -> Iterator[Container]:
+           hostname: str | None = None, net: tuple[HostNet, BootNet] | None = None,
+           userns: bool = True) -> Iterator[Container]:
     """A started container of `tree`, with the recipe's hostname (or `hostname`); closed on
     the way out. vm=True: a qemu VM with vztt's kernel instead (boot.runtime.vm, the same
     interface); `tree` is then a scratch copy that the VM's disk is made from. `net`: the
-    link's host side, and the settings written into the tree (netconfig) before boot."""
+    link's host side, and the settings written into the tree (netconfig) before boot.
+    userns=False (--unsafe-no-userns): the container's root is the host's root."""
     hostname = hostname or recipe.hostname
     link, bootnet = net if net is not None else (None, None)
 
@@ -165,7 +205,7 @@ def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: b
             box = Container(tree, cache.containers_dir, name=container_name(recipe.name, purpose),
                             hostname=hostname, overlay=True, memory_max=MEMORY_MAX, pids_max=PIDS_MAX,
                             console_log=console_log_path(cache, recipe.name, purpose), osrelease=osrelease(recipe),
-                            prepare=configure, link=link,
+                            prepare=configure, link=link, userns=userns,
                             link_iface=bootnet.settings.interface if bootnet else netconfig.DEFAULT_INTERFACE)
         with box:
             yield box  # type: ignore[misc]
@@ -222,7 +262,7 @@ def _vm_boots_plain(recipe: Recipe, vm: bool, fmt: str) -> None:
 
 def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], progress: Progress | None = None,
               vm: bool = False, fmt: str = "plain", given: RawSettings | None = None,
-              hostname: str | None = None) -> Report:
+              hostname: str | None = None, userns: bool = True) -> Report:
     """Unpack, boot, check, power off, clean up. `archive`: the artifact's files (a
     plain archive, or the files of format `fmt`). Returns the report: a failed
     boot or check is in it (Report.exception()); RuntimeUnavailable and
@@ -255,7 +295,8 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], 
             with contextlib.ExitStack() as stack:
                 with progress.step("boot") as st:
                     booting = time.monotonic()
-                    box = stack.enter_context(booted(recipe, cache, tree, "test", vm=vm, hostname=hostname, net=net))
+                    box = stack.enter_context(booted(recipe, cache, tree, "test", vm=vm, hostname=hostname, net=net,
+                                                                userns=userns))
                     state, failed = box.wait_running(timeout=boot_timeout(recipe))
                     report.boot_seconds = box.boot_seconds
                     current.result, current.seconds = PASSED, time.monotonic() - booting
@@ -349,7 +390,8 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def run_command(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], argv: list[str], timeout: float,
                 progress: Progress | None = None, vm: bool = False, fmt: str = "plain",
-                given: RawSettings | None = None, hostname: str | None = None) -> tuple[int, str]:
+                given: RawSettings | None = None, hostname: str | None = None,
+                userns: bool = True) -> tuple[int, str]:
     """Boot the template, run argv inside once it is up, power off, clean up.
     Returns (exit status, output); BootError if it does not boot. `given`: network
     settings (--ip ...: a link to a host side of its own, the files written as `vztt
@@ -370,7 +412,8 @@ def run_command(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path]
                          f"{', '.join(wanted.host_addresses)} (a namespace of its own)")
         with contextlib.ExitStack() as boxes:
             with progress.step("boot") as st:
-                box = boxes.enter_context(booted(recipe, cache, tree, "run", vm=vm, hostname=hostname, net=net))
+                box = boxes.enter_context(booted(recipe, cache, tree, "run", vm=vm, hostname=hostname, net=net,
+                                                        userns=userns))
                 state, failed = box.wait_running(timeout=boot_timeout(recipe))
                 st.note(f"{state} in {box.boot_seconds:.2f} s" + (f" (failed: {', '.join(failed)})" if failed else ""))
             status, out = box.exec(list(argv), timeout=timeout)

@@ -30,6 +30,12 @@ def _ready_to_boot(obj: Context, name: str, command: str,
     return recipe, cache, chosen, files
 
 
+unsafe_userns_option = click.option(
+    "--unsafe-no-userns", "unsafe_no_userns", is_flag=True,
+    help="Boot the container without a user namespace: its root is the host's root (the capability, "
+         "system call and device limits stay). Only for a host that has none (user.max_user_namespaces = 0), "
+         "and only for templates you trust.")
+
 format_option = click.option(
     "--format", "fmt", type=click.Choice(list(formats.bootable())),
     help="Which cached artifact to boot: plain (the archive, unpacked) or ploop (the Virtuozzo cache: its "
@@ -40,16 +46,20 @@ format_option = click.option(
 @click.argument("name")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
               help="Also write the report as JUnit XML to FILE (for CI).")
-@click.option("--vm", is_flag=True, help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`) "
-              "instead of a container: KVM if it works here, TCG otherwise.")
+@click.option("--vm/--container", "vm", default=None,
+              help="Boot it in a qemu VM with vztt's kernel (`vztt kernel build`): KVM if it works here, TCG "
+                   "otherwise; or in a container. [default: a container, but a VM for a template pulled from a "
+                   "mirror and signed by a key that is not this host's own (VZTT_OWN_KEYS, else VZTT_SIGN_KEY); "
+                   "VZTT_UNTRUSTED_RUNTIME=container makes that a container too]")
 @click.option("--hostname", help="The booted template's hostname. [default: the recipe's `hostname`]")
 @network_options
 @format_option
+@unsafe_userns_option
 @json_option
 @click.pass_obj
 @guarded
-def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: str | None, fmt: str | None,
-             as_json: bool, **net: Any) -> None:
+def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool | None, hostname: str | None, fmt: str | None,
+             unsafe_no_userns: bool, as_json: bool, **net: Any) -> None:
     """Boot the cached template NAME in a container and run its checks.
 
     \b
@@ -70,8 +80,16 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
       package-db     the package database is consistent (dpkg --audit; rpm -Va)
       smoke:NAME     each recipe smoke check (/bin/sh -c inside)
       poweroff       a clean poweroff in time
-    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here,
+    Exit 8: it does not boot (console log kept); 9: a check failed; 10: no container runtime here
+    (no user namespaces: user.max_user_namespaces = 0; --unsafe-no-userns boots without one),
     or this host's CPU lacks the recipe's cpu_level (x86-64-v3 for EL 10).
+
+    \b
+    The container: a user namespace (its root is an unprivileged host id range),
+    nspawn's capability set, a seccomp filter, a device policy, /proc and /sys
+    masked. A template pulled from a mirror and signed by a key that is not this
+    host's own boots in a VM (--vm) unless --container is given: the VM is the
+    stronger boundary.
 
     \b
     The network: the link's other end is in a network namespace the test makes
@@ -90,8 +108,15 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
     validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt test", fmt)
     progress = Progress(quiet=as_json)
-    progress.say(f"testing {files[0]}" + (" in a VM" if vm else ""))
-    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen, given=given, hostname=hostname)
+    if unsafe_no_userns and not vm:
+        progress.say("--unsafe-no-userns: no user namespace, the container's root is this host's root")
+    if vm is None:
+        vm, why = boottest.default_vm(cache, name)
+        if why is not None:
+            progress.say(f"{name}: {why}: " + ("booting it in a VM (--container to boot it in a container)"
+                                               if vm else f"booting it in a container ({boottest.UNTRUSTED_RUNTIME_ENV})"))
+    report = boottest.boot_test(recipe, cache, files, progress, vm=vm, fmt=chosen, given=given, hostname=hostname,
+                                userns=not unsafe_no_userns)
     if junit:
         bootreport.write_junit(report, junit)
     error = report.exception()
@@ -112,11 +137,12 @@ def test_cmd(obj: Context, name: str, junit: Path | None, vm: bool, hostname: st
 @click.option("--hostname", help="The container's hostname. [default: the recipe's `hostname`]")
 @network_options
 @format_option
+@unsafe_userns_option
 @json_option
 @click.pass_obj
 @guarded
 def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, vm: bool, hostname: str | None,
-            fmt: str | None, as_json: bool, **net: Any) -> None:
+            fmt: str | None, unsafe_no_userns: bool, as_json: bool, **net: Any) -> None:
     """Run COMMAND in a throwaway container of the cached template NAME.
 
     \b
@@ -137,8 +163,10 @@ def run_cmd(obj: Context, name: str, command: tuple[str, ...], timeout: float, v
     validate_hostname(hostname)
     recipe, cache, chosen, files = _ready_to_boot(obj, name, "vztt run", fmt)
     progress = Progress(quiet=as_json)
+    if unsafe_no_userns and not vm:
+        progress.say("--unsafe-no-userns: no user namespace, the container's root is this host's root")
     status, output = boottest.run_command(recipe, cache, files, list(command), timeout, progress, vm=vm, fmt=chosen,
-                                          given=given, hostname=hostname)
+                                          given=given, hostname=hostname, userns=not unsafe_no_userns)
     if as_json:
         emit({"name": name, "command": list(command), "status": status, "output": output, "vm": vm,
               "format": chosen, "steps": dict(progress.timings)})

@@ -40,6 +40,13 @@ from ._linux import mountinfo
 
 PARENT = "vztt"
 
+# The devices a container may open or mknod (cgroup v1 devices controller; the
+# list nspawn allows): the basic character devices, its ptys, tun and fuse.
+# Nothing else, no block device at all: a node made for the host's disk cannot
+# be opened or mounted, and /dev/kmsg (1:11) or /dev/mem (1:1) cannot be read.
+DEVICES_ALLOWED = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
+                   "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm", "c 10:229 rwm")
+
 
 @dataclass
 class Cgroups:
@@ -96,6 +103,12 @@ def plan(name: str, memory_max: int | None = None, pids_max: int | None = None) 
         return mount / own.get(controller, "/").lstrip("/") / PARENT / name
 
     groups = Cgroups(place(root, ""))
+    # A cgroup2-only host has no devices controller (systemd attaches BPF programs
+    # there): the note says the device policy is missing, the other walls stay.
+    if (mount := _v1_mount("devices")) is not None:
+        groups.v1["devices"] = place(mount, "devices")
+    else:
+        groups.notes.append("no cgroup v1 devices controller: no device policy")
     in_unified = set((root / "cgroup.controllers").read_text().split())
     for controller, limit in (("memory", memory_max), ("pids", pids_max)):
         if limit is None:
@@ -120,12 +133,28 @@ def create(groups: Cgroups) -> None:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+    if "devices" in groups.v1:
+        # deny all first, then allow: the policy holds before any process joins
+        _write(groups.v1["devices"] / "devices.deny", "a")
+        for rule in DEVICES_ALLOWED:
+            _write(groups.v1["devices"] / "devices.allow", rule)
     root = unified_mount()
     for controller, limit in groups.limits.items():
         if controller in groups.v1:
             _limit_v1(groups, groups.v1[controller], controller, limit)
         else:
             _limit_unified(groups, root, controller, limit)
+
+
+def delegate(groups: Cgroups, uid: int, gid: int) -> None:
+    """Hand the container's cgroup2 directory to its user namespace's root (as
+    systemd delegates a subtree): it may make cgroups below it and move its
+    processes among them, nothing above or beside it. The v1 directories
+    (limits, device policy) stay the host's: the container never sees them."""
+    os.chown(groups.unified, uid, gid)
+    for name in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+        if (groups.unified / name).exists():
+            os.chown(groups.unified / name, uid, gid)
 
 
 def _limit_unified(groups: Cgroups, root: Path, controller: str, limit: int) -> None:

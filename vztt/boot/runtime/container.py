@@ -7,16 +7,16 @@ it, power it off, and leave nothing behind.
         box.poweroff(timeout=30)
 
 What a container is here (the recipe from NOTES.md, "Booting templates here"):
-- new pid, mount, uts, ipc, net and cgroup namespaces (no user namespace: we
-  are root, and this is a test harness for our own templates, not a security
-  boundary);
+- new user (ids: a slot of host ids, idmap.py; none only with userns=False), pid,
+  mount, uts, ipc, net and cgroup namespaces; confined by _confine.py (by _stage.py,
+  for init and every exec) and cgroup.py's device policy; test_escape.py tries it;
 - the tree: an overlayfs whose upper and work dirs are in a scratch directory,
   over the tree as read-only lower (`overlay=True`, the tree stays pristine),
   or a scratch copy of it (`overlay=False`). `prepare(root)` may edit it before
   boot. Either way the scratch directory goes at the end;
 - inside the container's own mount namespace (so these vanish with it): /proc
-  (with /proc/sys read-only), read-only /sys, cgroup2 on /sys/fs/cgroup, a
-  tmpfs /dev with the basic nodes, devpts and a private pty as /dev/console,
+  and read-only /sys (both masked, see _confine.py), cgroup2 on /sys/fs/cgroup,
+  a tmpfs /dev with the basic nodes, devpts and a private pty as /dev/console,
   tmpfs /run and /tmp; then pivot_root (see _stage.py);
 - `container=vztt` in init's environment and /run/systemd/container;
   loopback up, hostname set (and written to /etc/hostname in the tree, which
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -57,7 +58,7 @@ from typing import Callable
 from vztt.base.errors import BootError, RuntimeUnavailable, VzttError
 from vztt.base.inroot import write_in_root
 from vztt.base.proc import DEVNULL, PIPE, STDOUT, Popen, TimeoutExpired, kill_tree, run, spawn
-from . import _linux, cgroup
+from . import _linux, cgroup, idmap
 from .console import ConsoleLog, start_console
 from .host import EXEC_ENV, require, signals_deferred
 from .hostnet import HostNet
@@ -85,7 +86,7 @@ class Container:
                  init: tuple[str, ...] = ("/sbin/init",),
                  prepare: Callable[[Path], None] | None = None,
                  console_log: str | os.PathLike | None = None, osrelease: str | None = None,
-                 link: HostNet | None = None, link_iface: str = "eth0"):
+                 link: HostNet | None = None, link_iface: str = "eth0", userns: bool = True):
         self.tree = Path(tree).resolve()
         self.state_dir = Path(state_dir).resolve()
         self.name = name or f"vztt-{uuid.uuid4().hex[:12]}"
@@ -98,6 +99,9 @@ class Container:
         self.prepare = prepare
         self.osrelease = osrelease          # uname -r inside, if the kernel has kernel.virt_osrelease
         self.link, self.link_iface = link, link_iface   # a veth pair into the container, made before init runs
+        self.userns = userns                # False: --unsafe-no-userns, the container's root is the host's
+        self.ids: idmap.IdMap | None = None  # its user namespace's slot of host ids
+        self._userns_fd: int | None = None
         self.scratch = self.state_dir / self.name
         self.root = self.scratch / "root"   # what the container sees as /
         self.console_log = Path(console_log) if console_log else self.state_dir / f"{self.name}.console.log"
@@ -134,6 +138,8 @@ class Container:
         """Boot: returns once init has been exec'd. BootError if it cannot be
         (e.g. no /sbin/init); RuntimeUnavailable if the host cannot do it."""
         _check_host(self.overlay)
+        if self.userns:
+            idmap.check_host()
         if not self.tree.is_dir():
             raise BootError(f"cannot boot {self.tree}: not a directory")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -142,16 +148,25 @@ class Container:
         try:
             # Cgroup names are host-wide, container names only per state dir.
             unique = f"{self.name}.{uuid.uuid4().hex[:8]}"
+            if self.userns:
+                self.ids = idmap.allocate()
+                self._userns_fd = idmap.make_userns(self.ids, [_python(), "-E", "-s", str(STAGE), "userns"])
             try:
                 self.cgroups = cgroup.plan(unique, self.memory_max, self.pids_max)
                 self._save()
                 cgroup.create(self.cgroups)
+                if self.ids is not None:
+                    cgroup.delegate(self.cgroups, self.ids.uid, self.ids.gid)
             except OSError as e:
                 raise RuntimeUnavailable(f"cannot create cgroups: {e}") from None
-            self._make_root()
-            self._write_hostname()
+            host_view = self._make_root()
+            self._write_hostname(host_view)
             if self.prepare is not None:
-                self.prepare(self.root)
+                self.prepare(host_view)
+            if self.ids is not None and self.overlay:
+                idmap.shift_tree(self.scratch / "upper", self.ids, self.root)  # what the host wrote: the container's ids
+            if host_view != self.root:  # a scratch copy, seen with the container's ids from here on
+                idmap.mount_shifted(host_view, self.root, self._userns_fd)
             self._boot()
         except BaseException as exc:
             self._close_after(exc)
@@ -178,6 +193,10 @@ class Container:
                 self._console.stop()
             if not problems:
                 self._state_file.unlink(missing_ok=True)
+            if self._userns_fd is not None:
+                os.close(self._userns_fd)
+            if self.ids is not None:
+                self.ids.release()  # its processes are gone: another container may have the ids
             self._lock.close()  # releases the flock
         if problems:
             raise RuntimeUnavailable(f"cleanup of container {self.name} incomplete: "
@@ -200,9 +219,11 @@ class Container:
                             f"console log: {self.console_log}")
         # _stage.py puts itself in the container's cgroups, then execs nsenter.
         procs = [str(p) for p in cgroup.procs_files(self.cgroups.dirs)]
-        command = [_python(), "-E", "-s", str(STAGE), "enter", *procs, "--",
-                   require("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
-                   "--net", "--pid", "--cgroup", "--root", "--wd", "--", *argv]
+        nsenter = [] if self.userns else [
+            require("nsenter"), f"--target={self.init_pid}", "--mount", "--uts", "--ipc",
+            "--net", "--pid", "--cgroup", "--root", "--wd", "--"]
+        command = [_python(), "-E", "-s", str(STAGE), "enter", str(self.init_pid), "1" if self.userns else "0",
+                   *procs, "--", *nsenter, *argv]
         # The command's environment is EXEC_ENV exactly: no build mark inside.
         proc = spawn(command, what=f"exec in container {self.name}", error=RuntimeUnavailable, env=EXEC_ENV,
                      mark=False, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT)
@@ -298,41 +319,54 @@ class Container:
         json.dump(self._record(), self._lock)
         self._lock.flush()
 
-    def _make_root(self) -> None:
+    def _make_root(self) -> Path:
+        """Make the root; returns where the host writes before boot: the root, or (user
+        namespace, no overlay) the scratch copy, idmapped onto the root later."""
         self.scratch.mkdir()
         if not self.overlay:
-            self.root.mkdir()
-            run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", self.root], what=f"cannot copy {self.tree}",
+            copy = self.scratch / "copy"
+            copy.mkdir()
+            run(["cp", "-a", "--reflink=auto", f"{self.tree}/.", copy], what=f"cannot copy {self.tree}",
                 error=RuntimeUnavailable)
-            return
-        dirs = {"lowerdir": self.tree, "upperdir": self.scratch / "upper",
+            if self._userns_fd is None:
+                copy.rename(self.root)
+                return self.root
+            return copy
+        lower = self.tree if self._userns_fd is None else idmap.mount_shifted(self.tree, self.scratch / "lower",
+                                                                              self._userns_fd)
+        dirs = {"lowerdir": lower, "upperdir": self.scratch / "upper",
                 "workdir": self.scratch / "work"}
         for path in dirs.values():
             if re.search(r"[,:\\]", str(path)):  # overlayfs option separators
                 raise ValueError(f"path unusable for overlayfs: {path}")
         dirs["upperdir"].mkdir()
         dirs["workdir"].mkdir()
+        if self.ids is not None:  # the upper directory is the merged root's: the container root's
+            os.chown(dirs["upperdir"], self.ids.uid, self.ids.gid)
+            os.chmod(dirs["upperdir"], self.tree.stat().st_mode & 0o7777)
         self.root.mkdir()
         try:
             _linux.mount("overlay", self.root, "overlay", 0,
                          ",".join(f"{key}={value}" for key, value in dirs.items()))
         except OSError as e:
             raise RuntimeUnavailable(f"cannot mount overlayfs over {self.tree}: {e.strerror}") from None
+        return self.root
 
-    def _write_hostname(self) -> None:
-        write_in_root(self.root, "/etc/hostname", (self.hostname + "\n").encode())
+    def _write_hostname(self, root: Path) -> None:
+        write_in_root(root, "/etc/hostname", (self.hostname + "\n").encode())
 
     def _boot(self) -> None:
         self._console = start_console(self.console_log)
         slave = self._console.slave
+        if self.ids is not None:  # /dev/console: the container's root's tty
+            os.fchown(slave, self.ids.uid, self.ids.gid + 5)
         status_read, status_write = os.pipe()
-        # With a link, init waits before exec until its interface is in place (`go` pipe).
-        go_read, go_write = os.pipe() if self.link is not None else (None, None)
+        # Init waits until we have put it into its cgroups and its interface in place (`go` pipe).
+        go_read, go_write = os.pipe()
         config = {
             "root": str(self.root), "hostname": self.hostname, "container": CONTAINER,
             "console": os.ttyname(slave), "owner_pid": os.getpid(), "status_fd": status_write,
-            "go_fd": go_read,
-            "procs_files": [str(p) for p in cgroup.procs_files(self.cgroups.dirs)],
+            "go_fd": go_read, "userns_fd": self._userns_fd,
             "init": list(self.init), "osrelease": self.osrelease,
             "env": {"container": CONTAINER, "PATH": EXEC_ENV["PATH"]},
         }
@@ -342,11 +376,11 @@ class Container:
             self._stage = spawn([_python(), "-E", "-s", STAGE, "boot", json.dumps(config)],
                                 what=f"container {self.name}", error=RuntimeUnavailable,
                                 env={"PATH": EXEC_ENV["PATH"]}, mark=False, stdin=slave, stdout=slave,
-                                stderr=slave, pass_fds=[fd for fd in (status_write, go_read) if fd is not None])
+                                stderr=slave, pass_fds=[fd for fd in (status_write, go_read, self._userns_fd)
+                                                        if fd is not None])
         finally:
             os.close(status_write)
-            if go_read is not None:
-                os.close(go_read)
+            os.close(go_read)
         link_problem: RuntimeUnavailable | None = None
         try:
             deadline = time.monotonic() + SETUP_TIMEOUT
@@ -361,7 +395,18 @@ class Container:
             if go_write is not None:
                 try:
                     if self.init_pid is not None:
-                        self.link.veth_into(self.init_pid, self.link_iface)
+                        for procs in cgroup.procs_files(self.cgroups.dirs):
+                            with open(procs, "w") as f:
+                                f.write(str(self.init_pid))
+                        if self.userns and self.osrelease:   # its note, if any, goes to the console
+                            os.write(slave, run([_python(), "-E", "-s", str(STAGE), "osrelease", str(self.init_pid),
+                                                 self.osrelease], what="set osrelease", error=RuntimeUnavailable,
+                                                env={"PATH": EXEC_ENV["PATH"]}, inherit_env=False).stderr.encode())
+                        if self.link is not None:
+                            self.link.veth_into(self.init_pid, self.link_iface)
+                except OSError as e:
+                    link_problem = RuntimeUnavailable(f"cannot put container {self.name} into its cgroups: "
+                                                      f"{e.strerror}")
                 except RuntimeUnavailable as e:
                     link_problem = e        # unless init's own error explains it (below)
                 finally:
@@ -412,6 +457,9 @@ def _check_host(overlay: bool) -> None:
     if overlay and "overlay" not in Path("/proc/filesystems").read_text().split():
         raise RuntimeUnavailable("the kernel has no overlayfs (modprobe overlay?)")
     require("nsenter")
+    if importlib.util.find_spec("seccomp") is None:  # the stage builds its filter with it
+        raise RuntimeUnavailable("the container's system call filter needs libseccomp's Python bindings "
+                                 "(apt-get install python3-seccomp)")
 
 
 def _python() -> str:
