@@ -122,7 +122,9 @@ EXIT_CODES: list[tuple[int, str]] = [
     (EnvironmentProblem.exit_code, "host problem (not root, cache not writable, missing tool, not enough space, template busy)"),
     (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
     (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, network, poweroff)"),
-    (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature, a CPU without the template's cpu_level)"),
+    (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature, user "
+                                   "namespaces disabled: `user.max_user_namespaces = 0`, python3-seccomp missing, "
+                                   "a CPU without the template's cpu_level)"),
     (PublishRefused.exit_code, "publish refused: the template failed its boot test, or skipped it without --allow-untested"),
     (Interrupted.exit_code, "interrupted (SIGINT/SIGTERM); everything was cleaned up"),
 ]
