@@ -39,10 +39,8 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
-PR_CAPBSET_READ = 23
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-PR_SET_NO_NEW_PRIVS = 38
 
 # vztt's kernel patch (kernel/patches/virt_osrelease.patch): uname -r in the writer's UTS namespace
 OSRELEASE_SYSCTL = "/proc/sys/kernel/virt_osrelease"
@@ -127,11 +125,6 @@ def interface_up(name: str = "lo") -> None:
         ifreq = struct.pack("16sH22x", name.encode(), 0)  # struct ifreq: name, flags
         flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
-
-
-def prctl_get(option: int, arg: int) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
-                              ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
 
 
 class _CapHeader(ctypes.Structure):

@@ -139,7 +139,7 @@ class Container:
         (e.g. no /sbin/init); RuntimeUnavailable if the host cannot do it."""
         _check_host(self.overlay)
         if self.userns:
-            idmap.check_host()
+            idmap.check_host()   # before anything is made (allocate() asks again, for its other callers)
         if not self.tree.is_dir():
             raise BootError(f"cannot boot {self.tree}: not a directory")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -392,28 +392,32 @@ class Container:
                     with contextlib.suppress(ProcessLookupError):
                         self._pidfd = os.pidfd_open(self.init_pid)
                     self._save()
-            if go_write is not None:
-                try:
-                    if self.init_pid is not None:
-                        for procs in cgroup.procs_files(self.cgroups.dirs):
-                            with open(procs, "w") as f:
-                                f.write(str(self.init_pid))
-                        if self.userns and self.osrelease:   # its note, if any, goes to the console
-                            os.write(slave, run([_python(), "-E", "-s", str(STAGE), "osrelease", str(self.init_pid),
-                                                 self.osrelease], what="set osrelease", error=RuntimeUnavailable,
-                                                env={"PATH": EXEC_ENV["PATH"]}, inherit_env=False).stderr.encode())
-                        if self.link is not None:
-                            self.link.veth_into(self.init_pid, self.link_iface)
-                except OSError as e:
-                    link_problem = RuntimeUnavailable(f"cannot put container {self.name} into its cgroups: "
-                                                      f"{e.strerror}")
-                except RuntimeUnavailable as e:
-                    link_problem = e        # unless init's own error explains it (below)
-                finally:
+            placed = False
+            try:
+                if self.init_pid is not None:
+                    for procs in cgroup.procs_files(self.cgroups.dirs):
+                        with open(procs, "w") as f:
+                            f.write(str(self.init_pid))
+                    if self.userns and self.osrelease:   # its note, if any, goes to the console
+                        os.write(slave, run([_python(), "-E", "-s", str(STAGE), "osrelease", str(self.init_pid),
+                                             self.osrelease], what="set osrelease", error=RuntimeUnavailable,
+                                            env={"PATH": EXEC_ENV["PATH"]}, inherit_env=False).stderr.encode())
+                    if self.link is not None:
+                        self.link.veth_into(self.init_pid, self.link_iface)
+                    placed = True
+            except OSError as e:
+                link_problem = RuntimeUnavailable(f"cannot put container {self.name} into its cgroups: "
+                                                  f"{e.strerror}")
+            except RuntimeUnavailable as e:
+                link_problem = e        # unless init's own error explains it (below)
+            finally:
+                # `go` only into its cgroups (device policy, limits): otherwise init reads
+                # end of file and stops before it sets anything up.
+                if placed:
                     with contextlib.suppress(OSError):
                         os.write(go_write, b"go")
-                    os.close(go_write)
-                    go_write = None
+                os.close(go_write)
+                go_write = None
             lines += _read_all(status_read, max(deadline - time.monotonic(), 0.1)).splitlines()
         finally:
             os.close(status_read)
@@ -422,7 +426,7 @@ class Container:
         for line in lines:
             if line.startswith("unavailable: "):
                 raise RuntimeUnavailable(f"cannot create namespaces: {line[13:]}")
-            if line.startswith("error: "):
+            if line.startswith("error: ") and not (link_problem is not None and GO_REFUSED in line):
                 raise BootError(f"container {self.name} did not boot: {line[7:]}; "
                                 f"console log: {self.console_log}")
         if link_problem is not None:
@@ -445,6 +449,11 @@ class Container:
 
 
 # -- helpers -----------------------------------------------------------------
+
+# What _stage.py's init says when the host closes the `go` pipe without `go`: then the
+# host's own problem (link_problem) is the story to tell.
+GO_REFUSED = "the host went away before"
+
 
 def _check_host(overlay: bool) -> None:
     if os.geteuid() != 0:
