@@ -6,6 +6,12 @@ PY := $(VENV)/bin/python
 VZTT := $(VENV)/bin/vztt
 STAMP := $(VENV)/.deps-stamp
 
+# arm64 templates on an x86_64 host: qemu-user-static (Debian's qemu-aarch64 binfmt entry, with
+# the fix-binary flag) and binfmt-support run the target's programs during the build and the
+# container boot test; qemu-system-arm boots the VM test; gcc-aarch64-linux-gnu cross-compiles
+# the arm64 container kernel. `make binfmt` (.ci/binfmt-setup.sh) registers the emulator.
+ARM64_PACKAGES := qemu-user-static binfmt-support qemu-system-arm gcc-aarch64-linux-gnu
+
 # Debian packages: the tools we drive and the Python libraries we import
 # (from Debian, because dnf's bindings exist only for Debian's python3).
 # openssh-client: the boot test's network check logs in to the booted template
@@ -26,7 +32,8 @@ APT_PACKAGES := \
 	build-essential bc bison flex libelf-dev libssl-dev cpio kmod patch qemu-system-x86 \
 	nginx curl \
 	squashfs-tools openssh-client python3-yaml python3-xmltodict python3-attr rsync chromium fonts-dejavu-core \
-	faketime
+	faketime \
+	$(ARM64_PACKAGES)
 
 # The other container hosts, whose own programs the tests run against our formats and mirror
 # (lxc-create/-start/-attach, systemd-pull/-nspawn, podman/skopeo, incus), and what they need.
@@ -37,7 +44,7 @@ BACKPORTS_PACKAGES := incus-base incus-extra
 
 DEMO ?= debian-12-x86_64-minimal
 
-.PHONY: all setup demo test test-fast bench docs ci clean-cache
+.PHONY: all setup binfmt demo test test-fast bench docs ci clean-cache
 
 all: setup
 
@@ -55,6 +62,11 @@ $(STAMP): Makefile pyproject.toml
 	@touch $@
 
 setup: $(STAMP)
+
+# Foreign architectures (arm64 on x86_64): mount binfmt_misc and enable Debian's qemu-aarch64
+# entry with the F flag. Idempotent and cheap; needed again after a reboot.
+binfmt: setup
+	@.ci/binfmt-setup.sh
 
 demo: setup
 	$(VZTT) build $(DEMO)
@@ -100,14 +112,14 @@ $(HOSTS_STAMP): Makefile .ci/add-backports.sh
 
 # -rs: every skip's reason at the end; VZTT_STRICT_SKIPS=1: a skip for anything but an optional
 # resource (tests/strictskips.py: the real Ubuntu archive, the host's CPU or kernel) fails the run.
-test: setup $(TEST_STAMP) $(HOSTS_STAMP) $(GCL)
+test: setup binfmt $(TEST_STAMP) $(HOSTS_STAMP) $(GCL)
 	VZTT_STRICT_SKIPS=1 $(PY) -m pytest -q -rs -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.
-test-fast: setup $(TEST_STAMP) $(GCL)
+test-fast: setup binfmt $(TEST_STAMP) $(GCL)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not network" tests
 
-bench: setup
+bench: setup binfmt
 	$(PY) tests/bench.py
 
 docs: setup
