@@ -16,6 +16,8 @@
              (median of 3)
   formats    vztt build --format all (locked, the recipe's compression level): each
              format's step time and its files' size (tests/bench_formats.py)
+  arm64      debian-12-aarch64-minimal under qemu-user, cold and warm, against our amd64
+             build of the same set and mmdebstrap --arch=arm64 (tests/bench_arm64.py)
 
 Prints the times and the ratios (ours / mmdebstrap: below 1 is faster), and
 writes them as JSON to bench-results.json (or --out).
@@ -45,6 +47,7 @@ import bench_mirror  # noqa: E402  (tests/: pull + create from a local nginx)
 import bench_formats  # noqa: E402  (tests/: every format's step and size)
 import bench_status  # noqa: E402  (tests/: no-op status, one template and all)
 import bench_layer  # noqa: E402  (tests/: a layer on the cached base against the same set from nothing)
+import bench_arm64  # noqa: E402  (tests/: arm64 under emulation against amd64 and mmdebstrap --arch=arm64)
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
@@ -137,6 +140,8 @@ def main() -> None:
         results["ratio_warm"] = round(results["vztt_warm"] / results["mmdebstrap"], 2)
         print(f"  ratio cold / mmdebstrap  {results['ratio_cold']:6.2f}   (aim: <= 1.3)")
         print(f"  ratio warm / mmdebstrap  {results['ratio_warm']:6.2f}   (aim: < 1.0)")
+        if args.recipe == bench_arm64.AMD64:
+            results.update(bench_arm64.arm64_vs(scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     Path(args.out).write_text(json.dumps({k: round(v, 2) for k, v in results.items()}, indent=1) + "\n")

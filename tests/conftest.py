@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import prebuild
 from strictskips import pytest_runtest_makereport  # noqa: F401  (make test: an unexpected skip fails)
 
 # A run started in the background of a shell script (`make test &`, nohup) inherits SIGINT
@@ -47,9 +48,9 @@ class Result:
         return json.loads(self.stdout)
 
 
-def run_vztt(*args: str | os.PathLike[str], cache: Path | None = None, recipes: Path | None = None,
-             env: dict[str, str] | None = None, timeout: float = 900, check: bool = False) -> Result:
-    """The real command line, as a user runs it."""
+def vztt_command(*args: str | os.PathLike[str], cache: Path | None = None, recipes: Path | None = None,
+                 env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of the real command line, as a user runs it."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VZTT_")}
     full_env["VZTT_PACKAGE_CACHE"] = str(PACKAGE_CACHE)
     full_env.update(env or {})
@@ -58,7 +59,13 @@ def run_vztt(*args: str | os.PathLike[str], cache: Path | None = None, recipes: 
         argv += ["--cache-dir", str(cache)]
     if recipes is not None:
         argv += ["--recipes", str(recipes)]
-    argv += [str(a) for a in args]
+    return argv + [str(a) for a in args], full_env
+
+
+def run_vztt(*args: str | os.PathLike[str], cache: Path | None = None, recipes: Path | None = None,
+             env: dict[str, str] | None = None, timeout: float = 900, check: bool = False) -> Result:
+    """The real command line, as a user runs it."""
+    argv, full_env = vztt_command(*args, cache=cache, recipes=recipes, env=env)
     proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
@@ -130,18 +137,74 @@ def debian12(tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
     return BuiltTemplate(cache=cache, name=name, archive=Path(doc["archive"]), lock=lock, build=result)
 
 
+# -- made in the background (tests/prebuild.py) ---------------------------------------
+
+ARM64 = "debian-12-aarch64-minimal"
+
+
+def _arm64_build(basetemp: Path) -> prebuild.Prebuild:
+    argv, env = vztt_command("build", ARM64, "--json", cache=basetemp / "debian12-arm64" / "cache")
+    return prebuild.Prebuild("debian12_arm64", argv, env, REPO, basetemp / "prebuild")
+
+
+def _arm64_rebuild(basetemp: Path) -> prebuild.Prebuild:
+    """The same template again from the first build's lock (as soon as it is written),
+    into a cache of its own: the two archives must be the same bytes."""
+    first = basetemp / "debian12-arm64" / "cache" / "locks" / f"{ARM64}.lock.json"
+    cache = basetemp / "debian12-arm64-again" / "cache"
+    argv, env = vztt_command("build", ARM64, "--locked", "--no-test", "--json", cache=cache)
+    script = ('first=$1 cache=$2; shift 2; for i in $(seq 1200); do [ -s "$first" ] && break; sleep 1; done; '
+              'mkdir -p "$cache/locks" && cp "$first" "$cache/locks/" && exec "$@"')
+    shell = ["/bin/sh", "-c", script, "sh", str(first), str(cache), *argv]
+    return prebuild.Prebuild("debian12_arm64_again", shell, env, REPO, basetemp / "prebuild")
+
+
+prebuild.MAKERS.update(debian12_arm64=_arm64_build, debian12_arm64_again=_arm64_rebuild)
+
+
+def prebuilt_template(fixture: str, tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
+    job = prebuild.get(fixture, tmp_path_factory.getbasetemp())
+    outcome = job.wait()
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    result = Result(outcome.returncode, outcome.stdout, outcome.stderr)
+    doc = result.json()
+    cache = Path(job.argv[job.argv.index("--cache-dir") + 1])
+    lock = json.loads((cache / "locks" / f"{ARM64}.lock.json").read_text())
+    return BuiltTemplate(cache=cache, name=ARM64, archive=Path(doc["archive"]), lock=lock, build=result)
+
+
 @pytest.fixture(scope="session")
 def debian12_arm64(tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
     """debian-12-aarch64-minimal, built for real from Debian's mirror on this x86_64 host:
     its maintainer scripts ran under qemu-user (binfmt_misc, `make binfmt`), and `vztt build`
     boot-tested it in the container runtime under emulation before promoting it."""
-    cache = tmp_path_factory.mktemp("debian12-arm64-cache")
-    name = "debian-12-aarch64-minimal"
-    result = run_vztt("build", name, "--json", cache=cache, timeout=3600)
-    assert result.returncode == 0, result.stderr
-    doc = result.json()
-    lock = json.loads((cache / "locks" / f"{name}.lock.json").read_text())
-    return BuiltTemplate(cache=cache, name=name, archive=Path(doc["archive"]), lock=lock, build=result)
+    return prebuilt_template("debian12_arm64", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def debian12_arm64_again(debian12_arm64: BuiltTemplate, tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
+    """The same template built again from debian12_arm64's lock (`--locked --no-test`)."""
+    return prebuilt_template("debian12_arm64_again", tmp_path_factory)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """Start the background work the collected tests need (tests/prebuild.py) and move the
+    modules that wait for it to the end of the run, in their order."""
+    wanted = [f for f in prebuild.MAKERS if any(f in getattr(item, "fixturenames", ()) for item in items)]
+    if not wanted or not prebuild.enabled():
+        return
+    late = {item.module for item in items
+            if set(wanted) & set(getattr(item, "fixturenames", ())) and getattr(item, "module", None)}
+    items[:] = [i for i in items if getattr(i, "module", None) not in late] + \
+               [i for i in items if getattr(i, "module", None) in late]
+    basetemp = config._tmp_path_factory.getbasetemp()      # type: ignore[attr-defined]
+    for fixture in wanted:
+        prebuild.get(fixture, basetemp).start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    prebuild.stop_all()       # an interrupted or filtered run leaves nothing running
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def fetch_locked(lock_file: Path, package_cache: Path) -> None:
 
 def publish_suites(root: Path, debs: dict[str, list[Path]], suites: list[str], key: GpgKey,
                    components: tuple[str, ...] = ("main",),
-                   date: str = "Sat, 01 Jun 2024 00:00:00 UTC") -> dict[str, Repo]:
+                   date: str = "Sat, 01 Jun 2024 00:00:00 UTC", arch: str = "amd64") -> dict[str, Repo]:
     """One pool, several signed suites (noble, noble-updates, ...) each listing every component.
 
     make_repo indexes the whole pool/<component> for the suite it publishes, so
@@ -97,7 +97,7 @@ def publish_suites(root: Path, debs: dict[str, list[Path]], suites: list[str], k
     repos = {}
     for i, suite in enumerate(suites):
         by_comp = {c: (list(debs.get(c, [])) if i == 0 else []) for c in components}
-        repos[suite] = make_repo(root, by_comp, suite=suite, codename=suite, key=key, date=date)
+        repos[suite] = make_repo(root, by_comp, suite=suite, codename=suite, key=key, date=date, arch=arch)
     return repos
 
 

@@ -267,6 +267,15 @@ class AptBackend(Backend):
                 raise ResolveError(f"repository {r.name} ({urls[r.name]} {r.suite}): no signed InRelease file "
                                    "(a Release.gpg-only repository is not supported)")
             data = found[0].read_bytes()
+            # apt only warns (and skips the index) when a repository has no Packages for the
+            # architecture; the solver would then say "Unable to locate package" about the
+            # first package asked for, far from the cause.
+            archs = re.search(rb"^Architectures: (.+)$", data, re.M)
+            offered = archs.group(1).decode().split() if archs else None
+            if offered is not None and self.recipe.deb_arch not in offered:
+                raise ResolveError(f"repository {r.name} ({urls[r.name]} {r.suite}): no Packages index for "
+                                   f"{self.recipe.deb_arch} (the recipe's arch {self.recipe.arch}); its Release "
+                                   f"lists {', '.join(offered)}")
             m = re.search(rb"^Date: (.+)$", data, re.M)
             if not m:
                 raise ResolveError(f"repository {r.name}: Release file has no Date field")

@@ -119,7 +119,7 @@ EXIT_CODES: list[tuple[int, str]] = [
     (ResolveError.exit_code, "resolution failed (unknown package, broken dependency, bad repository signature, stale lock)"),
     (FetchError.exit_code, "download failed, checksum mismatch, bad signature, or a stale or rolled-back mirror index"),
     (BuildError.exit_code, "install, hook, image or archive step failed (an archive the guard refuses, a destination taken)"),
-    (EnvironmentProblem.exit_code, "host problem (not root, cache not writable, missing tool, not enough space, template busy)"),
+    (EnvironmentProblem.exit_code, "host problem (not root, cache not writable, missing tool, not enough space, template busy, no emulator for a foreign arch: binfmt_misc)"),
     (BootError.exit_code, "the template does not boot (the console log is kept; its path is shown)"),
     (CheckFailed.exit_code, "a boot-test check failed (failed unit, smoke check, package database, hostname, loopback, network, poweroff)"),
     (RuntimeUnavailable.exit_code, "the container runtime cannot start (not root, missing kernel feature, user "

@@ -235,8 +235,13 @@ def boot_timeout(recipe: Recipe) -> int:
     return timeout
 
 
-def allowed_failed(recipe: Recipe) -> list[str]:
-    return list(recipe.merged.get("boot.allowed_failed") or [])
+def allowed_failed(recipe: Recipe, emulated: bool = False) -> list[str]:
+    """The units the recipe lets fail; under qemu-user (`emulated`), also those it lets fail
+    there only (the emulator's limits, boot.allowed_failed_emulated)."""
+    allowed = list(recipe.merged.get("boot.allowed_failed") or [])
+    if emulated:
+        allowed += recipe.merged.get("boot.allowed_failed_emulated") or []
+    return allowed
 
 
 # --------------------------------------------------------------------------
@@ -300,11 +305,13 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], 
                     state, failed = box.wait_running(timeout=boot_timeout(recipe))
                     report.boot_seconds = box.boot_seconds
                     current.result, current.seconds = PASSED, time.monotonic() - booting
-                    current.detail = f"{state} in {current.seconds:.2f} s" + (f" ({box.note})" if vm else "")
+                    current.detail = f"{state} in {current.seconds:.2f} s" + (
+                        f" ({box.note})" if vm else f" ({box.arch} under qemu-user)" if box.emulated else "")
                     st.note(current.detail)
 
                 steps: list[tuple[str, Callable[[], Outcome]]] = [
-                    ("failed-units", lambda: check_failed_units(box, failed, allowed_failed(recipe))),
+                    ("failed-units", lambda: check_failed_units(box, failed,
+                                                                 allowed_failed(recipe, getattr(box, "emulated", False)))),
                     ("hostname", lambda: check_hostname(box, hostname)),
                 ]
                 if release := osrelease(recipe):

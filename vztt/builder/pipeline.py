@@ -17,6 +17,7 @@ from vztt import __version__
 from vztt import formats as formats_registry
 from vztt.backend import Backend, InstalledPackage, PackageInfo, backend_for
 from vztt.builder.gate import gate
+from vztt.base import emulation
 from vztt.base.errors import BuildError, ResolveError
 from vztt.base.files import atomic_write
 from vztt.base.mounts import enter_private_namespace, require_root
@@ -167,6 +168,9 @@ def build(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, options: Build
     name = recipe.name
     formats = formats_registry.parse(options.format or recipe.format)
     preflight_formats(recipe, formats)      # a missing tool fails now, not after the install
+    # Another architecture's maintainer scripts and hooks run under qemu-user: a host that
+    # cannot run them is told now, in one line, before anything is resolved or written.
+    emulation.require(recipe.arch, f"{name} is {recipe.arch}")
     with cache.building(name, timeout=options.wait):
         log = cache.new_log(name, "build")
         work = cache.work_dir(name)

@@ -160,6 +160,10 @@ SETTINGS: tuple[Setting, ...] = (
             default=60),
     Setting("boot.allowed_failed", "list[str]", "Boot test: units allowed to fail at boot (shell patterns, "
             "e.g. `systemd-remount-fs.service`); any other failed unit fails the test.", default=[], merge=APPEND),
+    Setting("boot.allowed_failed_emulated", "list[str]", "Boot test: units also allowed to fail when the template's "
+            "init runs under qemu-user (another architecture than the host's, in the container runtime; not in the "
+            "VM, which emulates a whole machine): failures that are the emulator's, not the template's. Say why "
+            "beside each.", default=[], merge=APPEND),
     Setting("boot.network", "bool", "Boot test: give the booted template a network link (a veth pair, or virtio-net in "
             "the VM) to a namespace of the test's own and run the network checks (address, ping from inside, ssh "
             "from the host side with a throwaway key). Needs sshd and ping in the template.", default=True),
