@@ -187,6 +187,7 @@ def debian12_arm64_again(debian12_arm64: BuiltTemplate, tmp_path_factory: pytest
     return prebuilt_template("debian12_arm64_again", tmp_path_factory)
 
 
+@pytest.hookimpl(trylast=True)      # after -m and -k have deselected what will not run
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     """Start the background work the collected tests need (tests/prebuild.py) and move the

@@ -29,6 +29,7 @@ from vztt.base import emulation
 NAME = "debian-12-aarch64-minimal"
 ENTRY = emulation.BINFMT / "qemu-aarch64"
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (builds, binfmt_misc)")
+NETWORK = pytest.mark.network        # Debian's mirror: the arm64 template is built from it
 
 
 def exit_code(kind: str) -> int:
@@ -61,6 +62,7 @@ def sha256(path: Path) -> str:
 # -- the build and its container boot test, under emulation ---------------------------
 
 @ROOT
+@NETWORK
 def test_arm64_template_holds_aarch64_programs(debian12_arm64: BuiltTemplate) -> None:
     archive = debian12_arm64.archive
     head = member_bytes(archive, "./usr/bin/bash")
@@ -81,6 +83,7 @@ def test_arm64_template_holds_aarch64_programs(debian12_arm64: BuiltTemplate) ->
 
 
 @ROOT
+@NETWORK
 def test_arm64_build_was_boot_tested_under_emulation(debian12_arm64: BuiltTemplate) -> None:
     """`vztt build` boot-tested it in the container runtime, init under qemu-user: passed,
     with the emulator's failures (and only those) let through by boot.allowed_failed_emulated."""
@@ -92,6 +95,7 @@ def test_arm64_build_was_boot_tested_under_emulation(debian12_arm64: BuiltTempla
 
 
 @ROOT
+@NETWORK
 def test_arm64_test_command_boots_it_and_leaves_nothing(debian12_arm64: BuiltTemplate) -> None:
     result = run_vztt("test", NAME, cache=debian12_arm64.cache, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -103,6 +107,7 @@ def test_arm64_test_command_boots_it_and_leaves_nothing(debian12_arm64: BuiltTem
 
 
 @ROOT
+@NETWORK
 def test_arm64_rebuild_from_the_lock_gives_the_same_bytes(debian12_arm64: BuiltTemplate,
                                                           debian12_arm64_again: BuiltTemplate) -> None:
     """Another cache, the same lock (--locked, no test): the archive's bytes are the same."""
@@ -115,18 +120,25 @@ def test_arm64_rebuild_from_the_lock_gives_the_same_bytes(debian12_arm64: BuiltT
 # -- refusals ----------------------------------------------------------------------------
 
 @ROOT
-def test_foreign_build_refused_when_the_emulator_is_off(tmp_path: Path) -> None:
-    """The host's own qemu-aarch64 entry, disabled for the length of the test: one line
-    naming it and what to run, exit 7, nothing resolved or written."""
+@NETWORK
+def test_foreign_build_and_boot_refused_when_the_emulator_is_off(debian12_arm64: BuiltTemplate,
+                                                                 tmp_path: Path) -> None:
+    """The host's own qemu-aarch64 entry, disabled for the length of the test: the build says
+    so in one line naming it and what to run, exit 7, nothing resolved or written; the boot
+    test of the built arm64 template, exit 10 (no runtime for it here), nothing left."""
     if not ENTRY.exists():
         pytest.fail(f"{ENTRY} is missing: run `make binfmt`")
     cache = tmp_path / "cache"
     ENTRY.write_text("0")
     try:
         result = run_vztt("build", NAME, cache=cache, timeout=300)
+        boot = run_vztt("test", NAME, "--container", cache=debian12_arm64.cache, timeout=300)
     finally:
         ENTRY.write_text("1")
     assert ENTRY.read_text().splitlines()[0] == "enabled"
+    line = one_line_error(boot)
+    assert boot.returncode == 10 and "qemu-aarch64" in line and "disabled" in line, boot.stderr
+    assert nothing_left(debian12_arm64.cache, NAME) == []
     line = one_line_error(result)
     assert result.returncode == exit_code("environment") == 7, result.stderr
     assert NAME in line and "qemu-aarch64" in line and "disabled" in line and "make binfmt" in line, line
@@ -237,6 +249,7 @@ NETPLAN_ARM64 = FakePackage(
 
 
 @ROOT
+@NETWORK
 @pytest.mark.parametrize("version,suite", [("22.04", "jammy"), ("24.04", "noble")])
 def test_ubuntu_arm64_recipe_resolves_from_a_ports_fixture(debian12_arm64: BuiltTemplate, tmp_path: Path,
                                                             version: str, suite: str) -> None:
