@@ -30,6 +30,8 @@ def status(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | N
     Exit status 2 when any template would change (as `vzpkg status`), 0 when all are current.
     With --all (or --shard), a template whose mirror variable has no value here is reported
     as `not configured` and the others are checked; named, it is an error (exit 3).
+    Each line starts with the template's architecture (--json: "arch"); --arch ARCH checks
+    only that architecture's templates.
     """
     from vztt import nightly
     mirrors, progress = obj.mirrors(), Progress(quiet=True)
