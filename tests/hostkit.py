@@ -390,19 +390,44 @@ TINY_SETTINGS = {"distro": "tiny", "version": "1", "release": "one", "arch": "x8
                  "summary": "Tiny 1 (one) x86_64 minimal", "compression.level": 0}
 
 
-def tiny_host_template(cache: Path, work: Path, name: str = "tiny-1-x86_64-minimal", payload: bytes = b"payload\n",
-                       formats: tuple[str, ...] = ("lxc", "incus", "oci", "nspawn"), **kw: object) -> dict:
-    """A tiny plain template (mirrorkit's) plus the other hosts' formats, written by the
-    formats' own code from its archive; the manifest names them all."""
+def write_host_formats(cache: Path, work: Path, name: str, manifest: dict, settings: dict, epoch: int,
+                       formats: tuple[str, ...]) -> dict:
+    """The other hosts' formats of the cached plain archive of `name`, written by the formats'
+    own code (no image, no install: seconds), added to its manifest."""
     import json
     import sys
-    from mirrorkit import tiny_template
-    manifest = tiny_template(cache, name, payload, **kw)
     work.mkdir(parents=True, exist_ok=True)
-    args = {"cache": str(cache), "name": name, "work": str(work), "epoch": 1735689600,
-            "lock": manifest["lock_digest"], "settings": TINY_SETTINGS, "formats": list(formats)}
-    out = check(run(sys.executable, "-c", TINY_SCRIPT, json.dumps(args), timeout=300))
+    args = {"cache": str(cache), "name": name, "work": str(work), "epoch": epoch,
+            "lock": manifest["lock_digest"], "settings": settings, "formats": list(formats)}
+    out = check(run(sys.executable, "-c", TINY_SCRIPT, json.dumps(args), timeout=600))
     manifest["archives"].update(json.loads(out))
     manifest["formats"] = ["plain", *formats]
     (cache / f"{name}.manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def tiny_host_template(cache: Path, work: Path, name: str = "tiny-1-x86_64-minimal", payload: bytes = b"payload\n",
+                       formats: tuple[str, ...] = ("lxc", "incus", "oci", "nspawn"), **kw: object) -> dict:
+    """A tiny plain template (mirrorkit's) plus the other hosts' formats, written by the
+    formats' own code from its archive; the manifest names them all."""
+    from mirrorkit import tiny_template
+    manifest = tiny_template(cache, name, payload, **kw)
+    settings = {**TINY_SETTINGS, "arch": manifest["arch"]}
+    return write_host_formats(cache, work, name, manifest, settings, 1735689600, formats)
+
+
+def host_formats_of_build(src: Path, name: str, recipes: Path, cache: Path, work: Path,
+                          formats: tuple[str, ...] = ("lxc", "incus", "oci", "nspawn")) -> dict:
+    """A real build's other formats without building it again (an arm64 build under
+    emulation takes minutes): its plain archive, manifest and lock linked into `cache`,
+    then the formats written from the archive with the recipe's settings at compression
+    level 0 (the fastest; every level gives the same metadata), from the lock's source date."""
+    import json
+    from vztt.recipe.recipe import RecipeStore
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "locks").mkdir(exist_ok=True)
+    for rel in (f"{name}.plain.tar.lz4", f"locks/{name}.lock.json"):
+        os.link(src / rel, cache / rel)
+    manifest = json.loads((src / f"{name}.manifest.json").read_text())
+    settings = {**RecipeStore(recipes).load(name).merged, "compression.level": 0}
+    return write_host_formats(cache, work, name, manifest, settings, manifest["source_date_epoch"], formats)

@@ -132,7 +132,7 @@ def small_tree(extra: bytes = b"", hostname_file: bool = True) -> list[Member]:
 
 def install_template(cache: Path, name: str, archive: bytes, *, tar_size: int | None = None,
                      boot_test: str = "passed", created: str = "2026-01-01T00:00:00+00:00",
-                     build_id: str | None = None) -> dict:
+                     build_id: str | None = None, arch: str = "x86_64") -> dict:
     """Put a plain archive and its manifest into a cache, as a build would."""
     cache.mkdir(parents=True, exist_ok=True)
     file = f"{name}.plain.tar.lz4"
@@ -141,7 +141,7 @@ def install_template(cache: Path, name: str, archive: bytes, *, tar_size: int | 
     if tar_size is not None:
         rec["tar_size"] = tar_size
     manifest = {"format": 1, "name": name, "created": created, "distro": "debian", "release": "tiny",
-                "version": "0", "arch": "x86_64", "recipe_digest": "sha256:" + "1" * 64,
+                "version": "0", "arch": arch, "recipe_digest": "sha256:" + "1" * 64,
                 "lock_digest": "sha256:" + hashlib.sha256(archive).hexdigest(), "formats": ["plain"],
                 "archive": rec, "archives": {"plain": rec}, "package_count": 0, "packages": [],
                 "boot_test": {"result": boot_test}}

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_vztt
+from conftest import REPO, one_line_error, run_vztt
 from vztt.ci import github, gitlab, jobs
 from vztt.kernel import series
-from vztt.nightly import matrix
+from vztt.nightly import MatrixJob, matrix
 from vztt.recipe.variables import load
 
 CHECK = Path(sys.executable).parent / "check-jsonschema"
@@ -42,7 +42,9 @@ def test_committed_files_are_the_descriptions_rendering() -> None:
 def test_both_files_pass_their_schemas(tmp_path: Path) -> None:
     """One run of the linter (GitLab's schema is slow to apply) over both files and a broken copy."""
     child = tmp_path / "child.yml"
-    child.write_text(gitlab.child_pipeline(["debian-12-x86_64-minimal", "almalinux-9-x86_64-minimal"]))
+    child.write_text(gitlab.child_pipeline(["debian-12-x86_64-minimal", "almalinux-9-x86_64-minimal",
+                                            MatrixJob(["debian-12-aarch64-minimal"], "aarch64", ("arm64",), False),
+                                            MatrixJob(["debian-13-aarch64-minimal"], "aarch64", (), True)]))
     broken = tmp_path / "broken.yml"
     broken.write_text(child.read_text().replace("when: always", "when: sometimes", 1))
     r = subprocess.run([str(CHECK), "--builtin-schema", "vendor.gitlab-ci", str(REPO / gitlab.PATH), str(child),
@@ -119,6 +121,63 @@ def test_a_layer_builds_in_its_base_job() -> None:
     gl_layer_paths = {p for c in job["cache"] for p in c["paths"] if "l1" in p or "l2" in p} | \
         {p for p in job["artifacts"]["paths"] if "l1" in p or "l2" in p}
     assert gh_layer_paths == gl_layer_paths
+
+
+ARM_LABELS = ("self-hosted", "linux", "ARM64", "vztt")
+
+
+def test_arm64_jobs_run_on_arm64_runners_or_under_emulation() -> None:
+    """Issue 21: an arm64 template's job runs on the runners ARM64_RUNNER names (GitHub: its
+    matrix entry's runs-on; GitLab: tags), else on the x86_64 ones after `make binfmt`."""
+    names = ["debian-12-aarch64-minimal", "debian-12-x86_64-minimal"]
+    arch_of = {"debian-12-aarch64-minimal": "aarch64", "debian-12-x86_64-minimal": "x86_64"}
+    labelled = jobs.Runners({"aarch64": ARM_LABELS})
+    arm, x86 = json.loads(matrix(names, "github", None, arch_of, labelled))["include"]
+    assert (arm["template"], arm["arch"], arm["runner"], arm["emulated"]) == \
+        ("debian-12-aarch64-minimal", "aarch64", list(ARM_LABELS), False)
+    assert (x86["arch"], x86["runner"], x86["emulated"]) == ("x86_64", list(github.RUNNER), False)
+    arm, x86 = json.loads(matrix(names, "github", None, arch_of))["include"]
+    assert (arm["runner"], arm["emulated"]) == (list(github.RUNNER), True)
+    # The workflow: the update job runs where its entry says, `make binfmt` first when emulated
+    flow = yaml.safe_load((REPO / github.PATH).read_text())["jobs"]
+    assert flow["update"]["runs-on"] == "${{ matrix.runner }}"
+    assert flow["kernel"]["runs-on"] == flow["plan"]["runs-on"] == list(github.RUNNER)
+    runs = [(s.get("if"), s.get("run")) for s in flow["update"]["steps"] if "run" in s]
+    assert runs.index(("matrix.emulated", "make binfmt")) < [r for _, r in runs].index(
+        ".venv/bin/vztt update ${{ matrix.template }} ${{ matrix.layers }} --format ${{ vars.TEMPLATE_FORMATS || 'all' }}")
+    assert flow["plan"]["steps"][-1]["run"].endswith('--runner "aarch64=${{ vars.ARM64_RUNNER }}"')
+    # GitLab: the plan passes ARM64_RUNNER; the child's arm64 job has its tags, or emulates
+    plan = yaml.safe_load((REPO / gitlab.PATH).read_text())["plan"]["script"][1]
+    assert plan.startswith('$VZTT matrix --format gitlab --runner "aarch64=$ARM64_RUNNER" > ')
+    child = yaml.safe_load(matrix(names, "gitlab", None, arch_of, jobs.Runners({"aarch64": ("arm64",)})))
+    assert child["update: debian-12-aarch64-minimal"]["tags"] == ["arm64"]
+    assert "tags" not in child["update: debian-12-x86_64-minimal"]
+    assert not any("binfmt" in line for job in child.values() if isinstance(job, dict) for line in job.get("script", []))
+    child = yaml.safe_load(matrix(names, "gitlab", None, arch_of))
+    arm_script = child["update: debian-12-aarch64-minimal"]["script"]
+    assert "tags" not in child["update: debian-12-aarch64-minimal"]
+    assert arm_script.index('test "$rc" != 0 || step make binfmt') < \
+        next(i for i, line in enumerate(arm_script) if "$VZTT update" in line)
+    assert not any("binfmt" in line for line in child["update: debian-12-x86_64-minimal"]["script"])
+
+
+def test_vztt_matrix_takes_the_runners_of_an_architecture() -> None:
+    r = run_vztt("matrix", "--format", "gitlab", "--runner", "aarch64=arm64, big", "--arch", "aarch64", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = r.json()
+    assert doc["templates"] and all("-aarch64-" in t for t in doc["templates"])
+    assert {(e["arch"], tuple(e["runner"]), e["emulated"]) for e in doc["entries"]} == {("aarch64", ("arm64", "big"), False)}
+    child = yaml.safe_load(doc["output"])
+    assert all(child[f"update: {e['template']}"]["tags"] == ["arm64", "big"] for e in doc["entries"])
+    r = run_vztt("matrix", "--runner", "aarch64=", "--json")           # ARM64_RUNNER unset: emulation
+    assert r.returncode == 0, r.stderr
+    entries = {e["template"]: e for e in r.json()["entries"]}
+    assert entries["debian-12-aarch64-minimal"]["emulated"] and entries["debian-12-aarch64-minimal"]["runner"] == []
+    assert not entries["debian-12-x86_64-minimal"]["emulated"]
+    for bad, says in (("arm64=x", "expected ARCH=LABELS, ARCH one of x86_64, aarch64"),
+                      ("aarch64=a;b", "'a;b' is not a runner label")):
+        r = run_vztt("matrix", "--runner", bad)
+        assert r.returncode == 2 and says in one_line_error(r)
 
 
 def test_child_pipeline_has_one_job_per_template() -> None:

@@ -142,13 +142,16 @@ def test_every_command_takes_json(tmp_path: Path) -> None:
     assert doc["format"] == "github" and "debian-12-x86_64-minimal" in doc["templates"]
     # a layer rides in its base's job (issue 18): the matrix has one entry per job
     output = json.loads(doc["output"])
-    assert output["template"] == [job[0] for job in doc["jobs"]]
+    assert [e["template"] for e in output["include"]] == [job[0] for job in doc["jobs"]]
     assert sorted(n for job in doc["jobs"] for n in job) == doc["templates"]
-    assert [{k: e[k] for k in ("template", "layers")} for e in output.get("include", [])] == \
-        [{"template": job[0], "layers": " ".join(job[1:])} for job in doc["jobs"] if len(job) > 1]
+    assert [{k: e[k] for k in ("template", "layers")} for e in output["include"]] == \
+        [{"template": job[0], "layers": " ".join(job[1:])} for job in doc["jobs"]]
+    # each entry says its architecture and its runner (issue 21; tests/test_ci.py)
+    assert [(e["template"], e["arch"]) for e in output["include"]] == \
+        [(e["template"], e["arch"]) for e in doc["entries"]]
     # and the layers' cache and artifact paths, which the workflow reads from the entry (tests/test_ci.py)
     assert all(f"cache/{layer}.manifest.json" in e["artifact_template"].split("\n")
-               for e in output.get("include", []) for layer in e["layers"].split())
+               for e in output["include"] for layer in e["layers"].split())
 
 
 def test_run_json_when_the_template_is_missing(tmp_path: Path) -> None:

@@ -22,10 +22,11 @@ from mirrorkit import Keys, keys, snapshot, temp_files, tiny_template  # noqa: F
 from vztt import formats
 from vztt.base.errors import BuildError
 from vztt.formats import FormatContext, NotBootable
-from vztt.formats.hostmeta import HOST_ARCH, host_arch, variant_of
+from vztt.formats.hostmeta import HOST_ARCH, HostArch, host_arch, variant_of
 from vztt.mirror import hostindex
 from vztt.mirror.index import MirrorError, index_bytes, parse_index
 from vztt.recipe.recipe import RecipeStore
+from vztt.recipe.settings import ARCHES
 from vztt.store.manifest import ArchiveRecord, Manifest
 
 TINY = "tiny-1-x86_64-minimal"
@@ -79,8 +80,11 @@ def test_every_format_is_known_to_the_cli_and_has_its_files() -> None:
 
 def test_architecture_names_come_from_one_table() -> None:
     assert HOST_ARCH["x86_64"].debian == "amd64" and HOST_ARCH["x86_64"].kernel == "x86_64"
-    assert HOST_ARCH["x86_64"].oci == "amd64"
-    with pytest.raises(BuildError, match=r"format lxc: no host names for architecture 'mips'.*HOST_ARCH"):
+    assert HOST_ARCH["x86_64"].oci == "amd64" and HOST_ARCH["x86_64"].oci_variant == ""
+    assert HOST_ARCH["aarch64"] == HostArch(kernel="aarch64", debian="arm64", oci="arm64", oci_variant="v8")
+    assert set(HOST_ARCH) == set(ARCHES)               # every arch a recipe may name has its row
+    with pytest.raises(BuildError, match=r"^format lxc: no host names for architecture 'mips' "
+                                         r"\(vztt/formats/hostmeta.py HOST_ARCH has x86_64, aarch64\)$"):
         host_arch("mips", "lxc")
     assert variant_of("debian-12-x86_64-minimal", "debian", "12", "x86_64") == "minimal"
     assert variant_of("my-template", "debian", "12", "x86_64") == "default"
@@ -135,6 +139,57 @@ def test_publish_writes_and_prunes_every_hosts_index(tmp_path: Path, keys: Keys)
         "tiny:1:minimal:amd64"]
     if not missing("incus-simplestreams"):          # Incus's own reader of such a tree
         check(subprocess.run(["incus-simplestreams", "verify"], cwd=dest, capture_output=True, text=True))
+    assert temp_files(dest) == []
+
+
+def _members(path: Path, opener: str) -> dict[str, bytes]:
+    """A small tar's regular files by name (no `./`)."""
+    import tarfile
+    with tarfile.open(path, opener) as tf:
+        return {m.name.removeprefix("./"): tf.extractfile(m).read() for m in tf if m.isfile()  # type: ignore[union-attr]
+                and m.size < 1 << 20}
+
+
+@root_only
+def test_arm64_is_named_each_hosts_way_in_every_format_and_index(tmp_path: Path, keys: Keys) -> None:
+    """An aarch64 template beside an x86_64 one of the same image: each format's metadata and
+    each mirror index names it as its host does (uname -m, Debian's, OCI's with variant v8)."""
+    cache, dest = tmp_path / "cache", tmp_path / "mirror"
+    arm = "tiny-1-aarch64-minimal"
+    tiny_host_template(cache, tmp_path / "work")
+    tiny_host_template(cache, tmp_path / "work-arm", name=arm, arch="aarch64", formats=("lxc", "incus", "oci"))
+    meta = _members(cache / f"{arm}.lxc.meta.tar.xz", "r:xz")
+    assert meta["config"].endswith(b"\nlxc.arch = aarch64\n") and b"lxc.arch = aarch64\n" in meta["config-user"]
+    incus = _members(cache / f"{arm}.incus.tar.xz", "r:xz")["metadata.yaml"].decode()
+    assert incus.startswith('architecture: "aarch64"\n') and '\n  architecture: "arm64"\n' in incus
+    layout = _members(cache / f"{arm}.oci.tar", "r:")
+    index = json.loads(layout["index.json"])
+    (entry,) = index["manifests"]
+    assert entry["platform"] == {"architecture": "arm64", "os": "linux", "variant": "v8"}
+    manifest = json.loads(layout[f"blobs/sha256/{entry['digest'][7:]}"])
+    config = json.loads(layout[f"blobs/sha256/{manifest['config']['digest'][7:]}"])
+    assert (config["architecture"], config["os"], config["variant"]) == ("arm64", "linux", "v8")
+    r = run_vztt("inspect", cache / f"{arm}.oci.tar", "--json")
+    assert r.returncode == 0, r.stderr
+    assert (r.json()["platform"], r.json()["variant"]) == ("linux/arm64/v8", "v8")
+    # The x86_64 one has no variant (OCI's table gives amd64 none)
+    assert json.loads(_members(cache / f"{TINY}.oci.tar", "r:")["index.json"])["manifests"][0]["platform"] == {
+        "architecture": "amd64", "os": "linux"}
+    # The mirror: index.json, LXC's index, simplestreams, each with both architectures
+    r = run_vztt("publish", TINY, arm, "--to", dest, "--json", cache=cache, env=keys.env())
+    assert r.returncode == 0, r.stderr
+    ids = {p["name"]: p["id"] for p in r.json()["published"]}
+    index_doc = parse_index((dest / "index.json").read_bytes(), "index")
+    assert {t: doc["builds"][0]["arch"] for t, doc in index_doc["templates"].items()} == {
+        TINY: "x86_64", arm: "aarch64"}
+    assert index_doc["templates"][arm]["builds"][0]["archives"]["oci"]["host"]["arch"] == "arm64"
+    lxc = (dest / "meta/1.0/index-system").read_text().splitlines()
+    assert f"tiny;1;arm64;minimal;{ids[arm]};templates/{arm}/{ids[arm]}" in lxc
+    assert f"tiny;1;amd64;minimal;{ids[TINY]};templates/{TINY}/{ids[TINY]}" in lxc
+    products = json.loads((dest / "streams/v1/images.json").read_text())["products"]
+    assert sorted(products) == ["tiny:1:minimal:amd64", "tiny:1:minimal:arm64"]
+    assert products["tiny:1:minimal:arm64"]["arch"] == "arm64"
+    assert list(products["tiny:1:minimal:arm64"]["versions"]) == [ids[arm]]
     assert temp_files(dest) == []
 
 

@@ -42,12 +42,47 @@ def test_shards_split_deterministically() -> None:
 
 
 def test_matrix_formats() -> None:
-    assert json.loads(matrix(["b", "a"], "github")) == {"template": ["a", "b"]}
+    runner = ["self-hosted", "linux", "x64", "vztt"]
+    assert json.loads(matrix(["b", "a"], "github")) == {"include": [
+        {"template": t, "arch": "x86_64", "runner": runner, "emulated": False, "layers": ""} for t in ("a", "b")]}
     gitlab = matrix(["b", "a"], "gitlab")          # the child pipeline (tests/test_ci.py checks it further)
     assert '"update: a":' in gitlab and "TEMPLATE: b" in gitlab
     r = run_vztt("matrix", "--format", "github", env={"GITHUB_OUTPUT": "/dev/null"})
     assert r.returncode == 0
-    assert "debian-12-x86_64-minimal" in json.loads(r.stdout)["template"]
+    assert "debian-12-x86_64-minimal" in [e["template"] for e in json.loads(r.stdout)["include"]]
+
+
+def test_arch_is_an_axis_of_list_status_and_shards(tmp_path: Path) -> None:
+    """`--arch` picks a runner's architecture before `--shard` splits it; list and status
+    show each template's architecture. (Every mirror variable unset here: status says
+    `not configured` without resolving, no network.)"""
+    import re
+    recipes = tmp_path / "recipes"
+    shutil.copytree(RECIPES, recipes)
+    for toml in recipes.glob("*.toml"):
+        toml.write_text(re.sub(r"\$[A-Z_]+_MIRROR\b", "$VZTT_TEST_UNSET_MIRROR", toml.read_text()))
+    cache = tmp_path / "cache"
+    listed = run_vztt("list", "--json", cache=cache, recipes=recipes).json()
+    arm = sorted(r["name"] for r in listed if r["arch"] == "aarch64")
+    assert arm and "debian-12-aarch64-minimal" in arm and all("-aarch64-" in n for n in arm)
+    assert sorted(r["name"] for r in run_vztt("list", "--arch", "aarch64", "--json", cache=cache,
+                                              recipes=recipes).json()) == arm
+    text = run_vztt("list", "--arch", "aarch64", cache=cache, recipes=recipes).stdout.splitlines()
+    assert text[0].split()[:3] == ["NAME", "ARCH", "STATE"] and text[1].split()[1] == "aarch64"
+    shares = []
+    for k in (1, 2):
+        r = run_vztt("status", "--all", "--arch", "aarch64", "--shard", f"{k}/2", "--json", cache=cache,
+                     recipes=recipes)
+        assert r.returncode == 0, r.stderr
+        assert {(s["arch"], s["state"]) for s in r.json()} == {("aarch64", "not configured")}
+        shares.append([s["name"] for s in r.json()])
+    assert sorted(shares[0] + shares[1]) == arm and not set(shares[0]) & set(shares[1])
+    assert shares == [shard(arm, "1/2"), shard(arm, "2/2")]
+    line = run_vztt("status", "--all", "--arch", "aarch64", "--shard", "1/2", cache=cache,
+                    recipes=recipes).stdout.splitlines()[0]
+    assert line.startswith(f"aarch64  {shares[0][0]}: not configured (")
+    bad = run_vztt("status", "--all", "--arch", "arm64", cache=cache, recipes=recipes)
+    assert bad.returncode == 2 and "'arm64' is not one of 'x86_64', 'aarch64'" in one_line_error(bad)
 
 
 def _lint(path: Path) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vztt.base.errors import RecipeError
 from vztt.base.progress import Progress
@@ -22,6 +22,9 @@ from vztt.recipe.lock import Lock
 from vztt.recipe.recipe import Recipe
 from vztt.recipe.variables import Mirrors
 from vztt.store.templates import TemplateCache
+
+if TYPE_CHECKING:
+    from vztt.ci.jobs import Runners
 
 CURRENT, OUTDATED, NEW = "current", "outdated", "not built"
 NOT_CONFIGURED = "not configured"      # a mirror variable it needs has no value on this host
@@ -49,9 +52,10 @@ class Status:
     reasons: list[str] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     lock: Lock | None = None          # the fresh resolution
+    arch: str = ""                    # the recipe's
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "state": self.state, "reasons": self.reasons,
+        return {"name": self.name, "arch": self.arch, "state": self.state, "reasons": self.reasons,
                 "changes": [{"name": c.name, "arch": c.arch, "old": c.old, "new": c.new} for c in self.changes]}
 
 
@@ -81,7 +85,8 @@ def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Pro
     entry = cache.entry(recipe.name)
     base = cache.entry(recipe.base_template) if recipe.base_template else None
     if recipe.base_template and base is None:
-        return Status(recipe.name, NEW if entry is None else OUTDATED, [f"base {recipe.base_template} is not built"])
+        return Status(recipe.name, NEW if entry is None else OUTDATED, [f"base {recipe.base_template} is not built"],
+                      arch=recipe.arch)
     # Resolving is skipped when a lock it would make again is at hand: the cached build's, or
     # the lock file, when the resolve inputs and the repositories' Release files are unchanged
     # (builder/pipeline.py unchanged_lock). Else resolve afresh, into a scratch lock.
@@ -95,7 +100,7 @@ def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Pro
         with cache.scratch(f"status-{recipe.name}") as scratch:
             fresh = build_mod.resolve(recipe, cache, mirrors, scratch / "lock.json", progress).lock
     if entry is None:
-        return Status(recipe.name, NEW, ["no cached template"], lock=fresh)
+        return Status(recipe.name, NEW, ["no cached template"], lock=fresh, arch=recipe.arch)
     m = entry.manifest
     reasons = []
     if m.recipe_digest != recipe.digest():
@@ -111,7 +116,7 @@ def status(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Pro
     changes = package_changes(m.package_rows(), expected)
     if m.packages_digest != fresh.packages_digest:
         reasons.append(f"{len(changes)} package(s) changed" if changes else "package files changed (same versions)")
-    return Status(recipe.name, OUTDATED if reasons else CURRENT, reasons, changes, fresh)
+    return Status(recipe.name, OUTDATED if reasons else CURRENT, reasons, changes, fresh, recipe.arch)
 
 
 def update(recipe: Recipe, cache: TemplateCache, mirrors: Mirrors, progress: Progress,
@@ -195,24 +200,56 @@ def dependency_order(names: list[str], base_of: dict[str, str] | None = None) ->
     return out
 
 
-def matrix(names: list[str], fmt: str, base_of: dict[str, str] | None = None) -> str:
+@dataclass(frozen=True)
+class MatrixJob:
+    """One CI job: a template, the layers that ride in it, and where it runs."""
+    templates: list[str]              # the template, then its layers (each after its base)
+    arch: str                         # the template's architecture (its layers': the same)
+    runner: tuple[str, ...]           # runner labels of its own arch; () for the default runners
+    emulated: bool                    # on the default runners under emulation: `make binfmt` first
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"template": self.templates[0], "layers": self.templates[1:], "arch": self.arch,
+                "runner": list(self.runner), "emulated": self.emulated}
+
+
+def matrix_jobs(names: list[str], base_of: dict[str, str] | None = None, arch_of: dict[str, str] | None = None,
+                runners: Runners | None = None) -> list[MatrixJob]:
+    """`groups()` with each job's architecture (its template's, `arch_of`; x86_64 when not
+    known) and its runners (vztt/ci/jobs.py Runners)."""
+    from vztt.ci.jobs import RUNNER_ARCH, Runners
+    runners = runners or Runners()
+    arch_of = arch_of or {}
+    out = []
+    for g in groups(names, base_of):
+        arch = arch_of.get(g[0], RUNNER_ARCH)
+        out.append(MatrixJob(g, arch, runners.of(arch), runners.emulated(arch)))
+    return out
+
+
+def matrix(names: list[str], fmt: str, base_of: dict[str, str] | None = None, arch_of: dict[str, str] | None = None,
+           runners: Runners | None = None) -> str:
     """One CI job per template; a layer goes into its base's job, after it (it is built on
-    the base's build, which the job has in its cache)."""
-    jobs = groups(names, base_of)
+    the base's build, which the job has in its cache). A job runs on runners labelled for
+    its template's architecture when `runners` names some, else on the default (x86_64)
+    runners, under emulation for another architecture."""
+    jobs = matrix_jobs(names, base_of, arch_of, runners)
     if fmt == "github":
-        # For `strategy: matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`; a base's layers ride in
-        # its job as `matrix.layers` (an `include` entry that matches the base's job).
-        doc: dict[str, Any] = {"template": [g[0] for g in jobs]}
-        if any(len(g) > 1 for g in jobs):
-            doc["include"] = [{"template": g[0], "layers": " ".join(g[1:]), **_layer_paths(g[1:])}
-                              for g in jobs if len(g) > 1]
-        return json.dumps(doc, separators=(",", ":"))
+        # For `strategy: matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}`: one `include` entry
+        # per job, whose keys the workflow reads (vztt/ci/github.py): `runner` is its runs-on,
+        # `emulated` runs `make binfmt` first, a base's layers ride in its job as `layers` (with
+        # their cache and artifact paths).
+        from vztt.ci.github import RUNNER
+        entries = [{"template": j.templates[0], "arch": j.arch, "runner": list(j.runner or RUNNER),
+                    "emulated": j.emulated, "layers": " ".join(j.templates[1:]),
+                    **(_layer_paths(j.templates[1:]) if len(j.templates) > 1 else {})} for j in jobs]
+        return json.dumps({"include": entries}, separators=(",", ":"))
     if fmt == "gitlab":
         # The child pipeline .gitlab-ci.yml's plan job writes and triggers: one job per template
         # and its layers (vztt/ci/gitlab.py).
         from vztt.ci.gitlab import child_pipeline
         return child_pipeline(jobs)
-    return json.dumps([n for g in jobs for n in g])
+    return json.dumps([n for j in jobs for n in j.templates])
 
 
 def _layer_paths(layers: list[str]) -> dict[str, str]:

@@ -46,7 +46,10 @@ vztt's kernel), with JUnit reports as GitLab test reports, and publishes what
 passed to the mirror with a signed index in one last job.
 
 Runs on shell runners on Debian 12, as root (loop devices, mounts and
-namespaces are needed), from schedules (and "Run pipeline"). CI/CD variables:
+namespaces are needed), from schedules (and "Run pipeline"). An arm64
+template's job carries the tags ARM64_RUNNER names (comma-separated) when it
+is set, else it runs on an x86_64 runner under emulation (qemu-user: the job
+runs `make binfmt` first). CI/CD variables:
 {settings}
   VZTT, SETUP                    the vztt to run and how to install it (default: .venv/bin/vztt after `make setup`)
 
@@ -63,7 +66,7 @@ def fill(command: str, template: str = "$TEMPLATE") -> str:
             return f'"${{{name}:-{default}}}"' if bar else "$" + name
         # names need no quotes
         return {"vztt": "$VZTT", "setup": "$SETUP", "template": template, "layers": "$LAYERS"}[word]
-    return re.sub(r"\{(vztt|setup|template|layers|setting:[A-Z_]+(?:\|[\w,-]+)?)\}", sub, command)
+    return re.sub(r"\{(vztt|setup|template|layers|setting:[A-Z0-9_]+(?:\|[\w,-]+)?)\}", sub, command)
 
 
 def _settings(n: Nightly) -> str:
@@ -127,8 +130,8 @@ def _cache(cache: Cache, templates: list[str]) -> dict[str, Any]:
     return doc
 
 
-def _script_lines(step: Step, templates: list[str], vm: bool) -> list[str]:
-    if step.only == "vm" and not vm:
+def _script_lines(step: Step, templates: list[str], vm: bool, emulated: bool = False) -> list[str]:
+    if (step.only == "vm" and not vm) or (step.only == "emulated" and not emulated):
         return []
     if step.only == "kernel-check":
         return [f'if [ "${{KERNEL_CHECK:-true}}" != false ]; then {fill(step.run)}; '
@@ -139,12 +142,16 @@ def _script_lines(step: Step, templates: list[str], vm: bool) -> list[str]:
 
 
 def _job(job: Job, templates: list[str] | None = None, vm: bool = False,
-         needs: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A job; a per-template one for `templates`: a template, then the layers that ride in its job."""
+         needs: tuple[str, ...] = (), tags: tuple[str, ...] = (), emulated: bool = False) -> dict[str, Any]:
+    """A job; a per-template one for `templates`: a template, then the layers that ride in its job,
+    on the runners `tags` select (its architecture's own; none: any runner, x86_64), under
+    emulation when `emulated`."""
     templates = templates or []
     doc: dict[str, Any] = {"stage": job.name}
     if needs:
         doc["needs"] = Flow(list(needs))
+    if tags:
+        doc["tags"] = Flow(list(tags))
     if job.timeout_minutes:
         doc["timeout"] = f"{job.timeout_minutes} minutes"
     if templates:
@@ -155,7 +162,7 @@ def _job(job: Job, templates: list[str] | None = None, vm: bool = False,
     if caches:
         doc["cache"] = [_cache(c, templates) for c in caches]
     script = ["$SETUP", 'rc=0; step() { "$@" || { s=$?; [ "$rc" != 0 ] || rc=$s; }; }']
-    script += [line for s in job.steps for line in _script_lines(s, templates, vm)]
+    script += [line for s in job.steps for line in _script_lines(s, templates, vm, emulated)]
     doc["script"] = script + ['exit "$rc"']
     if job.artifacts:
         paths = [p for a in job.artifacts for p in _paths(a.paths, templates or [""])]
@@ -197,12 +204,22 @@ def vm_patterns() -> tuple[str, ...]:
     return tuple(value.split()) if value is not None else VM_PATTERNS
 
 
-def child_pipeline(jobs: Sequence[str | Sequence[str]], n: Nightly = NIGHTLY,
-                   vm: tuple[str, ...] | None = None) -> str:
-    """The child pipeline: kernel, one update job per template (a name, or a base with the
-    layers that ride in its job: `nightly.groups()`), publish."""
+def _placed(job: Any) -> tuple[list[str], tuple[str, ...], bool]:
+    """A job of the matrix: a name, a base with its layers (`nightly.groups()`), or a
+    nightly.MatrixJob (with its runner tags and whether it runs under emulation)."""
+    if isinstance(job, str):
+        return [job], (), False
+    if hasattr(job, "templates"):
+        return list(job.templates), tuple(job.runner), bool(job.emulated)
+    return list(job), (), False
+
+
+def child_pipeline(jobs: Sequence[Any], n: Nightly = NIGHTLY, vm: tuple[str, ...] | None = None) -> str:
+    """The child pipeline: kernel, one update job per template (a name, a base with the
+    layers that ride in its job: `nightly.groups()`, or a nightly.MatrixJob), publish."""
     vm = vm_patterns() if vm is None else vm
-    groups = [[g] if isinstance(g, str) else list(g) for g in jobs]
+    placed = [_placed(j) for j in jobs]
+    groups = [g for g, _, _ in placed]
     templates = [g[0] for g in groups]
     by_name = {j.name: j for j in n.jobs}
     doc: dict[str, Any] = {
@@ -211,9 +228,10 @@ def child_pipeline(jobs: Sequence[str | Sequence[str]], n: Nightly = NIGHTLY,
         "kernel": _job(by_name["kernel"]),
     }
     update = by_name["update"]
-    for g in groups:
+    for g, tags, emulated in placed:
         doc[f"update: {g[0]}"] = _job(update, g, any(fnmatch.fnmatchcase(g[0], p) for p in vm),
-                                      tuple(n for n in update.needs if n != "plan"))   # the plan ran in the parent
+                                      tuple(n for n in update.needs if n != "plan"),   # the plan ran in the parent
+                                      tags, emulated)
     doc["publish"] = _publish(by_name["publish"], templates)
     layers = sum(len(g) - 1 for g in groups)
     header = (f"The nightly's child pipeline, written by `vztt matrix --format gitlab` (vztt/ci/gitlab.py):\n"

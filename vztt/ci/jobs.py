@@ -41,7 +41,8 @@ class Step:
     name: str
     run: str                        # shell; placeholders {vztt} {setup} {template}
     when: str = ON_SUCCESS          # always: also after an earlier step failed
-    only: str = ""                  # a condition: "vm" (templates booted in a VM), "kernel-check"
+    only: str = ""                  # a condition: "vm" (templates booted in a VM), "kernel-check",
+                                    # "emulated" (a template whose arch the runner runs under emulation)
     each: bool = False              # run for the job's template and for each of its layers
 
 
@@ -97,7 +98,31 @@ SWITCHES = (
     Setting("KERNEL_CHECK", "false: skip `vztt kernel check` (the kernel is still built when kernel/ changed)"),
     Setting("VM_TEST_TEMPLATES", "templates booted in a VM as well, shell patterns (default: debian-* ubuntu-*)"),
     Setting("TEMPLATE_FORMATS", "the formats built and published, as --format takes them (default: all)"),
+    Setting("ARM64_RUNNER", "runners for arm64 templates, labels comma-separated (GitHub runs-on, e.g. "
+                            "self-hosted,linux,ARM64,vztt; GitLab tags, e.g. arm64); unset: under emulation on x86_64"),
 )
+# The architecture of the runners every job runs on, unless its template's architecture has
+# runners of its own (`vztt matrix --runner ARCH=LABELS`, from ARM64_RUNNER).
+RUNNER_ARCH = "x86_64"
+# The setting naming each other architecture's runners, as the plan passes it to `vztt matrix`.
+ARCH_RUNNER_SETTINGS = {"aarch64": "ARM64_RUNNER"}
+
+
+@dataclass(frozen=True)
+class Runners:
+    """Where a template's job runs: on runners labelled for its architecture when there are
+    some (`labels`: arch -> labels), else on the RUNNER_ARCH runners, under emulation when
+    the architecture is another (qemu-user through binfmt_misc: the job runs `make binfmt`)."""
+
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def of(self, arch: str) -> tuple[str, ...]:
+        """The arch's own runners' labels; () for the default runners."""
+        return self.labels.get(arch, ())
+
+    def emulated(self, arch: str) -> bool:
+        return arch != RUNNER_ARCH and not self.of(arch)
+
 VM_PATTERNS = ("debian-*", "ubuntu-*")      # Debian's and Ubuntu's: the EL9 ones have not been booted in a VM yet
 
 
@@ -136,6 +161,8 @@ UPDATE = Job(
               restore_only=True),
     ),
     steps=(
+        Step("an arm64 template on an x86_64 runner: register qemu-user for its programs (binfmt_misc)",
+             "make binfmt", only="emulated"),
         Step("update (re-resolve; rebuild, boot-test and promote only if something changed)",
              "{vztt} update {template} {layers} --format {setting:TEMPLATE_FORMATS|all}"),
         Step("boot test report", "{vztt} test {template} --junit junit-{template}.xml", when=ALWAYS, each=True),
@@ -165,7 +192,8 @@ PUBLISH = Job(
     ),
 )
 
-PLAN_COMMAND = "{vztt} matrix --format {ci}"
+PLAN_COMMAND = "{vztt} matrix --format {ci}" + "".join(
+    f' --runner "{arch}={{setting:{name}}}"' for arch, name in ARCH_RUNNER_SETTINGS.items())
 
 
 def layer_path_sets(job: Job) -> dict[str, tuple[str, ...]]:

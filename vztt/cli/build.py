@@ -75,10 +75,10 @@ def _boot_test_line(record: dict[str, Any]) -> str:
 @json_option
 @click.pass_obj
 @guarded
-def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, locked: bool,
+def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None, arch: str | None, locked: bool,
           lock_path: Path | None, jobs: int, fmt: str | None, no_test: bool, wait: float, build_base: bool,
           as_json: bool) -> None:
-    """Build templates into the cache: NAME..., or --all (optionally --shard K/N).
+    """Build templates into the cache: NAME..., or --all (optionally --arch ARCH, --shard K/N).
 
     \b
     Steps (timed on stderr):
@@ -101,7 +101,7 @@ def build(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | No
       promote    atomically replace the cached template (the old one stays until then)
     """
     from vztt.builder import pipeline
-    chosen = selected(obj, names, all_, shard_spec)
+    chosen = selected(obj, names, all_, shard_spec, arch)
     if lock_path and len(chosen) > 1:
         raise click.UsageError("--lock names one lock file: build one template with it")
     mirrors = obj.mirrors()

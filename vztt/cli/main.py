@@ -24,6 +24,7 @@ from vztt.base.errors import EXIT_CODES, EnvironmentProblem, Interrupted, VzttEr
 from vztt.base.paths import default_recipes
 from vztt.recipe import variables
 from vztt.recipe.recipe import RecipeStore
+from vztt.recipe.settings import ARCHES
 from vztt.store.templates import TemplateCache
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -183,22 +184,47 @@ _selection_options = [
 ]
 
 
+def arch_option(help_text: str) -> Callable[[F], F]:
+    """--arch ARCH: only the templates of one architecture (vztt's naming, as `vztt list` shows it)."""
+    return click.option("--arch", "arch", type=click.Choice(ARCHES), help=help_text)
+
+
+def of_arch(obj: "Context", names: list[str], arch: str | None) -> list[str]:
+    """`names` whose recipe is for `arch` (all of them without one). A recipe that does not
+    load stays in: the command reports it when it gets to it."""
+    if arch is None:
+        return names
+    out = []
+    for name in names:
+        try:
+            if obj.store.load(name).arch != arch:
+                continue
+        except VzttError:
+            pass
+        out.append(name)
+    return out
+
+
 def selection(fn: F) -> F:
-    """NAME..., --all and --shard K/N: the templates a command works on (see `selected`)."""
-    for opt in reversed(_selection_options):
+    """NAME..., --all, --arch and --shard K/N: the templates a command works on (see `selected`)."""
+    options = [*_selection_options,
+               arch_option("Only the templates of this architecture (before --shard: a runner of that "
+                           "architecture takes its share of them).")]
+    for opt in reversed(options):
         fn = opt(fn)
     return fn
 
 
-def selected(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None) -> list[str]:
-    """The templates a command works on: NAMES, or --all, cut to this runner's --shard; a
-    layer after its base (and in its base's shard)."""
+def selected(obj: Context, names: tuple[str, ...], all_: bool, shard_spec: str | None,
+             arch: str | None = None) -> list[str]:
+    """The templates a command works on: NAMES, or --all, those of --arch, cut to this
+    runner's --shard; a layer after its base (and in its base's shard)."""
     from vztt.nightly import shard
     if all_ and names:
         raise click.UsageError("give template names or --all, not both")
     if not all_ and not names:
         raise click.UsageError("name a template (see `vztt list`) or pass --all")
-    chosen = list(names) if names else obj.store.names()
+    chosen = of_arch(obj, list(names) if names else obj.store.names(), arch)
     return shard(chosen, shard_spec, bases(obj, chosen))
 
 

@@ -12,16 +12,18 @@ import click
 
 from vztt.base.errors import RecipeError, VzttError
 from vztt.base.progress import Progress
-from vztt.cli.main import Context, emit, error_doc, error_line, guarded, json_option, main, mirror_option
+from vztt.cli.main import (Context, arch_option, emit, error_doc, error_line, guarded, json_option, main,
+                           mirror_option)
 from vztt.recipe.settings import SETTINGS, Setting, reference_markdown
 
 
 @main.command("list")
+@arch_option("Only the recipes of this architecture.")
 @json_option
 @click.pass_obj
 @guarded
-def list_cmd(obj: Context, as_json: bool) -> None:
-    """List buildable recipes, whether each is cached, and when it was built.
+def list_cmd(obj: Context, arch: str | None, as_json: bool) -> None:
+    """List buildable recipes, their architecture, whether each is cached, and when it was built.
 
     A recipe that does not load is listed as `invalid` with its error (and in --json
     with an "error" object); the others are listed as usual, and the exit status is 3.
@@ -39,6 +41,8 @@ def list_cmd(obj: Context, as_json: bool) -> None:
                          "cached": entry is not None, "created": None, "archive": None, "size": None,
                          "current": False, "error": error_doc(e)})
             continue
+        if arch is not None and recipe.arch != arch:
+            continue
         manifest = entry.manifest if entry else None
         rows.append({
             "name": name, "distro": recipe.distro, "version": recipe.version, "arch": recipe.arch,
@@ -52,10 +56,11 @@ def list_cmd(obj: Context, as_json: bool) -> None:
         emit(rows)
     else:
         width = max([len(r["name"]) for r in rows] + [4])
-        click.echo(f"{'NAME':<{width}}  {'STATE':<8}  {'BUILT':<25}  SUMMARY")
+        click.echo(f"{'NAME':<{width}}  {'ARCH':<8}  {'STATE':<8}  {'BUILT':<25}  SUMMARY")
         for r in rows:
             state = "invalid" if "error" in r else ("cached" if r["current"] else "stale") if r["cached"] else "-"
-            click.echo(f"{r['name']:<{width}}  {state:<8}  {r['created'] or '-':<25}  {r['summary']}")
+            click.echo(f"{r['name']:<{width}}  {r['arch'] or '-':<8}  {state:<8}  {r['created'] or '-':<25}  "
+                       f"{r['summary']}")
     for e in problems:
         error_line(e)
     if problems:

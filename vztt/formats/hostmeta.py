@@ -40,6 +40,9 @@ class HostArch:
 # The recipe's arch -> each host's name for it.
 HOST_ARCH: dict[str, HostArch] = {
     "x86_64": HostArch(kernel="x86_64", debian="amd64", oci="amd64"),
+    # OCI's platform for arm64 carries variant v8 (the image spec's table; podman and
+    # containerd normalize arm64 to arm64/v8 and match it when pulling `--arch arm64`).
+    "aarch64": HostArch(kernel="aarch64", debian="arm64", oci="arm64", oci_variant="v8"),
 }
 
 # Names that go into index lines and file names: nothing a host's parser splits on.

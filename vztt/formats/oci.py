@@ -261,13 +261,25 @@ def inspect_layout(path: Path, workdir: Path) -> Inspection:
     if f"sha256:{tar_sha.hexdigest()}" != diff_ids[0]:
         raise ImageFormatError(f"{path}: the layer's tar does not match the config's diff_id")
     platform = entry.get("platform") or {}
+    # podman picks a manifest by the index's platform and runs it by the config's: the two
+    # must say the same (a foreign image is run under emulation only when it says so).
+    said = {k: config.get(k) for k in ("architecture", "os", "variant") if config.get(k)}
+    if platform and {k: v for k, v in platform.items() if k in said or k == "variant"} != said:
+        raise ImageFormatError(f"{path}: the index's platform {_platform(platform)} is not the config's "
+                               f"{_platform(said)}")
     result.details.update({"architecture": config.get("architecture"), "os": config.get("os"),
+                           "variant": config.get("variant"), "platform": _platform(said),
                            "created": config.get("created"), "annotations": manifest.get("annotations") or {},
                            "ref": (entry.get("annotations") or {}).get(REF_NAME),
                            "manifest_digest": entry.get("digest")})
-    result.notes.append(f"  image     {result.details['ref']}, {platform.get('os')}/{platform.get('architecture')}, "
+    result.notes.append(f"  image     {result.details['ref']}, {result.details['platform']}, "
                         f"created {config.get('created')}, every digest checked")
     return result
+
+
+def _platform(p: dict[str, Any]) -> str:
+    """os/architecture[/variant], as podman's --platform takes it."""
+    return "/".join(str(p.get(k)) for k in ("os", "architecture", "variant") if p.get(k))
 
 
 FORMAT = OciFormat()
