@@ -124,6 +124,7 @@ def kernel_info(obj: Context, arch: str | None, as_json: bool) -> None:
     each option of the fragments with what olddefconfig made of it (dropped
     ones marked)."""
     from vztt.kernel import build as kernel, source as kernel_source
+    from vztt.kernel.series import FRAGMENT
     entry, wanted = kernel.current(obj.cache, obj.kernel_dir, arch)
     doc = {"kernel_dir": str(obj.kernel_dir), "built": entry is not None, "wanted": wanted,
            **({**entry.info, "path": str(entry.path), "image_path": str(entry.image),
@@ -157,4 +158,4 @@ def kernel_info(obj: Context, arch: str | None, as_json: bool) -> None:
     for o in info["options"]:
         mark = "ok" if o["survived"] else "DROPPED"
         got = "" if o["survived"] else f" -> {o['got']}" + (f"  ({o['needs']})" if o.get("needs") else "")
-        click.echo(f"  {o['name']:<{width}} {o['wanted']:<8} {mark}{got}" + (f"  [{o['fragment']}]" if o.get("fragment") != kernel.FRAGMENT else ""))
+        click.echo(f"  {o['name']:<{width}} {o['wanted']:<8} {mark}{got}" + (f"  [{o['fragment']}]" if o.get("fragment") != FRAGMENT else ""))

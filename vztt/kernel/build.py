@@ -20,8 +20,8 @@ from vztt.base.proc import Log, mark_children, run, which
 from vztt.base.progress import Progress
 from vztt.kernel.kconfig import (Option, Target, build_timestamp, configure, dropped_message, make_command,
                                  make_env, target as kernel_target)
-from vztt.kernel.series import (FRAGMENT, PatchResult, apply_patch, fragment_digest, fragment_paths,  # noqa: F401
-                                kernel_dir, read_series, series_digest)   # FRAGMENT: for the CLI
+from vztt.kernel.series import (PatchResult, apply_patch, fragment_digest, fragment_paths, kernel_dir, read_series,
+                                series_digest)
 from vztt.kernel.source import SourcePackage, extract_source, fetch_source, source_date_epoch, source_package
 from vztt.kernel import STEP_TIMEOUT
 from vztt.store.packages import sha256_file
