@@ -194,6 +194,7 @@ def test_digests_follow_the_series_and_the_fragments(tmp_path: Path) -> None:
         f.write("CONFIG_IKCONFIG=y\n")
     assert kernel_series.fragment_digest(kdir, "aarch64") != arm64
     assert kernel_series.fragment_digest(kdir, "x86_64") == x86
+    assert kernel_series.fragments_digest(kdir) != kernel_series.fragments_digest(KERNEL)   # CI's cache key
     with open(kdir / kernel_series.FRAGMENT, "a") as f:          # the shared one: both
         f.write("CONFIG_IKCONFIG=y\n")
     assert kernel_series.fragment_digest(kdir, "x86_64") != x86
