@@ -24,6 +24,8 @@ from conftest import run_vztt
 import test_kernel
 from test_kernel import kernel_env
 from test_vm import nothing_left, recipes_with
+from vztt.base.errors import RuntimeUnavailable
+from vztt.boot.runtime import vm
 
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="booting templates needs root")
 NAME = "debian-12-aarch64-minimal"
@@ -67,6 +69,39 @@ def arm64_template(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
             shutil.copytree(Path(source) / sub, cache / sub)
     return cache
 
+
+# -- fast: the machine table --------------------------------------------------------------
+
+def test_an_aarch64_guest_gets_virt_its_console_and_tcg_without_a_probe(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if vm.platform.machine() != "x86_64":
+        pytest.skip("an x86_64 host's view of a foreign guest")
+
+    def no_probe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("KVM probed for a foreign guest")
+
+    monkeypatch.setattr(vm, "kvm_usable", no_probe)
+    monkeypatch.delenv("VZTT_VM_ACCEL", raising=False)
+    box = vm.VM(tmp_path / "tree", tmp_path / "scratch", tmp_path / "Image", arch="aarch64")
+    assert (box.target.qemu, box.target.package, box.target.machine) == ("qemu-system-aarch64", "qemu-system-arm",
+                                                                        "virt")
+    box.accel, why = box._choose_accel("qemu-system-aarch64")
+    assert (box.accel, why) == ("tcg", "an aarch64 guest on an x86_64 host")
+    words = box._cmdline().split()
+    assert "console=ttyAMA0" in words and "systemd.mask=serial-getty@ttyAMA0.service" in words
+    assert not any(w.startswith("tsc_early_khz=") for w in words)      # x86's TSC hint: not for arm64
+    x86 = vm.VM(tmp_path / "tree", tmp_path / "scratch", tmp_path / "bzImage")
+    x86.accel = "tcg"
+    assert "console=ttyS0" in x86._cmdline().split() and x86.target.machine == "microvm"
+
+    kvm = vm.VM(tmp_path / "tree", tmp_path / "scratch", tmp_path / "Image", arch="aarch64", accel="kvm")
+    with pytest.raises(RuntimeUnavailable, match=r"KVM cannot run an aarch64 guest on this x86_64 host"):
+        kvm._choose_accel("qemu-system-aarch64")
+    with pytest.raises(RuntimeUnavailable, match=r"boots x86_64, aarch64 guests, not riscv64"):
+        vm.VM(tmp_path / "tree", tmp_path / "scratch", tmp_path / "Image", arch="riscv64")
+
+
+# -- the boot ----------------------------------------------------------------------------
 
 @ROOT
 @pytest.mark.network

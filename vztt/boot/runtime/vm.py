@@ -60,8 +60,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import re
 import platform
+import re
 import select
 import shutil
 import time
