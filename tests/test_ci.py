@@ -194,9 +194,9 @@ def test_child_pipeline_has_one_job_per_template() -> None:
         assert child[f"update: {j[0]}"]["variables"]["LAYERS"] == " ".join(j[1:])
     vm = sorted(k for k, job in child.items() if k.startswith("update: ") and any("--vm" in line for line in job["script"]))
     assert vm == [f"update: {j[0]}" for j in jobs if j[0].startswith("debian-12-")]
-    # the kernel cache is keyed by what keys a kernel build: the series and the fragment
+    # the kernel cache is keyed by what keys the kernel builds: the series and every architecture's fragments
     kdir = REPO / "kernel"
-    key = f"vztt-kernel-s{series.series_digest(kdir)[7:19]}-f{series.fragment_digest(kdir)[7:19]}"
+    key = f"vztt-kernel-s{series.series_digest(kdir)[7:19]}-f{series.fragments_digest(kdir)[7:19]}"
     assert child["kernel"]["cache"][0]["key"] == key
     assert all(job["cache"][-1] == {"key": key, "paths": ["cache/kernel"], "policy": "pull"}
                for k, job in child.items() if k.startswith("update: "))

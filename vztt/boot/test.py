@@ -193,12 +193,13 @@ def booted(recipe: Recipe, cache: TemplateCache, tree: Path, purpose: str, vm: b
         if vm:
             from vztt.kernel.build import KVM_PROBE, vm_kernel
             from vztt.boot.runtime.vm import VM
-            kernel = vm_kernel(cache).bzimage
+            kernel = vm_kernel(cache, recipe.arch).image     # the template's architecture
             scratch = stack.enter_context(cache.scratch(f"{recipe.name}.vm"))
             configure(tree)            # the VM's scratch copy; its disk is made from it
             box = VM(tree, scratch, kernel, name=container_name(recipe.name, purpose), hostname=hostname,
                      osrelease=osrelease(recipe), console_log=console_log_path(cache, recipe.name, vm_purpose(purpose)),
-                     probe_cache=cache.kernel_dir / KVM_PROBE, link=link, cpu_level=cpu_level(recipe))
+                     probe_cache=cache.kernel_dir / KVM_PROBE, link=link, cpu_level=cpu_level(recipe),
+                     arch=recipe.arch)
         else:
             # The container runs the template's programs on this host's CPU.
             cpu.require_on_host(cpu_level(recipe), recipe.name)

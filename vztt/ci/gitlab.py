@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 from vztt.ci.jobs import ALWAYS, NIGHTLY, PLAN_COMMAND, VM_PATTERNS, Cache, Job, Nightly, Step
 from vztt.ci.yamltext import Flow, dump
-from vztt.kernel.series import fragment_digest, kernel_dir, series_digest
+from vztt.base.errors import BuildError
+from vztt.kernel.series import fragments_digest, kernel_dir, series_digest
 
 PATH = ".gitlab-ci.yml"
 CHILD = "nightly.gitlab-ci.yml"          # the plan job's artifact: the child pipeline
@@ -105,12 +106,13 @@ def pipeline(n: Nightly = NIGHTLY) -> str:
 # -- the child pipeline ------------------------------------------------------------------------
 
 def kernel_key() -> str:
-    """The kernel's cache key: the digests vztt keys a kernel build by (kernel/: series,
-    patches, fragment), as the GitHub workflow keys it by hashFiles('kernel/**')."""
+    """The kernel's cache key: the digests vztt keys kernel builds by (kernel/: series,
+    patches, the fragments of every architecture: the cache holds each one's), as the
+    GitHub workflow keys it by hashFiles('kernel/**')."""
     kdir = kernel_dir()
     try:
-        return f"vztt-kernel-s{series_digest(kdir)[7:19]}-f{fragment_digest(kdir)[7:19]}"
-    except OSError:
+        return f"vztt-kernel-s{series_digest(kdir)[7:19]}-f{fragments_digest(kdir)[7:19]}"
+    except (OSError, BuildError):
         return "vztt-kernel-none"
 
 

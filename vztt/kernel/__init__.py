@@ -1,25 +1,28 @@
 """The container kernel: Debian's kernel source, our patch series and config
-fragment (the checkout's kernel/), built into a cached bzImage that the VM
-runtime boots templates with.
+fragments (the checkout's kernel/), built for an architecture (x86_64, or
+aarch64 cross-compiled) into a cached bzImage or Image that the VM runtime
+boots templates of that architecture with.
 
     vztt kernel check   the series applies to the current Debian source (fuzz 0),
-                        and the fragment survives olddefconfig
+                        and the fragments survive olddefconfig
     vztt kernel build   fetch the source package through apt, apply the series,
-                        tinyconfig + fragment + olddefconfig, make bzImage, cache it
-    vztt kernel info    version, digests, the fragment's options and whether each
+                        tinyconfig + fragments + olddefconfig, make bzImage/Image, cache it
+    vztt kernel info    version, digests, the fragments' options and whether each
                         one survived olddefconfig
+  (each with --arch x86_64|aarch64, default the host's; kconfig.TARGETS)
 
 kernel/ (VZTT_KERNEL_DIR):
-  series            quilt's format: one patch per line (`name [-pN]`), # comments
-  patches/          the patches, applied in series order with `patch --fuzz=0`
-  container.config  the fragment merged over `make ARCH=x86_64 tinyconfig`
+  series              quilt's format: one patch per line (`name [-pN]`), # comments
+  patches/            the patches, applied in series order with `patch --fuzz=0`
+  container.config    the fragment every architecture gets, over `make ARCH=<arch> tinyconfig`
+  arch/<arch>.config  what only that architecture (uname -m) needs, merged after it
 
 The kernel cache (TemplateCache.kernel_dir: <cache>/kernel, or VZTT_KERNEL_CACHE):
   source/linux-source-6.1_<version>_all.deb   the source package as apt fetched it
-  <version>-s<series>-f<fragment>/             one build, keyed by source version and
-                                               the series and fragment digests (12 hex
-                                               digits each): bzImage, config, info.json,
-                                               build.log
+  <version>-<arch>-s<series>-f<fragments>/    one build, keyed by source version, the
+                                               architecture and the series and fragments
+                                               digests (12 hex digits each): bzImage or
+                                               Image, config, info.json, build.log
   kvm-probe.json                              whether KVM runs our kernel here (per boot)
 
 A second `build` with the same key builds nothing. A build runs in the cache's

@@ -14,24 +14,35 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RuntimeUnavailable
+from vztt.base.errors import BuildError, EnvironmentProblem, FetchError, RuntimeUnavailable, VzttError
 from vztt.base.files import atomic_dir, writer_pid
 from vztt.base.proc import Log, mark_children, run, which
 from vztt.base.progress import Progress
-from vztt.kernel.kconfig import (ARCH, Option, build_timestamp, configure, dropped_message, make_command,
-                                 make_env)
-from vztt.kernel.series import (FRAGMENT, PatchResult, apply_patch, fragment_digest, fragment_path, kernel_dir,
-                                read_series, series_digest)
+from vztt.kernel.kconfig import (Option, Target, build_timestamp, configure, dropped_message, make_command,
+                                 make_env, target as kernel_target)
+from vztt.kernel.series import (PatchResult, apply_patch, fragment_digest, fragment_paths, kernel_dir, read_series,
+                                series_digest)
 from vztt.kernel.source import SourcePackage, extract_source, fetch_source, source_date_epoch, source_package
 from vztt.kernel import STEP_TIMEOUT
 from vztt.store.packages import sha256_file
 from vztt.store.templates import TemplateCache, pid_alive
 
 BUILD_TIMEOUT = 3 * 3600.0
-BUILD_FORMAT = 2             # info.json's "format": how a build is made (2: dated from the source, reproducible)
+BUILD_FORMAT = 3             # info.json's "format": how a build is made (2: dated from the source, reproducible;
+                             # 3: per architecture, `arch` and `image` in info.json)
 KVM_PROBE = "kvm-probe.json"  # in the kernel cache: whether KVM runs our kernel here (boot.runtime.accel)
 TOOLS = {"make": "make", "gcc": "build-essential", "bc": "bc", "bison": "bison", "flex": "flex",
          "patch": "patch", "xz": "xz-utils", "dpkg-deb": "dpkg", "apt-get": "apt"}
+
+
+def dropped_error(fragments: list[tuple[str, Path]], options: list[Option], where: str, hint: str = "") -> BuildError:
+    """One line naming the fragment file(s) that set the dropped options, and each option with why."""
+    dropped = [o for o in options if not o.survived]
+    paths = dict(fragments)
+    files = [str(paths.get(o.fragment, o.fragment)) for o in dropped]
+    named = ", ".join(dict.fromkeys(files)) or str(fragments[0][1])
+    return BuildError(f"{named}: {len(dropped)} options did not survive olddefconfig {where}: "
+                      f"{dropped_message(dropped)}{hint}")
 
 
 # --------------------------------------------------------------------------
@@ -43,7 +54,8 @@ class CheckReport:
     source: SourcePackage
     series_digest: str
     fragment_digest: str
-    fragment: str = FRAGMENT                                 # the fragment file
+    target: Target
+    fragments: list[tuple[str, Path]] = field(default_factory=list)   # (name in kernel/, path), merge order
     patches: list[PatchResult] = field(default_factory=list)
     options: list[Option] = field(default_factory=list)
     config_checked: bool = False
@@ -59,14 +71,14 @@ class CheckReport:
             p = bad[0]
             return BuildError(f"{p.path}: does not apply to {self.source.name} "
                               f"{self.source.version}: " + "; ".join(p.problems))
-        dropped = [o for o in self.options if not o.survived]
-        if dropped:
-            return BuildError(f"{self.fragment}: {len(dropped)} options did not survive olddefconfig on "
-                              f"{self.source.name} {self.source.version}: {dropped_message(dropped)}")
+        if any(not o.survived for o in self.options):
+            return dropped_error(self.fragments, self.options,
+                                 f"on {self.source.name} {self.source.version} for {self.target.arch}")
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": {"package": self.source.name, "version": self.source.version},
+        return {"arch": self.target.arch, "fragments": [str(p) for _, p in self.fragments],
+                "source": {"package": self.source.name, "version": self.source.version},
                 "series_digest": self.series_digest, "fragment_digest": self.fragment_digest,
                 "ok": self.ok, "patches": [p.as_dict() for p in self.patches],
                 "config_checked": self.config_checked,
@@ -75,21 +87,24 @@ class CheckReport:
                 "seconds": round(self.seconds, 1)}
 
 
-def check(cache: TemplateCache, kdir: Path, progress: Progress, config: bool = True) -> CheckReport:
+def check(cache: TemplateCache, kdir: Path, progress: Progress, config: bool = True,
+          arch: str | None = None) -> CheckReport:
     """Apply the series to a fresh copy of the current Debian source (fuzz 0,
     in order, each patch over the previous ones); then, unless config=False,
-    configure it and compare the fragment with what olddefconfig kept."""
-    _require_tools()
+    configure it for `arch` (the host's by default) and compare the fragments
+    with what olddefconfig kept."""
+    target = kernel_target(arch)
+    _require_tools(target)
     started = time.monotonic()
     kcache = cache.kernel_dir
     patches = read_series(kdir)
-    fragment = fragment_path(kdir)
+    fragments = fragment_paths(kdir, target.arch)
     with _kernel_log(cache, "check") as log, _work_tree(cache) as work:
         with progress.step("source") as st:
             source = source_package(log)
             deb, fetched = fetch_source(source, kcache, log)
             st.note(f"{source.name} {source.version}" + (" (downloaded)" if fetched else " (cached)"))
-        report = CheckReport(source, series_digest(kdir), fragment_digest(kdir), str(fragment))
+        report = CheckReport(source, series_digest(kdir), fragment_digest(kdir, target.arch), target, fragments)
         with progress.step("extract") as st:
             tree = extract_source(deb, work, log)
             st.note(str(deb.name))
@@ -102,10 +117,10 @@ def check(cache: TemplateCache, kdir: Path, progress: Progress, config: bool = T
             st.note(", ".join(f"{r.name} {'ok' if r.ok else 'FAILED'}" for r in report.patches) or "empty series")
         if config and all(p.ok for p in report.patches):
             with progress.step("config") as st:
-                report.options, _ = configure(tree, fragment, log)
+                report.options, _ = configure(tree, fragments, target, log)
                 report.config_checked = True
                 dropped = [o.name for o in report.options if not o.survived]
-                st.note(f"{len(report.options)} options, "
+                st.note(f"{len(report.options)} options for {target.arch}, "
                         + (f"DROPPED: {', '.join(dropped)}" if dropped else "all survived olddefconfig"))
     report.seconds = time.monotonic() - started
     return report
@@ -121,12 +136,18 @@ class KernelEntry:
     info: dict[str, Any]
 
     @property
-    def bzimage(self) -> Path:
-        return self.path / "bzImage"
+    def arch(self) -> str:
+        return str(self.info["arch"])
+
+    @property
+    def image(self) -> Path:
+        """The kernel qemu boots: bzImage (x86_64), Image (aarch64)."""
+        return self.path / str(self.info["image"]["file"])
 
 
-def entry_name(version: str, series: str, fragment: str) -> str:
-    return f"{version.replace(':', '_')}-s{series.split(':')[-1][:12]}-f{fragment.split(':')[-1][:12]}"
+def entry_name(version: str, arch: str, series: str, fragment: str) -> str:
+    return (f"{version.replace(':', '_')}-{arch}-s{series.split(':')[-1][:12]}"
+            f"-f{fragment.split(':')[-1][:12]}")
 
 
 def _entry(path: Path) -> KernelEntry | None:
@@ -134,16 +155,17 @@ def _entry(path: Path) -> KernelEntry | None:
     (BUILD_FORMAT: an older entry, e.g. one stamped with the clock, is rebuilt)."""
     try:
         info = json.loads((path / "info.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not (path / "bzImage").is_file() or info.get("format") != BUILD_FORMAT:
+        if info.get("format") != BUILD_FORMAT or not (path / info["image"]["file"]).is_file():
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return KernelEntry(path, info)
 
 
-def entries(kcache: Path) -> list[KernelEntry]:
-    """Every complete build in the kernel cache, newest first."""
-    found = [e for p in kcache.glob("*-s*-f*") if p.is_dir() and (e := _entry(p))]
+def entries(kcache: Path, arch: str | None = None) -> list[KernelEntry]:
+    """Every complete build in the kernel cache (of `arch` only, if given), newest first."""
+    found = [e for p in kcache.glob("*-s*-f*") if p.is_dir() and (e := _entry(p))
+             and (arch is None or e.info.get("arch") == arch)]
     return sorted(found, key=lambda e: e.info.get("built_at", ""), reverse=True)
 
 
@@ -155,23 +177,26 @@ class BuildResult:
 
 
 def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None = None,
-          allow_dropped: bool = False) -> BuildResult:
-    """The kernel for the current source, series and fragment: from the cache,
-    or built (fetch, extract, patch, configure, make bzImage) and cached."""
+          allow_dropped: bool = False, arch: str | None = None) -> BuildResult:
+    """The kernel for `arch` (the host's by default) from the current source,
+    series and fragments: from the cache, or built (fetch, extract, patch,
+    configure, make bzImage or Image; cross-compiled for another architecture)
+    and cached."""
     started = time.monotonic()
+    target = kernel_target(arch)
     kcache = cache.kernel_dir
     kcache.mkdir(parents=True, exist_ok=True)
     patches = read_series(kdir)
-    fragment = fragment_path(kdir)
-    sdigest, fdigest = series_digest(kdir), fragment_digest(kdir)
+    fragments = fragment_paths(kdir, target.arch)
+    sdigest, fdigest = series_digest(kdir), fragment_digest(kdir, target.arch)
     with progress.step("source") as st:
         source = source_package()
-        name = entry_name(source.version, sdigest, fdigest)
+        name = entry_name(source.version, target.arch, sdigest, fdigest)
         st.note(f"{source.name} {source.version}; key {name}")
     if (entry := _entry(kcache / name)) is not None:
         progress.say(f"  cached     {entry.path}: nothing to build")
         return BuildResult(entry, built=False, seconds=time.monotonic() - started)
-    _require_tools()
+    _require_tools(target)
     jobs = jobs or os.cpu_count() or 1
     with _build_lock(kcache):
         if (entry := _entry(kcache / name)) is not None:   # built by whoever held the lock
@@ -198,36 +223,40 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
                                                                  "hunks at an offset)"
                                                                  if any(r.notes for r in results) else ""))
             with progress.step("config") as st:
-                options, _final = configure(tree, fragment, log)
+                options, _final = configure(tree, fragments, target, log)
                 dropped = [o for o in options if not o.survived]
-                st.note(f"{len(options)} options from {FRAGMENT}, "
+                st.note(f"{len(options)} options from {', '.join(n for n, _ in fragments)}, "
                         + (f"DROPPED: {', '.join(o.name for o in dropped)}" if dropped else "all survived"))
                 if dropped and not allow_dropped:
-                    raise BuildError(f"{fragment}: {len(dropped)} options did not survive olddefconfig: "
-                                     f"{dropped_message(dropped)} (turn on what they need in the fragment; "
-                                     "--allow-dropped builds anyway)")
+                    raise dropped_error(fragments, options, f"for {target.arch}",
+                                        " (turn on what they need in the fragment; --allow-dropped builds anyway)")
             with progress.step("compile") as st:
                 compile_started = time.monotonic()
-                run(make_command(tree, "bzImage", jobs=jobs), log=log, env=make_env(epoch), what="make bzImage",
-                    timeout=BUILD_TIMEOUT)
+                run(make_command(tree, target, target.image, jobs=jobs), log=log, env=make_env(epoch),
+                    what=f"make {target.image}", timeout=BUILD_TIMEOUT)
                 compile_seconds = time.monotonic() - compile_started
-                release = run(["make", "-s", "-C", str(tree), f"ARCH={ARCH}", "kernelrelease"], log=log,
+                release = run(["make", "-s", *make_command(tree, target, "kernelrelease")[1:]], log=log,
                               env=make_env(epoch), what="make kernelrelease", timeout=STEP_TIMEOUT).stdout.strip()
-                st.note(f"{release} with {jobs} jobs")
+                st.note(f"{release} for {target.arch} with {jobs} jobs"
+                        + (f" (CROSS_COMPILE={target.cross_prefix()})" if target.cross_prefix() else ""))
             with progress.step("install") as st:
-                image = tree / "arch/x86/boot/bzImage"
+                image = tree / target.image_path
                 # An entry of an older BUILD_FORMAT under the same name is replaced.
                 with atomic_dir(kcache / name) as tmp:
-                    shutil.copy2(image, tmp / "bzImage")
+                    shutil.copy2(image, tmp / target.image)
                     shutil.copy2(tree / ".config", tmp / "config")
                     info = {
                         "format": BUILD_FORMAT,
+                        "arch": target.arch,
+                        "cross_compile": target.cross_prefix(),
+                        "fragments": [n for n, _ in fragments],
                         "kernelrelease": release,
                         "source": {"package": source.name, "version": source.version, "sha256": source.sha256},
                         "series_digest": sdigest, "fragment_digest": fdigest,
                         "patches": [p.name for p in patches],
                         "source_date_epoch": epoch, "build_timestamp": build_timestamp(epoch),
-                        "bzImage": {"size": (tmp / "bzImage").stat().st_size, "sha256": sha256_file(tmp / "bzImage")},
+                        "image": {"file": target.image, "size": (tmp / target.image).stat().st_size,
+                                  "sha256": sha256_file(tmp / target.image)},
                         "options": [o.as_dict() for o in options],
                         "dropped": [o.name for o in dropped],
                         "jobs": jobs, "compile_seconds": round(compile_seconds, 1),
@@ -237,7 +266,7 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
                     (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
                     if log.path:
                         shutil.copy2(log.path, tmp / "build.log")
-                st.note(str(kcache / name / "bzImage"))
+                st.note(str(kcache / name / target.image))
     entry = _entry(kcache / name)
     assert entry is not None
     return BuildResult(entry, built=True, seconds=time.monotonic() - started)
@@ -247,24 +276,27 @@ def build(cache: TemplateCache, kdir: Path, progress: Progress, jobs: int | None
 # info, and the kernel the VM runtime boots
 # --------------------------------------------------------------------------
 
-def current(cache: TemplateCache, kdir: Path) -> tuple[KernelEntry | None, dict[str, Any]]:
-    """The cached build for kernel/ as it is now, and what identifies it.
+def current(cache: TemplateCache, kdir: Path, arch: str | None = None) -> tuple[KernelEntry | None, dict[str, Any]]:
+    """The cached build for kernel/ as it is now, for `arch` (the host's by
+    default), and what identifies it.
 
     The exact key needs apt's candidate version; without apt (or once a newer
     Debian source is out but not built yet) the newest build of the same
-    series and fragment is taken, and `wanted` says what a build would make."""
-    sdigest, fdigest = series_digest(kdir), fragment_digest(kdir)
-    wanted: dict[str, Any] = {"series_digest": sdigest, "fragment_digest": fdigest}
+    architecture, series and fragments is taken, and `wanted` says what a
+    build would make."""
+    target = kernel_target(arch)
+    sdigest, fdigest = series_digest(kdir), fragment_digest(kdir, target.arch)
+    wanted: dict[str, Any] = {"arch": target.arch, "series_digest": sdigest, "fragment_digest": fdigest}
     kcache = cache.kernel_dir
     try:
         source = source_package()
         wanted["source"] = {"package": source.name, "version": source.version}
-        wanted["key"] = entry_name(source.version, sdigest, fdigest)
+        wanted["key"] = entry_name(source.version, target.arch, sdigest, fdigest)
         if (entry := _entry(kcache / wanted["key"])) is not None:
             return entry, wanted
     except FetchError as e:
         wanted["source_error"] = str(e)
-    for entry in entries(kcache):
+    for entry in entries(kcache, target.arch):
         if entry.info.get("series_digest") == sdigest and entry.info.get("fragment_digest") == fdigest:
             return entry, wanted
     return None, wanted
@@ -286,17 +318,45 @@ def bzimage_version(path: Path) -> str:
     return head[start:end].decode("ascii", "replace")
 
 
-def vm_kernel(cache: TemplateCache) -> KernelEntry:
-    """The kernel `vztt test --vm` boots; RuntimeUnavailable if none is built."""
+ARM64_MAGIC = b"ARM\x64"     # an arm64 Image's header, at 0x38 (Documentation/arm64/booting.rst)
+BANNER = b"Linux version "
+
+
+def arm64_image_version(path: Path) -> str:
+    """The version string of an arm64 Image: it is uncompressed, so the
+    kernel's banner (linux_banner, what /proc/version says) is in it as
+    written, e.g. '6.1.192-vztt (vztt@vztt) (aarch64-linux-gnu-gcc (Debian
+    12.2.0-14) 12.2.0, GNU ld ...) #1 SMP Thu Nov 26 17:12:56 UTC 2026'."""
+    data = path.read_bytes()
+    if len(data) < 0x40 or data[0x38:0x3C] != ARM64_MAGIC:
+        raise BuildError(f"{path}: not an arm64 Image (no ARM\\x64 magic in its header)")
+    start = 0
+    while (start := data.find(BANNER, start)) >= 0:
+        start += len(BANNER)
+        if data[start:start + 1].isdigit():     # the banner itself, not a message about it
+            end = data.find(b"\0", start)
+            return data[start:end].decode("ascii", "replace").strip()
+    raise BuildError(f"{path}: no kernel banner ({BANNER.decode()}...) in the Image")
+
+
+def image_version(path: Path, arch: str) -> str:
+    """The version string of a cached kernel image of `arch`."""
+    return arm64_image_version(path) if arch == "aarch64" else bzimage_version(path)
+
+
+def vm_kernel(cache: TemplateCache, arch: str | None = None) -> KernelEntry:
+    """The kernel `vztt test --vm` boots a template of `arch` (uname -m; the
+    host's by default) with; RuntimeUnavailable if none is built."""
     kdir = kernel_dir()
     try:
-        entry, wanted = current(cache, kdir)
-    except BuildError as e:
+        entry, wanted = current(cache, kdir, arch)
+    except VzttError as e:
         raise RuntimeUnavailable(f"no kernel for the VM runtime: {e}") from None
     if entry is None:
-        raise RuntimeUnavailable(f"no kernel built for {kdir} in {cache.kernel_dir} "
+        hint = "" if wanted["arch"] == kernel_target().arch else f" --arch {wanted['arch']}"
+        raise RuntimeUnavailable(f"no {wanted['arch']} kernel built for {kdir} in {cache.kernel_dir} "
                                  f"(series {wanted['series_digest'][7:19]}, fragment "
-                                 f"{wanted['fragment_digest'][7:19]}): run `vztt kernel build` first")
+                                 f"{wanted['fragment_digest'][7:19]}): run `vztt kernel build{hint}` first")
     return entry
 
 
@@ -304,8 +364,11 @@ def vm_kernel(cache: TemplateCache) -> KernelEntry:
 # helpers
 # --------------------------------------------------------------------------
 
-def _require_tools() -> None:
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if which(tool) is None})
+def _require_tools(target: Target) -> None:
+    tools = dict(TOOLS)
+    if cross := target.cross_prefix():          # kconfig already runs the compiler
+        tools[f"{cross}gcc"] = target.cross_package
+    missing = sorted({pkg for tool, pkg in tools.items() if which(tool) is None})
     if missing:
         raise EnvironmentProblem(f"building the kernel needs {', '.join(missing)} "
                                  f"(apt-get install {' '.join(missing)} libelf-dev libssl-dev cpio kmod)")

@@ -1,10 +1,13 @@
-"""Configuring the kernel: `make tinyconfig`, the fragment merged in,
-`make olddefconfig`; each fragment option compared with what survived, and a
-dropped one explained from the Kconfig files (what it depends on, with the
-values found). Also kbuild's command line and reproducible environment."""
+"""Configuring the kernel: `make tinyconfig`, the fragments merged in (the
+shared one, then the architecture's), `make olddefconfig`; each fragment
+option compared with what survived, and a dropped one explained from the
+Kconfig files (what it depends on, with the values found). Also the
+architectures the kernel is built for (TARGETS), kbuild's command line and
+reproducible environment."""
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,7 +17,51 @@ from typing import Any, Iterator
 from vztt.base.proc import Log, run, tool_env
 from vztt.kernel import STEP_TIMEOUT
 
-ARCH = "x86_64"
+
+
+@dataclass(frozen=True)
+class Target:
+    """An architecture the kernel is built for. vztt names it as `uname -m`
+    does (recipes' `arch`, kernel/arch/<arch>.config, the cache entry's name);
+    kbuild has names of its own for it."""
+    arch: str               # uname -m
+    make_arch: str          # kbuild's ARCH=
+    srcarch: str            # arch/<srcarch>/ in the tree: $(SRCARCH) in Kconfig's `source` lines
+    image: str              # the make target, also the file's name in arch/<srcarch>/boot/ and in the cache
+    cross_compile: str      # CROSS_COMPILE= when the host is another architecture
+    cross_package: str      # the Debian package with that compiler
+
+    @property
+    def image_path(self) -> str:
+        """Where the build leaves the image, in the tree."""
+        return f"arch/{self.srcarch}/boot/{self.image}"
+
+    def cross_prefix(self) -> str:
+        """CROSS_COMPILE for this host: empty when the host is the target."""
+        return "" if self.arch == host_arch() else self.cross_compile
+
+
+TARGETS: dict[str, Target] = {
+    # bzImage: what qemu's -kernel boots on microvm (and what carries the version in its setup header)
+    "x86_64": Target("x86_64", "x86_64", "x86", "bzImage", "x86_64-linux-gnu-", "gcc-x86-64-linux-gnu"),
+    # Image: uncompressed; qemu's -kernel boots it on virt (Image.gz would need gzip and qemu's unpacking)
+    "aarch64": Target("aarch64", "arm64", "arm64", "Image", "aarch64-linux-gnu-", "gcc-aarch64-linux-gnu"),
+}
+
+
+def host_arch() -> str:
+    return platform.machine()
+
+
+def target(arch: str | None = None) -> Target:
+    """The target for `arch` (uname -m; None: the host's). BadUsage for an
+    architecture vztt builds no kernel for."""
+    from vztt.base.errors import BadUsage
+    name = arch or host_arch()
+    if name not in TARGETS:
+        raise BadUsage(f"no container kernel for architecture {name!r} (vztt builds {', '.join(sorted(TARGETS))})")
+    return TARGETS[name]
+
 _OPTION = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 
@@ -37,24 +84,43 @@ class Option:
     wanted: str
     got: str            # 'n' when the option is unset or invisible in .config
     needs: str = ""     # for a dropped option: what it depends on, with the values found
+    fragment: str = ""  # the fragment file that sets it (kernel/'s relative name)
 
     @property
     def survived(self) -> bool:
         return self.wanted == self.got
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "wanted": self.wanted, "got": self.got, "survived": self.survived}
+        d: dict[str, Any] = {"name": self.name, "wanted": self.wanted, "got": self.got, "survived": self.survived,
+                             "fragment": self.fragment}
         if self.needs:
             d["needs"] = self.needs
         return d
 
 
-def compare_options(fragment: dict[str, str], final: dict[str, str]) -> list[Option]:
-    """Each fragment option against the configuration olddefconfig wrote."""
-    return [Option(name, wanted, final.get(name, "n")) for name, wanted in fragment.items()]
+def compare_options(fragment: dict[str, str], final: dict[str, str],
+                    origin: dict[str, str] | None = None) -> list[Option]:
+    """Each fragment option against the configuration olddefconfig wrote
+    (origin: option -> the fragment file that sets it)."""
+    origin = origin or {}
+    return [Option(name, wanted, final.get(name, "n"), fragment=origin.get(name, ""))
+            for name, wanted in fragment.items()]
 
 
-def explain_dropped(tree: Path, options: list[Option], final: dict[str, str]) -> None:
+def read_fragments(fragments: list[tuple[str, Path]]) -> tuple[dict[str, str], dict[str, str]]:
+    """The fragments' options as merge_config.sh merges them (a later file's
+    value wins; the order is the first file's), and option -> the file that
+    set the value kept."""
+    options: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for name, path in fragments:
+        for option, value in parse_config(path.read_text()).items():
+            options[option] = value
+            origin[option] = name
+    return options, origin
+
+
+def explain_dropped(tree: Path, options: list[Option], final: dict[str, str], srcarch: str = "x86") -> None:
     """Fill `needs` of each dropped option from the Kconfig files, read from
     the top one along `source` lines: the `if` blocks and `menu ... depends
     on` around its entry and its own `depends on` lines, each symbol with its
@@ -63,7 +129,7 @@ def explain_dropped(tree: Path, options: list[Option], final: dict[str, str]) ->
     if not dropped:
         return
     found: dict[str, list[str]] = {}
-    for symbol, conditions in _kconfig_entries(tree, tree / "Kconfig", [], set()):
+    for symbol, conditions in _kconfig_entries(tree, tree / "Kconfig", [], set(), srcarch):
         if symbol in dropped and symbol not in found:
             found[symbol] = conditions
 
@@ -75,16 +141,18 @@ def explain_dropped(tree: Path, options: list[Option], final: dict[str, str]) ->
     for symbol, option in dropped.items():
         conditions = found.get(symbol)
         if conditions is None:
-            option.needs = "no such option in this kernel's Kconfig"
+            option.needs = f"no such option in this kernel's Kconfig for {srcarch}"
         elif not conditions:
             option.needs = "no dependency found (set by a `select`, or a choice?)"
         else:
             option.needs = "; ".join(annotate(c) for c in conditions)
 
 
-def _kconfig_entries(tree: Path, path: Path, outer: list[str], seen: set[Path]) -> Iterator[tuple[str, list[str]]]:
+def _kconfig_entries(tree: Path, path: Path, outer: list[str], seen: set[Path],
+                     srcarch: str) -> Iterator[tuple[str, list[str]]]:
     """(symbol, its conditions) for every config entry of a Kconfig file and
-    the files it sources, in order."""
+    the files it sources, in order: only the target's arch/ (an x86-only
+    option is not an option of arm64's kernel)."""
     if path in seen or not path.is_file():
         return
     seen.add(path)
@@ -132,16 +200,21 @@ def _kconfig_entries(tree: Path, path: Path, outer: list[str], seen: set[Path]) 
             elif word in ("endif", "endmenu", "endchoice") and stack:
                 stack.pop()
             elif word in ("source", "rsource", "osource", "orsource") and (m := re.search(r'"([^"]+)"', line)):
-                name = m.group(1).replace("$(SRCARCH)", "x86").replace("$SRCARCH", "x86")
+                name = m.group(1).replace("$(SRCARCH)", srcarch).replace("$SRCARCH", srcarch)
                 base = path.parent if word.startswith(("r", "or")) else tree
                 for sub in sorted(base.glob(name)) if any(c in name for c in "*?[") else [base / name]:
-                    yield from _kconfig_entries(tree, sub, outer + [c for c in stack if c], seen)
+                    yield from _kconfig_entries(tree, sub, outer + [c for c in stack if c], seen, srcarch)
     if entry:
         yield entry
 
 
-def make_command(tree: Path, *targets: str, jobs: int = 1) -> list[str]:
-    return ["make", "-C", str(tree), f"ARCH={ARCH}", f"-j{jobs}", *targets]
+def make_command(tree: Path, target: Target, *goals: str, jobs: int = 1) -> list[str]:
+    """kbuild for `target`: ARCH= always, CROSS_COMPILE= when the host is
+    another architecture (kconfig too runs the compiler: it checks what the
+    compiler supports)."""
+    cross = target.cross_prefix()
+    return ["make", "-C", str(tree), f"ARCH={target.make_arch}", *([f"CROSS_COMPILE={cross}"] if cross else []),
+            f"-j{jobs}", *goals]
 
 
 def make_env(epoch: int | None = None) -> dict[str, str]:
@@ -161,17 +234,21 @@ def build_timestamp(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%a %b %e %H:%M:%S UTC %Y")
 
 
-def configure(tree: Path, fragment: Path, log: Log | None = None) -> tuple[list[Option], dict[str, str]]:
-    """tinyconfig, the fragment merged in, olddefconfig. Returns the fragment's
+def configure(tree: Path, fragments: list[tuple[str, Path]], target: Target,
+              log: Log | None = None) -> tuple[list[Option], dict[str, str]]:
+    """tinyconfig, the fragments merged in order ((name, path): the shared
+    one, then the architecture's), olddefconfig. Returns the fragments'
     options with what survived (dropped ones explained) and the whole config."""
     env = make_env()
-    run(make_command(tree, "tinyconfig"), log=log, env=env, what="make tinyconfig", timeout=STEP_TIMEOUT)
-    run(["bash", str(tree / "scripts/kconfig/merge_config.sh"), "-m", ".config", str(fragment.resolve())],
-        log=log, env={**env, "ARCH": ARCH}, cwd=tree, what="merge_config.sh", timeout=STEP_TIMEOUT)
-    run(make_command(tree, "olddefconfig"), log=log, env=env, what="make olddefconfig", timeout=STEP_TIMEOUT)
+    run(make_command(tree, target, "tinyconfig"), log=log, env=env, what="make tinyconfig", timeout=STEP_TIMEOUT)
+    run(["bash", str(tree / "scripts/kconfig/merge_config.sh"), "-m", ".config",
+         *(str(path.resolve()) for _, path in fragments)],
+        log=log, env={**env, "ARCH": target.make_arch}, cwd=tree, what="merge_config.sh", timeout=STEP_TIMEOUT)
+    run(make_command(tree, target, "olddefconfig"), log=log, env=env, what="make olddefconfig", timeout=STEP_TIMEOUT)
     final = parse_config((tree / ".config").read_text())
-    options = compare_options(parse_config(fragment.read_text()), final)
-    explain_dropped(tree, options, final)
+    wanted, origin = read_fragments(fragments)
+    options = compare_options(wanted, final, origin)
+    explain_dropped(tree, options, final, target.srcarch)
     return options, final
 
 

@@ -1,6 +1,7 @@
 """kernel/'s series: the patches in order (quilt's format), applying them
 with `patch --fuzz=0` (a failed hunk reported with its file and @@ line), and
-the digests of the series and of the config fragment that key a build."""
+the config fragments (the shared one and the architecture's), and the
+digests of the series and of the fragments that key a build."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from vztt.base.paths import default_dir
 from vztt.base.proc import Log, run
 from vztt.kernel import STEP_TIMEOUT
 
-FRAGMENT = "container.config"
+FRAGMENT = "container.config"     # shared by every architecture
+ARCH_FRAGMENTS = "arch"            # arch/<uname -m>.config: what only that architecture needs
 SERIES = "series"
 
 
@@ -67,14 +69,38 @@ def series_digest(kdir: Path) -> str:
 
 
 def fragment_path(kdir: Path) -> Path:
+    """The shared fragment."""
     path = kdir / FRAGMENT
     if not path.is_file():
         raise BuildError(f"{path}: the config fragment is missing")
     return path
 
 
-def fragment_digest(kdir: Path) -> str:
-    return "sha256:" + hashlib.sha256(fragment_path(kdir).read_bytes()).hexdigest()
+def fragment_paths(kdir: Path, arch: str) -> list[tuple[str, Path]]:
+    """(name in kernel/, path) of the fragments merged for `arch` (uname -m),
+    in merge order: the shared one, then arch/<arch>.config."""
+    arch_path = kdir / ARCH_FRAGMENTS / f"{arch}.config"
+    if not arch_path.is_file():
+        raise BuildError(f"{arch_path}: the config fragment for {arch} is missing")
+    return [(FRAGMENT, fragment_path(kdir)), (f"{ARCH_FRAGMENTS}/{arch}.config", arch_path)]
+
+
+def fragment_digest(kdir: Path, arch: str) -> str:
+    """sha256 over the fragments merged for `arch`, each with its name, in
+    merge order: a change to either (or a move between them) is a new build."""
+    h = hashlib.sha256(b"fragments")
+    for name, path in fragment_paths(kdir, arch):
+        h.update(b"\0" + name.encode() + b"\0" + path.read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def fragments_digest(kdir: Path) -> str:
+    """sha256 over every architecture's fragments digest (arch/*.config, in
+    name order): what keys a cache holding the kernels of all of them (CI's)."""
+    arches = sorted(p.stem for p in (kdir / ARCH_FRAGMENTS).glob("*.config"))
+    if not arches:
+        raise BuildError(f"{kdir / ARCH_FRAGMENTS}: no config fragment of any architecture")
+    return "sha256:" + hashlib.sha256(" ".join(fragment_digest(kdir, a) for a in arches).encode()).hexdigest()
 
 
 def hunk_headers(patch_text: str, strip: int = 1) -> dict[str, list[str]]:

@@ -22,7 +22,8 @@ from . import _linux
 PROBE_TIMEOUT = 5.0          # seconds for a KVM guest to reach its root-mount panic
 
 
-def kvm_usable(qemu: str, kernel: Path, cache: Path | None = None) -> tuple[bool, str]:
+def kvm_usable(qemu: str, kernel: Path, cache: Path | None = None, machine: str = "microvm",
+               console: str = "ttyS0") -> tuple[bool, str]:
     """Whether KVM runs this kernel here: /dev/kvm must open, and a guest with
     no root must reach its panic (and qemu exit, -no-reboot) within
     PROBE_TIMEOUT. Some hosts' /dev/kvm runs only special guests and hangs on
@@ -39,9 +40,9 @@ def kvm_usable(qemu: str, kernel: Path, cache: Path | None = None) -> tuple[bool
             known = json.loads(cache.read_text())
             if known.get("key") == key:
                 return bool(known["usable"]), str(known["reason"])
-    command = [qemu, "-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+    command = [qemu, "-machine", machine, "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
                "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
-               "-append", "console=ttyS0 panic=-1 root=/dev/vztt-kvm-probe"]
+               "-append", f"console={console} panic=-1 root=/dev/vztt-kvm-probe"]
     started = time.monotonic()
     proc = spawn(command, what="the KVM probe", error=RuntimeUnavailable, stdout=PIPE, stderr=STDOUT,
                  preexec_fn=die_with_parent)

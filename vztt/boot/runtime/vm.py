@@ -13,10 +13,14 @@ The interface is runtime.Container's, so the boot test's checks run unchanged.
   wrapper); `mkfs.ext4 -d` then makes an ext4 image of it in the scratch
   directory, without mounting anything or using a loop device. It is the
   guest's virtio-blk root.
-- The machine: qemu's microvm (virtio-mmio devices, described by ACPI, which
-  also powers it off), the kernel given with -kernel (no initramfs, no
-  modules), the serial console written to the console log, -no-reboot so
-  that a poweroff, a reboot or a panic (panic=-1) ends qemu.
+- The machine (MACHINES, by the template's architecture): for x86_64 qemu's
+  microvm (virtio-mmio devices, described by ACPI, which also powers it off),
+  for aarch64 qemu's virt (virtio-mmio transports described by the device
+  tree qemu generates, the PL011 console ttyAMA0, PSCI powers it off). The
+  kernel of that architecture (`vztt kernel build --arch`) given with -kernel
+  (no initramfs, no modules), the serial console written to the console log,
+  -no-reboot so that a poweroff, a reboot or a panic (panic=-1) ends qemu.
+  The disk, the agent's port and the network are the same -device lines on both.
 - The network (with `link`, a hostnet.HostNet): a virtio-net device backed by
   a tap device in the link's own network namespace, where qemu runs (through
   nsenter); the guest's kernel calls it eth0. Nothing reaches the host's network.
@@ -28,14 +32,18 @@ The interface is runtime.Container's, so the boot test's checks run unchanged.
   off. So the checks are the container's, command for command.
 - Acceleration (accel.py): KVM when a probe shows that it runs our kernel (a boot to
   the root-mount panic within PROBE_TIMEOUT; remembered per host boot), TCG
-  otherwise. VZTT_VM_ACCEL=kvm|tcg|auto overrides. The CPU (cpu.py): the
+  otherwise; always TCG for a guest of another architecture than the host's
+  (KVM runs only the host's; no probe then). VZTT_VM_ACCEL=kvm|tcg|auto
+  overrides. The CPU of an x86_64 guest (cpu.py): the
   host's under KVM, which must have the recipe's `cpu_level`; under TCG
   qemu's `max` model with that level's flags enforced (qemu 7.2 emulates up
   to x86-64-v3, what EL 10 needs). Under TCG every time
-  bound a caller gives is TCG_SLOWDOWN times longer, and the guest kernel
-  is told the host's TSC rate (tsc_early_khz=, measured by host_tsc_khz):
-  a TCG guest reads the host's TSC, and calibrating it against the PIT
-  fails when the host is busy, leaving the guest without a clock, hung.
+  bound a caller gives is TCG_SLOWDOWN times longer (an aarch64 guest under
+  TCG boots about as fast as an x86_64 one: the same factor), and an x86_64
+  guest kernel is told the host's TSC rate (tsc_early_khz=, measured by
+  host_tsc_khz): a TCG guest reads the host's TSC, and calibrating it against
+  the PIT fails when the host is busy, leaving the guest without a clock,
+  hung. An aarch64 guest's generic timer has its rate in CNTFRQ: no hint.
 - osrelease: kernel.virt_osrelease cannot be set in the initial UTS
   namespace, so the init wrapper moves the booted system (PID 1 stays PID 1)
   into a UTS namespace of its own, sets the release there and execs
@@ -52,10 +60,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import platform
 import re
 import select
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vztt.base.errors import BootError, RuntimeUnavailable
@@ -67,11 +77,40 @@ from .guest import INIT_PATH, PORT_NAME, UNIT_NAME, make_disk, prepare_tree
 from .host import require, signals_deferred
 from .hostnet import HostNet
 
-QEMU = "qemu-system-x86_64"
 REPLY_GRACE = 15.0           # beyond a command's own timeout (timeout -k 5, transfer)
 TIMED_OUT = 124              # as timeout(1), and as Container.exec
 TCG_SLOWDOWN = 3.0           # under TCG every time bound a caller gives is this many times longer
 OSRELEASE = re.compile(OSRELEASE_PATTERN)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What differs between guest architectures. Both machines give
+    virtio-mmio transports, so the disk, the agent's virtio-serial and the
+    network are the same -device lines."""
+    arch: str               # uname -m of the guest (a recipe's arch)
+    qemu: str               # the program
+    package: str            # its Debian package
+    machine: str            # -machine
+    console: str            # the serial console's tty: console=, and the serial getty masked
+    tsc_hint: bool          # under TCG, tell the guest kernel the host's TSC rate (x86 only)
+
+
+MACHINES: dict[str, Machine] = {
+    "x86_64": Machine("x86_64", "qemu-system-x86_64", "qemu-system-x86", "microvm", "ttyS0", True),
+    # virt: GIC, PL011 (ttyAMA0), PL031 RTC, 32 virtio-mmio transports and a PCIe host bridge,
+    # in the device tree qemu hands the kernel; PSCI SYSTEM_OFF powers it off (qemu exits).
+    "aarch64": Machine("aarch64", "qemu-system-aarch64", "qemu-system-arm", "virt", "ttyAMA0", False),
+}
+QEMU = MACHINES["x86_64"].qemu
+TCG_CPU = "max"              # a non-x86 guest's TCG model: everything qemu emulates
+
+
+def machine(arch: str) -> Machine:
+    """The machine for a guest of `arch`; RuntimeUnavailable for one the VM runtime has none for."""
+    if arch not in MACHINES:
+        raise RuntimeUnavailable(f"the VM runtime boots {', '.join(MACHINES)} guests, not {arch}")
+    return MACHINES[arch]
 
 
 def check_osrelease(value: str) -> str:
@@ -90,7 +129,8 @@ class VM:
                  name: str = "vztt-vm", hostname: str | None = None, osrelease: str | None = None,
                  console_log: str | os.PathLike | None = None, accel: str | None = None,
                  probe_cache: str | os.PathLike | None = None, memory_mb: int = 1024, cpus: int = 1,
-                 link: HostNet | None = None, cpu_level: str = cpu.BASELINE):
+                 link: HostNet | None = None, cpu_level: str = cpu.BASELINE, arch: str = "x86_64"):
+        self.target = machine(arch)        # the guest's architecture: the template's, the kernel's
         self.tree = Path(tree).resolve()
         self.scratch = Path(scratch).resolve()
         self.kernel = Path(kernel).resolve()
@@ -132,7 +172,7 @@ class VM:
         """Make the disk and start qemu; returns once qemu runs (the guest boots
         on: wait_running waits for it). BootError if qemu stops at once;
         RuntimeUnavailable if this host cannot run it."""
-        qemu = require(QEMU, "qemu-system-x86")
+        qemu = require(self.target.qemu, self.target.package)
         require("mkfs.ext4", "e2fsprogs")
         if not self.kernel.is_file():
             raise RuntimeUnavailable(f"no kernel at {self.kernel} (`vztt kernel build`)")
@@ -146,7 +186,7 @@ class VM:
             self.disk_seconds = make_disk(self.tree, self.disk)
             self.accel, why = self._choose_accel(qemu)
             self.slowdown = TCG_SLOWDOWN if self.accel == "tcg" else 1.0
-            self.note = f"qemu microvm, {self.accel}" + (f"; {why}" if why else "")
+            self.note = f"qemu {self.target.machine}, {self.accel}" + (f"; {why}" if why else "")
             self._start_qemu(qemu)
         except BaseException:
             self.close()
@@ -251,16 +291,17 @@ class VM:
     # -- the steps ----------------------------------------------------------
 
     def _cmdline(self) -> str:
-        words = ["console=ttyS0", "root=/dev/vda", "rootfstype=ext4", "rw", "panic=-1",
+        tty = self.target.console
+        words = [f"console={tty}", "root=/dev/vda", "rootfstype=ext4", "rw", "panic=-1",
                  f"systemd.wants={UNIT_NAME}",
                  # No udev in a container template: a serial getty would wait 90 s for dev-ttyS0.device.
                  # getty_auto=0 needs systemd 250; before it (Ubuntu 22.04's 249) the unit is masked.
-                 "systemd.getty_auto=0", "systemd.mask=serial-getty@ttyS0.service",
+                 "systemd.getty_auto=0", f"systemd.mask=serial-getty@{tty}.service",
                  # Our kernel has no module support (CONFIG_MODULES=n), so loading the modules of
                  # /etc/modules-load.d cannot work; systemd 257 (Debian 13) then fails the unit. In a
                  # container it is skipped for lack of CAP_SYS_MODULE: the VM does the same.
                  "systemd.mask=systemd-modules-load.service"]
-        if self.accel == "tcg" and (khz := host_tsc_khz()):
+        if self.target.tsc_hint and self.accel == "tcg" and (khz := host_tsc_khz()):
             # A TCG guest reads the host's TSC. Told its rate, the kernel skips
             # calibrating it against the PIT, which fails when the host is busy
             # (the guest then has no working clock and hangs early in boot).
@@ -272,7 +313,13 @@ class VM:
     def _choose_accel(self, qemu: str) -> tuple[str, str]:
         if self.accel_wanted == "tcg":
             return "tcg", "VZTT_VM_ACCEL=tcg"
-        usable, why = kvm_usable(qemu, self.kernel, self.probe_cache)
+        host = platform.machine()
+        if self.target.arch != host:                # KVM runs the host's architecture only: no probe
+            if self.accel_wanted == "kvm":
+                raise RuntimeUnavailable(f"VZTT_VM_ACCEL=kvm, but KVM cannot run an {self.target.arch} guest "
+                                         f"on this {host} host")
+            return "tcg", f"an {self.target.arch} guest on an {host} host"
+        usable, why = kvm_usable(qemu, self.kernel, self.probe_cache, self.target.machine, self.target.console)
         if usable:
             return "kvm", ""
         if self.accel_wanted == "kvm":
@@ -285,10 +332,12 @@ class VM:
         if self.accel == "kvm":                     # the host's own CPU: it must have the level
             cpu.require_on_host(self.cpu_level, self.name)
             accel = ["-accel", "kvm", "-cpu", "host"]
-        else:                                       # emulated: a model with the level, or qemu says no
+        elif self.target.arch == "x86_64":          # emulated: a model with the level, or qemu says no
             accel = ["-accel", "tcg", "-cpu", cpu.qemu_cpu(self.cpu_level)]
+        else:                                       # cpu_level is x86's; `max`: every feature qemu emulates
+            accel = ["-accel", "tcg", "-cpu", TCG_CPU]
         command = [
-            qemu, "-machine", "microvm", *accel, "-m", str(self.memory_mb), "-smp", str(self.cpus),
+            qemu, "-machine", self.target.machine, *accel, "-m", str(self.memory_mb), "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(self.kernel), "-append", self._cmdline(),
             "-chardev", f"file,id=console,path={_opt(self.console_log)}", "-serial", "chardev:console",
@@ -306,7 +355,7 @@ class VM:
         stderr = open(self.scratch / "qemu.stderr", "wb")
         self._started_at = time.monotonic()
         try:
-            self._qemu = spawn(command, what=f"starting {QEMU}", error=RuntimeUnavailable, stdin=PIPE,
+            self._qemu = spawn(command, what=f"starting {self.target.qemu}", error=RuntimeUnavailable, stdin=PIPE,
                                stdout=PIPE, stderr=stderr, preexec_fn=die_with_parent)
         except OSError as e:
             raise RuntimeUnavailable(f"cannot start {qemu}: {e.strerror}") from None
@@ -316,7 +365,7 @@ class VM:
         with contextlib.suppress(TimeoutExpired):
             self._qemu.wait(timeout=0.5)
         if self._qemu.poll() is not None:
-            raise RuntimeUnavailable(f"{QEMU} exited at once with status {self._qemu.returncode}: "
+            raise RuntimeUnavailable(f"{self.target.qemu} exited at once with status {self._qemu.returncode}: "
                                      + self._qemu_errors())
 
     # -- the channel --------------------------------------------------------
