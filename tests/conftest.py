@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -159,10 +161,36 @@ def _arm64_rebuild(basetemp: Path) -> prebuild.Prebuild:
     return prebuild.Prebuild("debian12_arm64_again", shell, env, REPO, basetemp / "prebuild")
 
 
-prebuild.MAKERS.update(debian12_arm64=_arm64_build, debian12_arm64_again=_arm64_rebuild)
+def kernel_cache(basetemp: Path) -> Path:
+    """The session's kernel cache (every architecture's entries): VZTT_TEST_KERNEL_CACHE
+    to keep it between runs (a second `vztt kernel build` there builds nothing)."""
+    env_cache = os.environ.get("VZTT_TEST_KERNEL_CACHE")
+    return Path(env_cache) if env_cache else basetemp / "vztt-kernel" / "kernel"
+
+
+def _kernel_build(arch: str) -> Callable[[Path], prebuild.Prebuild]:
+    def make(basetemp: Path) -> prebuild.Prebuild:
+        argv, env = vztt_command("kernel", "build", "--arch", arch, "--json", cache=basetemp / "vztt-kernel" / "cache",
+                                 env={"VZTT_KERNEL_CACHE": str(kernel_cache(basetemp))})
+        return prebuild.Prebuild(f"kernel-{arch}", argv, env, REPO, basetemp / "prebuild")
+    return make
+
+
+prebuild.MAKERS.update(debian12_arm64=_arm64_build, debian12_arm64_again=_arm64_rebuild,
+                       built_kernel=_kernel_build("x86_64"), built_kernel_arm64=_kernel_build("aarch64"))
+
+
+def prebuilt_kernel(fixture: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kernel cache, once the fixture's `vztt kernel build` has succeeded."""
+    basetemp = tmp_path_factory.getbasetemp()
+    outcome = prebuild.get(fixture, basetemp).wait()
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    return kernel_cache(basetemp)
 
 
 def prebuilt_template(fixture: str, tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
+    if fixture == "debian12_arm64" and (source := os.environ.get("VZTT_TEST_ARM64_CACHE")):
+        return _copied_arm64(Path(source), tmp_path_factory)
     job = prebuild.get(fixture, tmp_path_factory.getbasetemp())
     outcome = job.wait()
     assert outcome.returncode == 0, outcome.stderr[-3000:]
@@ -171,6 +199,21 @@ def prebuilt_template(fixture: str, tmp_path_factory: pytest.TempPathFactory) ->
     cache = Path(job.argv[job.argv.index("--cache-dir") + 1])
     lock = json.loads((cache / "locks" / f"{ARM64}.lock.json").read_text())
     return BuiltTemplate(cache=cache, name=ARM64, archive=Path(doc["archive"]), lock=lock, build=result)
+
+
+def _copied_arm64(source: Path, tmp_path_factory: pytest.TempPathFactory) -> BuiltTemplate:
+    """VZTT_TEST_ARM64_CACHE: a cache holding a build of it already (a developer's shortcut;
+    `make test` builds it)."""
+    cache = tmp_path_factory.mktemp("arm64-cache")
+    for path in source.glob(f"{ARM64}.*"):
+        shutil.copy2(path, cache / path.name)
+    for sub in ("locks", "history"):
+        if (source / sub).is_dir():
+            shutil.copytree(source / sub, cache / sub)
+    manifest = json.loads((cache / f"{ARM64}.manifest.json").read_text())
+    lock = json.loads((cache / "locks" / f"{ARM64}.lock.json").read_text())
+    return BuiltTemplate(cache=cache, name=ARM64, archive=cache / manifest["archive"]["file"], lock=lock,
+                         build=Result(0, json.dumps({"archive": str(cache / manifest["archive"]["file"])}), ""))
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +235,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                                   items: list[pytest.Item]) -> None:
     """Start the background work the collected tests need (tests/prebuild.py) and move the
     modules that wait for it to the end of the run, in their order."""
-    wanted = [f for f in prebuild.MAKERS if any(f in getattr(item, "fixturenames", ()) for item in items)]
+    wanted = [f for f in prebuild.MAKERS if any(f in getattr(item, "fixturenames", ()) for item in items)
+              and not (f.startswith("debian12_arm64") and os.environ.get("VZTT_TEST_ARM64_CACHE"))]
     if not wanted or not prebuild.enabled():
         return
     late = {item.module for item in items

@@ -10,7 +10,6 @@ boot-tested by the build); tests/test_vm_arm64.py boots it in the aarch64 VM.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 import lz4.frame
 import pytest
 
-from aptrepo import FakePackage, build_deb, make_gpg_key, make_repo
+from aptrepo import FakePackage, build_deb, make_gpg_key
 from conftest import PACKAGE_CACHE, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
 from minidist import publish_suites, stage_locked_debs
 from test_boottest import check_rows, nothing_left

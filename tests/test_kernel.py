@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, one_line_error, run_vztt
+from conftest import REPO, one_line_error, prebuilt_kernel, run_vztt
 from vztt.kernel import build as kernel
 from vztt.kernel import kconfig as kernel_config
 from vztt.kernel import series as kernel_series
@@ -35,34 +35,19 @@ ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel tests use the ho
 
 @pytest.fixture(scope="session")
 def built_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The kernel cache holding the kernel for kernel/ as it is, built by
-    `vztt kernel build` once per session. Returns the kernel cache directory
-    (for VZTT_KERNEL_CACHE). A fixed path, so that test_vm.py, which imports
-    this fixture, finds the same build."""
-    env_cache = os.environ.get("VZTT_TEST_KERNEL_CACHE")
-    root = tmp_path_factory.getbasetemp() / "vztt-kernel"
-    kcache = Path(env_cache) if env_cache else root / "kernel"
-    root.mkdir(exist_ok=True)
-    result = run_vztt("kernel", "build", "--json", cache=root / "cache", env={"VZTT_KERNEL_CACHE": str(kcache)},
-                      timeout=3 * 3600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return kcache
+    """The kernel cache holding the x86_64 kernel for kernel/ as it is, built by `vztt
+    kernel build` once per session (in the background from the start of the run:
+    tests/prebuild.py). Returns the kernel cache directory (for VZTT_KERNEL_CACHE); a
+    fixed path, so that test_vm.py, which imports this fixture, finds the same build."""
+    return prebuilt_kernel("built_kernel", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def built_kernel_arm64(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The kernel cache (built_kernel's: entries are per architecture) holding
-    the aarch64 kernel for kernel/ as it is, cross-compiled by `vztt kernel
-    build --arch aarch64` once per session."""
-    env_cache = os.environ.get("VZTT_TEST_KERNEL_CACHE")
-    root = tmp_path_factory.getbasetemp() / "vztt-kernel"
-    kcache = Path(env_cache) if env_cache else root / "kernel"
-    root.mkdir(exist_ok=True)
-    result = run_vztt("kernel", "build", "--arch", "aarch64", "--json", cache=root / "cache",
-                      env={"VZTT_KERNEL_CACHE": str(kcache)}, timeout=3 * 3600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.json()["arch"] == "aarch64"
-    return kcache
+    """The kernel cache (built_kernel's: entries are per architecture) holding the
+    aarch64 kernel for kernel/ as it is, cross-compiled by `vztt kernel build --arch
+    aarch64` once per session (in the background, as built_kernel)."""
+    return prebuilt_kernel("built_kernel_arm64", tmp_path_factory)
 
 
 def kernel_env(kcache: Path) -> dict[str, str]:

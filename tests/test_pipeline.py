@@ -43,9 +43,9 @@ from mirrorkit import Keys, keys, snapshot, web
 from vztt.mirror.index import files_of, parse_index
 from nginx import DAV_PASSWORD, DAV_USER, Nginx
 from sbomcheck import problems
-from test_kernel import built_kernel  # noqa: F401  (the session's kernel cache)
+from test_kernel import built_kernel, built_kernel_arm64  # noqa: F401  (the session's kernel cache, both arches)
 
-__all__ = ["built_kernel", "keys", "web"]     # fixtures
+__all__ = ["built_kernel", "built_kernel_arm64", "keys", "web"]     # fixtures
 
 pytestmark = [pytest.mark.network, pytest.mark.slow,
               pytest.mark.skipif(not GCL.exists(), reason="gitlab-ci-local is installed by `make test` (tests/tools)")]
@@ -127,7 +127,7 @@ def _variables(tmp: Path, web: Nginx, keys: Keys, recipes: Path, kernel_cache: P
 
 
 @pytest.fixture(scope="module")
-def lab(debian12: BuiltTemplate, built_kernel: Path, keys: Keys, web: Nginx,  # noqa: F811
+def lab(debian12: BuiltTemplate, built_kernel: Path, built_kernel_arm64: Path, keys: Keys, web: Nginx,  # noqa: F811
         tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("pipeline")
     apt_key = make_gpg_key(tmp / "apt-key")

@@ -7,7 +7,7 @@ from the same kernel/ series and fragments (test_kernel.py's session build,
 One boot: the template as built, with smoke checks added to its recipe that
 ask the guest what it is (uname -m, the kernel's version) and with the
 recipe's `osrelease` (the patch's kernel.virt_osrelease, as test_vm.py checks
-on x86_64). VZTT_TEST_ARM64_CACHE: a template cache holding an already built
+on x86_64). conftest's VZTT_TEST_ARM64_CACHE: a template cache holding an already built
 debian-12-aarch64-minimal (copied, never written), instead of building it.
 """
 
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import run_vztt
+from conftest import BuiltTemplate, run_vztt
 import test_kernel
 from test_kernel import kernel_env
 from test_vm import nothing_left, recipes_with
@@ -52,22 +51,6 @@ name = "our-arm64-kernel"
 command = "nsenter --uts=/proc/2/ns/uts uname -r; cat /proc/version"
 output = '\A6\.1\.\d+-vztt\n.*aarch64-linux-gnu-gcc'
 '''
-
-
-@pytest.fixture(scope="session")
-def arm64_template(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A template cache holding debian-12-aarch64-minimal: a copy of
-    VZTT_TEST_ARM64_CACHE's, or the session's debian12_arm64 build."""
-    source = os.environ.get("VZTT_TEST_ARM64_CACHE")
-    if not source:
-        return request.getfixturevalue("debian12_arm64").cache
-    cache = tmp_path_factory.mktemp("arm64-cache")
-    for path in Path(source).glob(f"{NAME}.*"):
-        shutil.copy2(path, cache / path.name)
-    for sub in ("locks", "history"):
-        if (Path(source) / sub).is_dir():
-            shutil.copytree(Path(source) / sub, cache / sub)
-    return cache
 
 
 # -- fast: the machine table --------------------------------------------------------------
@@ -106,9 +89,9 @@ def test_an_aarch64_guest_gets_virt_its_console_and_tcg_without_a_probe(tmp_path
 @ROOT
 @pytest.mark.network
 @pytest.mark.slow
-def test_debian12_arm64_boots_in_an_aarch64_vm(arm64_template: Path, built_kernel_arm64: Path,
+def test_debian12_arm64_boots_in_an_aarch64_vm(debian12_arm64: BuiltTemplate, built_kernel_arm64: Path,
                                                tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
-    cache = arm64_template
+    cache = debian12_arm64.cache
     recipes = recipes_with(tmp_path, NAME, ARM64_SMOKE)
     result = run_vztt("test", NAME, "--vm", "--json", cache=cache, recipes=recipes,
                       env=kernel_env(built_kernel_arm64), timeout=1200)

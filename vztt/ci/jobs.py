@@ -140,9 +140,11 @@ KERNEL = Job(
                   kernel=True),),
     steps=(
         Step("the series applies to Debian's current kernel source; the fragment survives olddefconfig",
-             "apt-get update -q && {vztt} kernel check", only="kernel-check"),
-        Step("build (nothing to do unless the source, the series or the fragment changed)", "{vztt} kernel build"),
-        Step("kernel info", "{vztt} kernel info"),
+             "apt-get update -q && {vztt} kernel check && {vztt} kernel check --arch aarch64", only="kernel-check"),
+        Step("build both architectures' kernels (nothing to do unless the source, the series or a fragment "
+             "changed; aarch64 is cross-compiled, for the arm64 templates' VM boot test)",
+             "{vztt} kernel build && {vztt} kernel build --arch aarch64"),
+        Step("kernel info", "{vztt} kernel info && {vztt} kernel info --arch aarch64"),
     ),
 )
 
