@@ -9,7 +9,6 @@ boot-tested by the build); tests/test_vm_arm64.py boots it in the aarch64 VM.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import pytest
 
 from aptrepo import FakePackage, build_deb, make_gpg_key
 from conftest import PACKAGE_CACHE, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
-from minidist import publish_suites, stage_locked_debs
+from minidist import publish_suites, sha256_file as sha256, stage_locked_debs
 from test_boottest import check_rows, nothing_left
 from vztt.base import emulation
 
@@ -48,14 +47,6 @@ def member_bytes(archive: Path, name: str, size: int = 64) -> bytes:
                 assert f is not None, name
                 return f.read(size)
     raise AssertionError(f"{name} not in {archive}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- the build and its container boot test, under emulation ---------------------------
