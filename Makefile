@@ -110,10 +110,10 @@ $(HOSTS_STAMP): Makefile .ci/add-backports.sh
 	fi
 	@touch $@
 
-# -rs: every skip's reason at the end; VZTT_STRICT_SKIPS=1: a skip for anything but an optional
+# -rs: every skip's reason at the end; --durations=30: where the run's time goes (budget: 45 min); VZTT_STRICT_SKIPS=1: a skip for anything but an optional
 # resource (tests/strictskips.py: the real Ubuntu archive, the host's CPU or kernel) fails the run.
 test: setup binfmt $(TEST_STAMP) $(HOSTS_STAMP) $(GCL)
-	VZTT_STRICT_SKIPS=1 $(PY) -m pytest -q -rs -p no:cacheprovider tests
+	VZTT_STRICT_SKIPS=1 $(PY) -m pytest -q -rs --durations=30 -p no:cacheprovider tests
 
 # Without the real builds from Debian's mirror.
 test-fast: setup binfmt $(TEST_STAMP) $(GCL)

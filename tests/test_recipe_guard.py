@@ -189,8 +189,10 @@ def test_list_marks_the_invalid_recipe_and_lists_the_others(recipes: Path) -> No
     bad(recipes, '[[smoke]]\nname = "s"\ncommand = "true"\nexit_status = "0"\n', name="wrong")
     r = vztt(recipes, "list")
     assert r.returncode == EXIT_RECIPE, r.stderr
-    rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
-    assert rows == {"broken": "invalid", "good": "-", "wrong": "invalid"}, r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "ARCH", "STATE"], r.stdout
+    rows = {line.split()[0]: tuple(line.split()[1:3]) for line in lines[1:]}
+    assert rows == {"broken": ("-", "invalid"), "good": ("x86_64", "-"), "wrong": ("-", "invalid")}, r.stdout
     errors = [l for l in r.stderr.splitlines() if l.startswith("vztt: recipe error: ")]
     assert len(errors) == 2 and "Traceback" not in r.stderr
     r = vztt(recipes, "list", "--json")
