@@ -101,6 +101,13 @@ def publish_suites(root: Path, debs: dict[str, list[Path]], suites: list[str], k
     return repos
 
 
+def fixture_leaf(extends: str, what: str) -> str:
+    """A leaf recipe: the shipped `extends`, its three repositories signed by the tests'
+    throwaway key (recipes/keys/fixture.gpg)."""
+    repos = "".join(f'\n[[repositories]]\nname = "{r}"\nkeyring = "fixture.gpg"\n' for r in ("main", "updates", "security"))
+    return f"# The shipped {what} recipe, its repositories signed by the tests' throwaway key.\nextends = \"{extends}\"\n{repos}"
+
+
 # --------------------------------------------------------------------------
 # reading what vztt built
 

@@ -20,7 +20,7 @@ import pytest
 
 from aptrepo import FakePackage, build_deb, make_gpg_key
 from conftest import PACKAGE_CACHE, RECIPES, BuiltTemplate, leftovers, one_line_error, run_vztt
-from minidist import publish_suites, sha256_file as sha256, stage_locked_debs
+from minidist import fixture_leaf, publish_suites, sha256_file as sha256, stage_locked_debs
 from test_boottest import check_rows, nothing_left
 from vztt.base import emulation
 
@@ -191,29 +191,12 @@ def test_unknown_arch_is_one_line(tmp_path: Path) -> None:
 
 # -- repositories: the arch's Packages, Ubuntu's ports archive ----------------------------
 
-PORTS_LEAF = """\
-# The shipped Ubuntu {version} arm64 recipe, its repositories signed by the tests' throwaway key.
-extends = "ubuntu-{version}-aarch64-minimal"
-
-[[repositories]]
-name = "main"
-keyring = "fixture.gpg"
-
-[[repositories]]
-name = "updates"
-keyring = "fixture.gpg"
-
-[[repositories]]
-name = "security"
-keyring = "fixture.gpg"
-"""
-
-
 def fixture_recipes(tmp_path: Path, key_keyring: Path, version: str) -> Path:
     recipes = tmp_path / "recipes"
     shutil.copytree(RECIPES, recipes)
     shutil.copyfile(key_keyring, recipes / "keys" / "fixture.gpg")
-    (recipes / "ubuntu-fixture-arm64.toml").write_text(PORTS_LEAF.format(version=version))
+    (recipes / "ubuntu-fixture-arm64.toml").write_text(fixture_leaf(f"ubuntu-{version}-aarch64-minimal",
+                                                                    f"Ubuntu {version} arm64"))
     return recipes
 
 

@@ -47,6 +47,7 @@ from minidist import (  # noqa: E402
     Archive,
     cached_package,
     dpkg_status,
+    fixture_leaf,
     publish_suites,
     read_archive,
     sha256_file,
@@ -431,22 +432,7 @@ class UbuntuBuild:
         return self.recipes / f"{UBUNTU}.toml"
 
 
-LEAF = """\
-# The shipped Ubuntu 24.04 recipe, its repositories signed by the tests' throwaway key.
-extends = "ubuntu-24.04-x86_64-minimal"
-
-[[repositories]]
-name = "main"
-keyring = "fixture.gpg"
-
-[[repositories]]
-name = "updates"
-keyring = "fixture.gpg"
-
-[[repositories]]
-name = "security"
-keyring = "fixture.gpg"
-"""
+LEAF = fixture_leaf("ubuntu-24.04-x86_64-minimal", "Ubuntu 24.04")
 
 
 @pytest.fixture(scope="module")

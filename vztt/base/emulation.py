@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vztt.base.errors import EnvironmentProblem
+from vztt.base.errors import EnvironmentProblem, VzttError
 from vztt.base.proc import run
 
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
@@ -147,7 +147,7 @@ def runs(arch: str) -> tuple[bool, str]:
     return False, f"a {arch} test program exited with {proc.returncode}, not {EXIT_STATUS}"
 
 
-def require(arch: str, why: str, error: type[EnvironmentProblem] | type = EnvironmentProblem) -> str | None:
+def require(arch: str, why: str, error: type[VzttError] = EnvironmentProblem) -> str | None:
     """Nothing for the host's own architecture; for another one, the binfmt entry's
     description, or `error` in one line naming what to install or mount."""
     if not is_foreign(arch):

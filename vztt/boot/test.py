@@ -312,7 +312,7 @@ def boot_test(recipe: Recipe, cache: TemplateCache, archive: Path | list[Path], 
 
                 steps: list[tuple[str, Callable[[], Outcome]]] = [
                     ("failed-units", lambda: check_failed_units(box, failed,
-                                                                 allowed_failed(recipe, getattr(box, "emulated", False)))),
+                                                                 allowed_failed(recipe, box.emulated))),
                     ("hostname", lambda: check_hostname(box, hostname)),
                 ]
                 if release := osrelease(recipe):

@@ -151,6 +151,7 @@ class VM:
         self.disk = self.scratch / "disk.ext4"
         self.accel = ""                    # kvm or tcg, once started
         self.slowdown = 1.0                # TCG_SLOWDOWN under TCG: callers' time bounds are scaled
+        self.emulated = False              # the container's qemu-user case; a VM emulates a whole machine
         self.note = ""                     # one line: machine and accelerator, for reports
         self.boot_seconds: float | None = None
         self.disk_seconds: float | None = None
